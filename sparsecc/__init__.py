@@ -1,0 +1,17 @@
+"""sparsecc: a compiler for sparse neural networks.
+
+>>> cm = sparsecc.compile(model, example_inputs, target="x86", sparsity=0.9, pattern="block")
+>>> y = cm(x)
+>>> print(cm.report())
+"""
+
+from .api import compile
+from .errors import (CaptureError, InputDtypeError, InputShapeError, InvalidSparsityError, KernelBuildError,
+                     PassError, SparseccError, TargetError, UnknownLayerError, UnsupportedOpError)
+from .runtime.compiled import CompiledModule
+
+__version__ = "0.1.0"
+
+__all__ = ["compile", "CompiledModule", "SparseccError", "CaptureError", "InputDtypeError", "InputShapeError",
+           "InvalidSparsityError", "KernelBuildError", "PassError", "TargetError", "UnknownLayerError",
+           "UnsupportedOpError", "__version__"]

@@ -1,0 +1,98 @@
+"""``sparsecc.compile``: capture, prune, analyse, lower."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional, Union
+
+import torch
+
+from .errors import InvalidSparsityError
+from .ir.capture import capture
+from .passes import PassContext, PassManager, default_pipeline
+from .passes.choose_format import PATTERN_CHOICES, example_rows
+from .passes.prune import check_sparsity_value, prunable_sites
+from .runtime.compiled import CompiledModule, module_bytes
+from .targets.base import resolve_target
+
+
+def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
+            sparsity: Union[None, float, dict] = None, pattern: str = "auto",
+            dynamic_shapes: Optional[Any] = None, block_shape: Optional[tuple] = None,
+            measure: bool = True, print_after=(), dump_dir=None) -> CompiledModule:
+    """Compile ``model`` into a module whose sparse linears run as TVM kernels.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The user's model; never modified (sparsecc works on a deep copy).
+    example_inputs : Tensor, tuple or dict
+        Example call: positional inputs, or keyword inputs as a dict.
+    target : str
+        ``"x86"`` (the host CPU). ARM and CUDA arrive with issue #4.
+    sparsity : None, float or dict
+        None compiles the zeros the model already has; a float in [0, 1) prunes
+        all prunable linear weights by magnitude to that global sparsity (one
+        threshold over all layers); a dict ``{layer name: sparsity}`` prunes
+        each named layer (fully qualified name, e.g. ``"encoder.layer.0.output.dense"``).
+    pattern : {"auto", "unstructured", "block", "dense"}
+        Formats allowed; with a sparsity, also how to prune ("block" prunes
+        whole blocks of ``block_shape``, otherwise single weights). "auto" lets
+        the cost model choose per layer.
+    dynamic_shapes : optional
+        ``torch.export`` dynamic-shape spec, e.g. ``{"x": {0: Dim("batch")}}``.
+    block_shape : (rows, cols), optional
+        Block shape for ``pattern="block"`` pruning; default: the block the
+        target's cost model estimates fastest (area ≤ 16).
+    measure : bool
+        Time each sparse kernel against torch dense while choosing formats.
+    print_after : sequence of str
+        Pass names (or ``"all"``) after which the layer table is printed.
+    dump_dir : path, optional
+        Write the graph after every pass to this folder.
+
+    Returns
+    -------
+    CompiledModule
+
+    Raises
+    ------
+    InvalidSparsityError
+        Sparsity outside [0, 1), unknown pattern, or a block shape that is not a pair.
+    UnknownLayerError
+        A layer named in ``sparsity`` does not exist.
+    TargetError
+        Unknown or unsupported target.
+    CaptureError
+        The model could not be captured.
+    """
+    t0 = time.perf_counter()
+    if pattern not in PATTERN_CHOICES:
+        raise InvalidSparsityError(f"pattern must be one of {PATTERN_CHOICES}, got {pattern!r}")
+    if isinstance(sparsity, dict):
+        for k, v in sparsity.items():
+            check_sparsity_value(v, f"layer {k!r}")
+    elif sparsity is not None:
+        check_sparsity_value(sparsity, "the model")
+    if block_shape is not None and (len(tuple(block_shape)) != 2 or min(block_shape) < 1):
+        raise InvalidSparsityError(f"block_shape must be (rows, cols) ≥ 1, got {block_shape!r}")
+    tgt = resolve_target(target)
+    original_bytes = module_bytes(model)
+    graph = capture(model, example_inputs, dynamic_shapes)
+
+    block = (1, 1)
+    if sparsity is not None and pattern == "block":
+        if block_shape is not None:
+            block = tuple(int(b) for b in block_shape)
+        else:
+            sites = prunable_sites(graph)
+            shapes = [tuple(graph.tensor(s.weight).shape) for s in sites]
+            s = sparsity if not isinstance(sparsity, dict) else sum(sparsity.values()) / max(len(sparsity), 1)
+            m = example_rows(sites[0].input) if sites else 1
+            block = tgt.prune_block(shapes, 1.0 - s, m) if shapes else (1, 1)
+
+    ctx = PassContext(target=tgt, options={"prune_block": block}, print_after=print_after,
+                      dump_dir=dump_dir)
+    passes = default_pipeline(sparsity, pattern, block, measure=measure)
+    graph = PassManager(passes).run(graph, ctx)
+    return CompiledModule(graph, tgt, time.perf_counter() - t0, original_bytes, ctx.history)

@@ -1,0 +1,51 @@
+"""Error hierarchy of sparsecc.
+
+Every error sparsecc raises on bad user input derives from :class:`SparseccError`;
+each subclass also inherits the matching builtin so ``except ValueError`` keeps
+working for callers that do not know sparsecc.
+"""
+
+from __future__ import annotations
+
+
+class SparseccError(Exception):
+    """Base class of every error raised by sparsecc."""
+
+
+class CaptureError(SparseccError, RuntimeError):
+    """The model could not be captured by ``torch.export`` nor ``torch.fx``."""
+
+
+class UnsupportedOpError(SparseccError, NotImplementedError):
+    """An operation cannot be handled on the requested path."""
+
+
+class InvalidSparsityError(SparseccError, ValueError):
+    """A sparsity value, pattern or block shape is impossible."""
+
+
+class UnknownLayerError(SparseccError, KeyError):
+    """A layer name given by the user does not exist in the model."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class InputShapeError(SparseccError, ValueError):
+    """A runtime input does not match the shape the module was compiled for."""
+
+
+class InputDtypeError(SparseccError, TypeError):
+    """A runtime input does not have the dtype the module was compiled for."""
+
+
+class TargetError(SparseccError, ValueError):
+    """A target name or description is not supported."""
+
+
+class PassError(SparseccError, RuntimeError):
+    """A compiler pass failed; the message names the pass and the passes run before."""
+
+
+class KernelBuildError(SparseccError, RuntimeError):
+    """A TVM kernel failed to build."""

@@ -1,0 +1,134 @@
+"""Choose each linear's storage format with the target's cost model (analysis pass)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from ..errors import InvalidSparsityError
+from ..formats import BLOCK_SHAPES, BlockSparseMatrix
+from ..ir.annotations import annotate, get_annotation
+from ..ir.graph import SparseGraph
+from ..runtime.timing import measure_ms
+from ..tune.cost_model import candidate_key
+from .base import Pass, PassContext, PassResult
+from .prune import prunable_sites
+
+PATTERN_CHOICES = ("auto", "unstructured", "block", "dense")
+
+
+def example_rows(node: fx.Node) -> int:
+    """Rows M of X = prod of all but the last dim of ``node``'s example value (1 if unknown)."""
+    val = node.meta.get("val", node.meta.get("tensor_meta"))
+    shape = getattr(val, "shape", None)
+    if shape is None:
+        return 1
+    m = 1
+    for d in list(shape)[:-1]:
+        if isinstance(d, torch.SymInt):
+            hint = getattr(d.node, "hint", None)
+            d = hint if hint is not None else 1
+        m *= int(d)
+    return m
+
+
+def candidates(pattern: str, shape: tuple, density: float) -> list:
+    """Candidate ``(format, block)`` pairs allowed by ``pattern`` for a weight (N, K)."""
+    out = [("dense", None)]
+    if pattern == "dense" or density >= 1.0:
+        return out
+    n, k = shape
+    for b in BLOCK_SHAPES:
+        if n % b[0] or k % b[1]:
+            continue
+        if b == (1, 1) and pattern in ("auto", "unstructured"):
+            out.append(("csr", b))
+        elif b != (1, 1) and pattern in ("auto", "block"):
+            out.append(("bsr", b))
+    return out
+
+
+class ChooseFormat(Pass):
+    """Pick dense, CSR or BSR (with block shape) per linear by estimated, then measured, latency.
+
+    For each annotated linear, every candidate allowed by ``pattern`` gets an
+    estimate from the target's calibrated cost model at the example M
+    (``est_ms``). With ``measure=True`` the best sparse candidate is then built
+    and timed against torch dense on the host, and the faster one wins, so a
+    layer never runs slower than dense because of a wrong estimate.
+
+    Parameters
+    ----------
+    pattern : {"auto", "unstructured", "block", "dense"}
+    measure : bool
+        Time the best sparse candidate against torch dense (median of ``repeat`` runs).
+    """
+
+    name = "choose_format"
+    requires = ("detect_sparsity",)
+
+    def __init__(self, pattern: str = "auto", measure: bool = True, repeat: int = 10):
+        if pattern not in PATTERN_CHOICES:
+            raise InvalidSparsityError(f"pattern must be one of {PATTERN_CHOICES}, got {pattern!r}")
+        self.pattern = pattern
+        self.measure = measure
+        self.repeat = repeat
+
+    def run(self, graph: SparseGraph, ctx: PassContext) -> PassResult:
+        cost = ctx.target.cost_model()
+        for site in prunable_sites(graph):
+            ann = get_annotation(site.node)
+            if ann is None:
+                continue
+            w = graph.tensor(site.weight).detach()
+            n, k = w.shape
+            m = example_rows(site.input)
+            x_val = site.input.meta.get("val")
+            if x_val is not None and getattr(x_val, "dtype", torch.float32) != torch.float32:
+                annotate(site.node, site.name, format="dense", format_block=None, kernel="torch.linear",
+                         reason=f"input dtype {x_val.dtype} (sparse kernels are float32)")
+                continue
+            est = {}
+            for fmt, block in candidates(self.pattern, (n, k), ann.density):
+                nnzb = 0
+                if fmt != "dense":
+                    area = block[0] * block[1]
+                    nnzb = int(round(ann.fill_ratio.get(block, 1.0) * ann.nnz / area))
+                if not cost.has(fmt, block):
+                    continue
+                est[candidate_key(fmt, block)] = cost.estimate_ms(fmt, n, k, m, nnzb, block or (1, 1))
+            best = min(est, key=est.get)
+            reason = f"lowest estimate at M={m}"
+            if best == "dense" and len(est) > 1:
+                reason = f"sparse estimated slower at M={m}"
+            elif len(est) == 1:
+                reason = "no zeros" if ann.density >= 1.0 else f"pattern={self.pattern!r}"
+            measured = dense_ms = None
+            if self.measure and best != "dense":
+                fmt, blk = best.split("_")
+                block = tuple(int(v) for v in blk.split("x"))
+                bias = graph.tensor(site.bias).detach() if site.bias else None
+                mod = ctx.target.make_linear(BlockSparseMatrix.from_dense(w, block), bias)
+                x = torch.randn(max(m, 1), k)
+                measured = measure_ms(mod, x, repeat=self.repeat)
+                dense_ms = measure_ms(lambda t: torch.nn.functional.linear(t, w, bias), x, repeat=self.repeat)
+                if measured >= dense_ms:
+                    reason = f"measured {best} {measured:.3f} ms ≥ dense {dense_ms:.3f} ms at M={m}"
+                    best, measured = "dense", dense_ms
+                else:
+                    reason = f"measured {dense_ms / measured:.2f}x faster than dense at M={m}"
+            if best == "dense":
+                annotate(site.node, site.name, est_ms=est, format="dense", format_block=None,
+                         kernel="torch.linear", measured_ms=measured, dense_ms=dense_ms, reason=reason)
+            else:
+                fmt, blk = best.split("_")
+                block = tuple(int(v) for v in blk.split("x"))
+                annotate(site.node, site.name, est_ms=est, format=fmt, format_block=block,
+                         measured_ms=measured, dense_ms=dense_ms, reason=reason)
+        return PassResult(graph, False)
+
+
+def _finite(x: float) -> bool:
+    return x is not None and math.isfinite(x)

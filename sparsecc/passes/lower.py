@@ -1,0 +1,105 @@
+"""Lower sparse linears to TVM kernels (rewrite pass).
+
+Every linear annotated with a sparse format is replaced by a ``call_module``
+of the target's kernel module (weights converted once, here), fusing a single
+following ReLU or exact GELU into the kernel epilogue. Dense layers keep their
+``aten.linear`` and run in torch. Dense weights that no node uses any more are
+deleted from the graph module, so the compiled module does not hold them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..formats import BlockSparseMatrix
+from ..ir.annotations import annotate, get_annotation
+from ..ir.graph import SparseGraph
+from .base import Pass, PassContext, PassResult
+from .prune import prunable_sites
+
+
+def fusable_activation(node: fx.Node):
+    """``(user node, "relu" | "gelu")`` if ``node``'s only user is a fusable activation, else ``(None, None)``."""
+    if len(node.users) != 1:
+        return None, None
+    (user,) = node.users
+    if user.op != "call_function" or not user.args or user.args[0] is not node:
+        return None, None
+    if user.target in (torch.ops.aten.relu.default, torch.relu, torch.nn.functional.relu):
+        return (user, "relu") if len(user.args) == 1 and not user.kwargs.get("inplace") else (None, None)
+    if user.target in (torch.ops.aten.gelu.default, torch.nn.functional.gelu):
+        approximate = user.args[1] if len(user.args) > 1 else user.kwargs.get("approximate", "none")
+        if approximate == "none":
+            return user, "gelu"
+    return None, None
+
+
+def _submodule_name(gm: torch.nn.Module, layer: str) -> str:
+    base = "sparsecc_" + layer.replace(".", "_")
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+class LowerSparseLinears(Pass):
+    """Replace sparse-annotated linears by kernel modules from ``ctx.target.make_linear``.
+
+    Parameters
+    ----------
+    fuse_epilogue : bool
+        Fuse a following ReLU / exact GELU into the kernel.
+    """
+
+    name = "lower_sparse_linears"
+    requires = ("choose_format",)
+
+    def __init__(self, fuse_epilogue: bool = True):
+        self.fuse_epilogue = fuse_epilogue
+
+    def run(self, graph: SparseGraph, ctx: PassContext) -> PassResult:
+        gm = graph.gm
+        removed_attrs = []
+        changed = False
+        for site in prunable_sites(graph):
+            ann = get_annotation(site.node)
+            if ann is None or ann.format in (None, "dense"):
+                continue
+            w = graph.tensor(site.weight).detach()
+            bias = graph.tensor(site.bias).detach() if site.bias else None
+            user, act = fusable_activation(site.node) if self.fuse_epilogue else (None, None)
+            mod = ctx.target.make_linear(BlockSparseMatrix.from_dense(w, ann.format_block), bias, act)
+            sub = _submodule_name(gm, site.name)
+            gm.add_submodule(sub, mod)
+            last = user if user is not None else site.node
+            x = site.node.args[0]  # not site.input: an earlier fusion may have replaced it
+            with gm.graph.inserting_after(last):
+                new = gm.graph.call_module(sub, (x,))
+            new.meta.update({k: v for k, v in last.meta.items() if k != "sparsecc"})
+            new.meta["sparsecc"] = ann
+            site.node.meta.pop("sparsecc", None)
+            last.replace_all_uses_with(new)
+            if user is not None:
+                gm.graph.erase_node(user)
+            gm.graph.erase_node(site.node)
+            annotate(new, site.name, kernel=mod.kernel_name, epilogue=act)
+            removed_attrs += [t for t in (site.weight, site.bias) if t]
+            changed = True
+        if changed:
+            gm.graph.eliminate_dead_code()
+            _delete_unused_attrs(gm, removed_attrs)
+            if graph.method == "fx":
+                gm.delete_all_unused_submodules()
+        return PassResult(graph, changed)
+
+
+def _delete_unused_attrs(gm: fx.GraphModule, targets: list) -> None:
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for t in targets:
+        if t in used:
+            continue
+        owner, _, attr = t.rpartition(".")
+        mod = gm.get_submodule(owner) if owner else gm
+        if hasattr(mod, attr):
+            delattr(mod, attr)

@@ -1,0 +1,113 @@
+"""Compile targets: what a pass needs to know about the machine it compiles for.
+
+A :class:`CompileTarget` gives the passes a calibrated cost model, a factory
+for kernel modules and the block shape to prune to; it hides TVM from them.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Optional
+
+import torch
+
+from ..errors import TargetError
+from ..formats import BLOCK_SHAPES
+
+#: Target names accepted by :func:`resolve_target`.
+TARGET_ALIASES = {"x86": "x86", "x86_64": "x86", "cpu": "x86", "llvm": "x86", "host": "x86"}
+PLANNED = {"arm": "issue #4 (aarch64 NEON)", "cuda": "issue #4 (CUDA)"}
+
+
+class CompileTarget:
+    """The host x86 CPU (AVX2/AVX-512 picked from the detected CPU by TVM's LLVM backend)."""
+
+    name = "x86"
+
+    def __init__(self):
+        self._tvm_target = None
+        self._cost_model = None
+
+    def tvm_target(self):
+        """The ``tvm.target.Target`` kernels are built for (the detected host CPU)."""
+        if self._tvm_target is None:
+            from .x86 import host_target
+
+            self._tvm_target = host_target()
+        return self._tvm_target
+
+    def describe(self) -> str:
+        t = self.tvm_target()
+        return f"{self.name} ({t.attrs.get('mcpu', 'generic')})"
+
+    def cache_key(self) -> str:
+        import tvm
+
+        return f"{self.name}|{self.tvm_target()}|tvm {tvm.__version__}"
+
+    def make_linear(self, matrix, bias: Optional[torch.Tensor] = None, activation: Optional[str] = None):
+        """Kernel module computing ``act(X · Wᵀ + b)`` for ``matrix``: W (N, K)."""
+        from ..runtime.kernels import SparseLinear
+
+        return SparseLinear(matrix, bias, activation=activation, target=self.tvm_target())
+
+    def cost_model(self):
+        """Cost model calibrated on this host (cached on disk after the first run)."""
+        if self._cost_model is None:
+            from ..tune.calibrate import calibrate
+
+            self._cost_model = calibrate(self)
+        return self._cost_model
+
+    def prune_block(self, shapes, density: float, m: int, max_area: int = 16) -> tuple:
+        """Block shape to prune to for ``pattern="block"``: the one with least estimated total latency.
+
+        Parameters
+        ----------
+        shapes : list of (N, K)
+            Weight shapes of the layers to prune.
+        density : float
+            Density they will be pruned to.
+        m : int
+            Example rows of X.
+        max_area : int
+            Largest block area considered (larger blocks cost more accuracy).
+        """
+        cost = self.cost_model()
+        best, best_t = (1, 1), float("inf")
+        for b in BLOCK_SHAPES:
+            if b == (1, 1) or b[0] * b[1] > max_area or not cost.has("bsr", b):
+                continue
+            if any(n % b[0] or k % b[1] for n, k in shapes):
+                continue
+            t = sum(cost.estimate_ms("bsr", n, k, m, int(density * n * k / (b[0] * b[1])), b)
+                    for n, k in shapes)
+            if t < best_t:
+                best, best_t = b, t
+        return best
+
+    def __repr__(self) -> str:
+        return f"CompileTarget({self.name!r})"
+
+
+def resolve_target(target) -> CompileTarget:
+    """Turn ``"x86"`` (or a :class:`CompileTarget`) into a target object.
+
+    Raises
+    ------
+    TargetError
+        Unknown name, a target that is planned but not built yet, or ``"x86"``
+        on a host that is not x86-64.
+    """
+    if isinstance(target, CompileTarget):
+        return target
+    if not isinstance(target, str):
+        raise TargetError(f"target must be a name such as 'x86', got {type(target).__name__}")
+    key = target.lower()
+    if key in PLANNED:
+        raise TargetError(f"target {target!r} is not supported yet: it arrives with {PLANNED[key]}")
+    if key not in TARGET_ALIASES:
+        raise TargetError(f"unknown target {target!r}; supported: 'x86'")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise TargetError(f"target 'x86' needs an x86-64 host, this is {platform.machine()}")
+    return CompileTarget()
