@@ -5,13 +5,13 @@
 >>> print(cm.report())
 """
 
-from .api import compile
+from .api import compile, prune
 from .errors import (CaptureError, InputDtypeError, InputShapeError, InvalidSparsityError, KernelBuildError,
                      PassError, SparseccError, TargetError, UnknownLayerError, UnsupportedOpError)
 from .runtime.compiled import CompiledModule
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "CompiledModule", "SparseccError", "CaptureError", "InputDtypeError", "InputShapeError",
+__all__ = ["compile", "prune", "CompiledModule", "SparseccError", "CaptureError", "InputDtypeError", "InputShapeError",
            "InvalidSparsityError", "KernelBuildError", "PassError", "TargetError", "UnknownLayerError",
            "UnsupportedOpError", "__version__"]

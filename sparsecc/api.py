@@ -95,4 +95,48 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
                       dump_dir=dump_dir)
     passes = default_pipeline(sparsity, pattern, block, measure=measure)
     graph = PassManager(passes).run(graph, ctx)
-    return CompiledModule(graph, tgt, time.perf_counter() - t0, original_bytes, ctx.history)
+    return CompiledModule(graph, tgt, time.perf_counter() - t0, original_bytes, ctx.history,
+                          prune_block=block if sparsity is not None else None)
+
+
+def prune(model: torch.nn.Module, sparsity: Union[float, dict], *, block_shape: tuple = (1, 1),
+          scope: str = "global") -> torch.nn.Module:
+    """Return a copy of ``model`` whose ``nn.Linear`` weights are magnitude-pruned.
+
+    The same masks :func:`compile` applies for the same arguments (same
+    scores, same global ranking), so the copy is the eager-torch reference of a
+    compiled module.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Never modified.
+    sparsity : float or dict
+        Global sparsity in [0, 1), or ``{layer name: sparsity}``.
+    block_shape : (rows, cols)
+        Block pruned as a unit ((1, 1) = unstructured).
+    scope : {"global", "layer"}
+
+    Raises
+    ------
+    InvalidSparsityError, UnknownLayerError
+    """
+    import copy
+
+    from .errors import UnknownLayerError
+    from .passes.prune import MagnitudePrune, magnitude_masks
+
+    p = MagnitudePrune(sparsity, block=block_shape, scope=scope)  # validates the values
+    pruned = copy.deepcopy(model)
+    linears = {n: m for n, m in pruned.named_modules()
+               if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32}
+    if isinstance(p.sparsity, dict):
+        unknown = [k for k in p.sparsity if k not in linears]
+        if unknown:
+            raise UnknownLayerError(f"no prunable linear layer named {unknown[0]!r}")
+        linears = {k: linears[k] for k in p.sparsity}
+    masks = magnitude_masks({n: m.weight.detach() for n, m in linears.items()}, p.sparsity, p.block, scope)
+    with torch.no_grad():
+        for n, mask in masks.items():
+            linears[n].weight.mul_(mask)
+    return pruned

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.fx as fx
 
@@ -50,6 +48,47 @@ def candidates(pattern: str, shape: tuple, density: float) -> list:
     return out
 
 
+def estimate_candidates(cost, shape: tuple, m: int, nnz: int, density: float, fill_ratio: dict,
+                        pattern: str = "auto") -> dict:
+    """Estimated latency (ms) at ``M = m`` of every calibrated candidate for a weight (N, K).
+
+    Parameters
+    ----------
+    cost : CostModel
+    shape : (N, K)
+    m : int
+        Rows of X.
+    nnz, density : int, float
+        Nonzeros of the weight and their fraction.
+    fill_ratio : dict (rows, cols) -> float
+        Stored values / nnz of each block shape (from :func:`detect_block_shape`).
+    pattern : str
+        Which candidates are allowed (see :func:`candidates`).
+
+    Returns
+    -------
+    dict candidate key (``"dense"``, ``"csr_1x1"``, ``"bsr_8x1"``) -> ms
+    """
+    n, k = shape
+    est = {}
+    for fmt, block in candidates(pattern, (n, k), density):
+        if not cost.has(fmt, block):
+            continue
+        nnzb = 0
+        if fmt != "dense":
+            nnzb = int(round(fill_ratio.get(block, 1.0) * nnz / (block[0] * block[1])))
+        est[candidate_key(fmt, block)] = cost.estimate_ms(fmt, n, k, m, nnzb, block or (1, 1))
+    return est
+
+
+def parse_key(key: str) -> tuple:
+    """``"bsr_8x1"`` -> ``("bsr", (8, 1))``; ``"dense"`` -> ``("dense", None)``."""
+    if key == "dense":
+        return "dense", None
+    fmt, blk = key.split("_")
+    return fmt, tuple(int(v) for v in blk.split("x"))
+
+
 class ChooseFormat(Pass):
     """Pick dense, CSR or BSR (with block shape) per linear by estimated, then measured, latency.
 
@@ -90,15 +129,7 @@ class ChooseFormat(Pass):
                 annotate(site.node, site.name, format="dense", format_block=None, kernel="torch.linear",
                          reason=f"input dtype {x_val.dtype} (sparse kernels are float32)")
                 continue
-            est = {}
-            for fmt, block in candidates(self.pattern, (n, k), ann.density):
-                nnzb = 0
-                if fmt != "dense":
-                    area = block[0] * block[1]
-                    nnzb = int(round(ann.fill_ratio.get(block, 1.0) * ann.nnz / area))
-                if not cost.has(fmt, block):
-                    continue
-                est[candidate_key(fmt, block)] = cost.estimate_ms(fmt, n, k, m, nnzb, block or (1, 1))
+            est = estimate_candidates(cost, (n, k), m, ann.nnz, ann.density, ann.fill_ratio, self.pattern)
             best = min(est, key=est.get)
             reason = f"lowest estimate at M={m}"
             if best == "dense" and len(est) > 1:
@@ -107,8 +138,7 @@ class ChooseFormat(Pass):
                 reason = "no zeros" if ann.density >= 1.0 else f"pattern={self.pattern!r}"
             measured = dense_ms = None
             if self.measure and best != "dense":
-                fmt, blk = best.split("_")
-                block = tuple(int(v) for v in blk.split("x"))
+                fmt, block = parse_key(best)
                 bias = graph.tensor(site.bias).detach() if site.bias else None
                 mod = ctx.target.make_linear(BlockSparseMatrix.from_dense(w, block), bias)
                 x = torch.randn(max(m, 1), k)
@@ -123,12 +153,8 @@ class ChooseFormat(Pass):
                 annotate(site.node, site.name, est_ms=est, format="dense", format_block=None,
                          kernel="torch.linear", measured_ms=measured, dense_ms=dense_ms, reason=reason)
             else:
-                fmt, blk = best.split("_")
-                block = tuple(int(v) for v in blk.split("x"))
+                fmt, block = parse_key(best)
                 annotate(site.node, site.name, est_ms=est, format=fmt, format_block=block,
                          measured_ms=measured, dense_ms=dense_ms, reason=reason)
         return PassResult(graph, False)
 
-
-def _finite(x: float) -> bool:
-    return x is not None and math.isfinite(x)

