@@ -1,0 +1,198 @@
+"""TensorIR templates for ``Y = act(X @ W.T + b)`` with a block-sparse ``W``.
+
+One template per format: :func:`bsr_linear` is parametrized by a static block
+shape ``(br, bc)``; :func:`csr_linear` is the ``(1, 1)`` case.  Everything that
+varies between layers (``M``, ``K``, ``N``, ``nnzb``) is symbolic, so a single
+build serves every layer and density of a given block shape.
+
+Loop structure (unscheduled)::
+
+    for io in range(NB):                       # block "row"  (spatial io)
+        C = alloc (M, br)                            # accumulator of one block row
+        for m, ii, k in grid(M, br, indptr[io+1] - indptr[io]), j in range(bc):
+            block "compute": C[m, ii] += X[m, indices[p] * bc + j] * data[p, ii, j]
+                             (p = indptr[io] + k; data[p, j, ii] with layout "cr")
+        for m, ii in grid(M, br):
+            block "epilogue": Y[m, io * br + ii] = act(C[m, ii] + b[io * br + ii])
+
+The data-dependent reduction extent ``indptr[io+1] - indptr[io]`` refers to the
+block variable of the enclosing "row" block (TensorIR's well-formedness check
+refuses a loop variable there), which is why the template is two-level.
+Schedules (``sparsecc.targets``) work inside the "row" block and parallelize
+its outer loop.
+
+Arguments of the built function, in order: ``X (M, K)``, ``data``, ``indices
+(nnzb,) int32``, ``indptr (NB + 1,) int32``, ``bias (N,)`` (only when
+``bias=True``), ``Y (M, N)``.  ``data`` is ``(nnzb, br, bc)`` for layout "rc"
+(the :class:`~sparsecc.formats.BlockSparseMatrix` layout) and ``(nnzb, bc, br)``
+for layout "cr" (each block transposed so that a column of the block is
+contiguous, used for blocks with ``br > 1`` and ``bc > 1``).
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from sparsecc.errors import UnsupportedOpError
+
+__all__ = [
+    "ACTIVATIONS",
+    "BLOCK_NAMES",
+    "bsr_linear",
+    "csr_linear",
+    "data_layout_for",
+    "linear_template",
+]
+
+ACTIVATIONS = (None, "relu", "gelu")
+#: Names of the TensorIR blocks of every template (schedules look them up).
+BLOCK_NAMES = {"row": "row", "compute": "compute", "epilogue": "epilogue"}
+
+_INV_SQRT2 = 0.7071067811865476
+
+
+def data_layout_for(block: tuple[int, int]) -> str:
+    """Layout of ``data`` the kernels of ``block`` expect: "rc" or "cr".
+
+    The two only differ in memory when ``br > 1 and bc > 1`` (e.g. 4x4): there
+    the kernel wants each block transposed so it can vectorize along ``br``.
+    """
+    br, bc = block
+    return "cr" if (br > 1 and bc > 1) else "rc"
+
+
+def _activation(activation):
+    if activation is None:
+        return lambda v: v
+    if activation == "relu":
+        return lambda v: T.max(v, T.float32(0))
+    if activation == "gelu":  # exact (erf) gelu, like torch's default F.gelu
+        return lambda v: v * T.float32(0.5) * (T.float32(1) + T.erf(v * T.float32(_INV_SQRT2)))
+    raise UnsupportedOpError(f"activation {activation!r} is not supported; expected one of {ACTIVATIONS}")
+
+
+def _hsum(C, mi, ii, bc):
+    """C[mi, ii, 0] + ... + C[mi, ii, bc - 1] (the lanes of a split reduction)."""
+    acc = C[mi, ii, 0]
+    for j in range(1, bc):
+        acc = acc + C[mi, ii, j]
+    return acc
+
+
+def bsr_linear(block: tuple[int, int], *, bias: bool = False, activation: str | None = None,
+               m_tile: int = 1, split_j: bool | None = None):
+    """Unscheduled BSR template (a ``tvm.tirx.PrimFunc``) for a static ``block``.
+
+    ``m_tile`` rows of ``X`` are handled by one instance of the "row" block (the
+    register tile of the schedules; TensorIR cannot move loops across a block
+    boundary, so it is a template parameter).  ``split_j`` keeps one partial sum
+    per column of the block (accumulator ``(m_tile, br, bc)``, summed in the
+    epilogue) so that the kernel can vectorize along the block's contiguous
+    columns; default: when ``bc > 1``.
+    """
+    br, bc = int(block[0]), int(block[1])
+    mt = int(m_tile)
+    if br < 1 or bc < 1 or mt < 1:
+        raise UnsupportedOpError(f"block shape and m_tile must be positive, got {(br, bc)} and {mt}")
+    act = _activation(activation)
+    has_bias = bool(bias)
+    sj = (bc > 1) if split_j is None else bool(split_j)
+    cj = bc if sj else 1
+
+    def acc_val(C, mi, ii):
+        return _hsum(C, mi, ii, bc) if sj else C[mi, ii, 0]
+
+    if has_bias:
+
+        @T.prim_func(s_tir=True)
+        def func(x_h: T.handle, d_h: T.handle, ind_h: T.handle, ptr_h: T.handle, b_h: T.handle, y_h: T.handle):
+            T.func_attr({"global_symbol": "main", "tir.noalias": True, "sparsecc.block": [br, bc], "sparsecc.m_tile": mt})
+            M = T.int32()
+            K = T.int32()
+            NB = T.int32()
+            NP = T.int32()
+            NNZB = T.int32()
+            X = T.match_buffer(x_h, (M, K), "float32")
+            D = T.match_buffer(d_h, (NNZB, br, bc), "float32")
+            IND = T.match_buffer(ind_h, (NNZB,), "int32")
+            PTR = T.match_buffer(ptr_h, (NP,), "int32")
+            B = T.match_buffer(b_h, (NB, br), "float32")
+            Y = T.match_buffer(y_h, (M, NB, br), "float32")
+            for mo, io in T.grid((M + mt - 1) // mt, NB):
+                with T.sblock("row"):
+                    vmo, vio = T.axis.remap("SS", [mo, io])
+                    T.reads(X[0:M, 0:K], D[0:NNZB, 0:br, 0:bc], IND[0:NNZB], PTR[vio:vio + 2], B[vio, 0:br])
+                    T.writes(Y[vmo * mt:vmo * mt + mt, vio, 0:br])
+                    C = T.alloc_buffer((mt, br, cj), "float32")
+                    for mi, ii, jj in T.grid(mt, br, cj):
+                        with T.sblock("init"):
+                            vmi, vii, vjj = T.axis.remap("SSS", [mi, ii, jj])
+                            C[vmi, vii, vjj] = T.float32(0)
+                    for k in T.serial(PTR[vio + 1] - PTR[vio]):
+                        for j, mi, ii in T.grid(bc, mt, br):
+                            with T.sblock("compute"):
+                                vk, vj, vmi, vii = T.axis.remap("RSSS" if sj else "RRSS", [k, j, mi, ii])
+                                C[vmi, vii, vj if sj else 0] = C[vmi, vii, vj if sj else 0] + X[
+                                    T.min(vmo * mt + vmi, M - 1), IND[PTR[vio] + vk] * bc + vj] * D[PTR[vio] + vk, vii, vj]
+                    for mi, ii in T.grid(mt, br):
+                        with T.sblock("epilogue"):
+                            vmi, vii = T.axis.remap("SS", [mi, ii])
+                            T.where(vmo * mt + mi < M)
+                            Y[vmo * mt + vmi, vio, vii] = act(acc_val(C, vmi, vii) + B[vio, vii])
+
+    else:
+
+        @T.prim_func(s_tir=True)
+        def func(x_h: T.handle, d_h: T.handle, ind_h: T.handle, ptr_h: T.handle, y_h: T.handle):
+            T.func_attr({"global_symbol": "main", "tir.noalias": True, "sparsecc.block": [br, bc], "sparsecc.m_tile": mt})
+            M = T.int32()
+            K = T.int32()
+            NB = T.int32()
+            NP = T.int32()
+            NNZB = T.int32()
+            X = T.match_buffer(x_h, (M, K), "float32")
+            D = T.match_buffer(d_h, (NNZB, br, bc), "float32")
+            IND = T.match_buffer(ind_h, (NNZB,), "int32")
+            PTR = T.match_buffer(ptr_h, (NP,), "int32")
+            Y = T.match_buffer(y_h, (M, NB, br), "float32")
+            for mo, io in T.grid((M + mt - 1) // mt, NB):
+                with T.sblock("row"):
+                    vmo, vio = T.axis.remap("SS", [mo, io])
+                    T.reads(X[0:M, 0:K], D[0:NNZB, 0:br, 0:bc], IND[0:NNZB], PTR[vio:vio + 2])
+                    T.writes(Y[vmo * mt:vmo * mt + mt, vio, 0:br])
+                    C = T.alloc_buffer((mt, br, cj), "float32")
+                    for mi, ii, jj in T.grid(mt, br, cj):
+                        with T.sblock("init"):
+                            vmi, vii, vjj = T.axis.remap("SSS", [mi, ii, jj])
+                            C[vmi, vii, vjj] = T.float32(0)
+                    for k in T.serial(PTR[vio + 1] - PTR[vio]):
+                        for j, mi, ii in T.grid(bc, mt, br):
+                            with T.sblock("compute"):
+                                vk, vj, vmi, vii = T.axis.remap("RSSS" if sj else "RRSS", [k, j, mi, ii])
+                                C[vmi, vii, vj if sj else 0] = C[vmi, vii, vj if sj else 0] + X[
+                                    T.min(vmo * mt + vmi, M - 1), IND[PTR[vio] + vk] * bc + vj] * D[PTR[vio] + vk, vii, vj]
+                    for mi, ii in T.grid(mt, br):
+                        with T.sblock("epilogue"):
+                            vmi, vii = T.axis.remap("SS", [mi, ii])
+                            T.where(vmo * mt + mi < M)
+                            Y[vmo * mt + vmi, vio, vii] = act(acc_val(C, vmi, vii))
+
+    return func
+
+
+def csr_linear(*, bias: bool = False, activation: str | None = None, m_tile: int = 1):
+    """Unscheduled CSR template: the ``(1, 1)`` BSR template (``data`` is ``(nnz, 1, 1)``).
+
+    The CSR schedules differ from the BSR ones (no block dimension to vectorize
+    along), see ``sparsecc.targets.x86``.
+    """
+    return bsr_linear((1, 1), bias=bias, activation=activation, m_tile=m_tile)
+
+
+def linear_template(block: tuple[int, int], *, bias: bool = False, activation: str | None = None,
+                    m_tile: int = 1):
+    """The template for a format given by its block shape ((1, 1) = CSR)."""
+    block = (int(block[0]), int(block[1]))
+    if block == (1, 1):
+        return csr_linear(bias=bias, activation=activation, m_tile=m_tile)
+    return bsr_linear(block, bias=bias, activation=activation, m_tile=m_tile)

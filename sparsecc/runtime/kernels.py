@@ -1,0 +1,205 @@
+"""Compiled sparse linear kernels: in-process + on-disk cache, and the torch-facing module.
+
+``get_linear_kernel(block, regime, bias, activation)`` returns a TVM packed
+function built once per process (and once per machine: the shared library is
+kept under ``$SPARSECC_CACHE_DIR`` or ``~/.cache/sparsecc/kernels``, keyed by a
+hash of the scheduled TVMScript, the target and the TVM version).
+
+:class:`SparseLinear` holds the converted weight and calls the kernel on torch
+tensors directly (DLPack, zero copy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from sparsecc.errors import InputDtypeError, InputShapeError, KernelBuildError, UnsupportedOpError
+from sparsecc.formats import BlockSparseMatrix
+
+__all__ = ["SparseLinear", "cache_dir", "clear_memory_cache", "get_linear_kernel", "kernel_name"]
+
+_ALIGN = 64
+_CACHE: dict[tuple, object] = {}
+_LOCK = threading.Lock()
+# Kept alive for the life of the process: a function must not outlive its module.
+_MODULES: list[object] = []
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("SPARSECC_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "sparsecc" / "kernels"
+
+
+def clear_memory_cache() -> None:
+    """Forget the in-process kernels (the disk cache stays)."""
+    with _LOCK:
+        _CACHE.clear()
+
+
+def kernel_name(block: tuple[int, int], regime: str, bias: bool, activation: str | None) -> str:
+    br, bc = block
+    fmt = "csr" if (br, bc) == (1, 1) else f"bsr_{br}x{bc}"
+    return f"{fmt}_{regime}" + ("_bias" if bias else "") + (f"_{activation}" if activation else "")
+
+
+def _target_key(target) -> str:
+    return str(dict(target.export())) if hasattr(target, "export") else str(target)
+
+
+def get_linear_kernel(fmt_block: tuple[int, int], regime: str, bias: bool, activation: str | None = None,
+                      target=None, params=None):
+    """A compiled ``Y = act(X W^T + b)`` kernel for ``fmt_block`` ((1, 1) = CSR) and ``regime``.
+
+    Arguments of the returned function: ``X (M, K)``, ``data (nnzb, br, bc)``,
+    ``indices``, ``indptr``, [``bias (N // br, br)``], ``Y (M, N // br, br)``, all
+    64-byte aligned and contiguous (the generated code does not check alignment).
+    """
+    import tvm
+
+    from sparsecc.targets import x86
+
+    block = (int(fmt_block[0]), int(fmt_block[1]))
+    if activation not in (None, "relu", "gelu"):
+        raise UnsupportedOpError(f"activation {activation!r} is not supported; expected None, 'relu' or 'gelu'")
+    target = target or x86.host_target()
+    key = (block, regime, bool(bias), activation, _target_key(target), params)
+    fn = _CACHE.get(key)
+    if fn is not None:
+        return fn
+    with _LOCK:
+        fn = _CACHE.get(key)
+        if fn is not None:
+            return fn
+        sch = x86.schedule_linear(block, regime, bias=bool(bias), activation=activation, target=target,
+                                  params=params)
+        text = sch.mod.script()
+        digest = hashlib.sha256(
+            "\n".join([text, _target_key(target), tvm.__version__]).encode()).hexdigest()[:24]
+        path = cache_dir() / f"{kernel_name(block, regime, bool(bias), activation)}-{digest}.so"
+        mod = None
+        if path.exists():
+            try:
+                mod = tvm.runtime.load_module(str(path))
+            except Exception:  # noqa: BLE001 - a corrupt cache entry is rebuilt
+                mod = None
+        if mod is None:
+            lib = x86.build(sch, target)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+                os.close(fd)
+                lib.export_library(tmp)
+                os.replace(tmp, path)  # atomic: concurrent processes never see half a file
+                mod = tvm.runtime.load_module(str(path))
+            except OSError:
+                mod = lib  # read-only cache directory: keep the in-memory build
+        _MODULES.append(mod)
+        fn = mod["main"]
+        _CACHE[key] = fn
+        return fn
+
+
+def _aligned_empty(shape, dtype=torch.float32) -> torch.Tensor:
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    esize = torch.empty((), dtype=dtype).element_size()
+    pad = _ALIGN // esize
+    raw = torch.empty(numel + pad, dtype=dtype)
+    off = (-raw.data_ptr() % _ALIGN) // esize
+    return raw[off:off + numel].view(*shape)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when contiguous and 64-byte aligned, else an aligned contiguous copy."""
+    if t.is_contiguous() and t.data_ptr() % _ALIGN == 0:
+        return t
+    out = _aligned_empty(tuple(t.shape), t.dtype)
+    out.copy_(t)
+    return out
+
+
+class SparseLinear(torch.nn.Module):
+    """``act(x @ W.T + b)`` with ``W`` block-sparse, run by a TVM kernel.
+
+    The weight is converted and aligned once here; ``forward`` only reshapes ``x``
+    (copying it only when it is not contiguous or not 64-byte aligned).
+    """
+
+    def __init__(self, matrix: BlockSparseMatrix, bias: torch.Tensor | None = None,
+                 activation: str | None = None, target=None, eager: bool = False):
+        super().__init__()
+        if activation not in (None, "relu", "gelu"):
+            raise UnsupportedOpError(f"activation {activation!r} is not supported; expected None, 'relu' or 'gelu'")
+        n, k = matrix.shape
+        br, bc = matrix.block
+        self.shape = (n, k)
+        self.block = (br, bc)
+        self.format = matrix.format
+        self.density = matrix.density
+        self.activation = activation
+        self.target = target
+        self.register_buffer("data", _aligned(matrix.data.detach().to(torch.float32).contiguous()))
+        self.register_buffer("indices", _aligned(matrix.indices.to(torch.int32).contiguous()))
+        self.register_buffer("indptr", _aligned(matrix.indptr.to(torch.int32).contiguous()))
+        if bias is not None:
+            if tuple(bias.shape) != (n,):
+                raise InputShapeError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+            self.register_buffer("bias", _aligned(bias.detach().to(torch.float32).reshape(n // br, br)))
+        else:
+            self.bias = None
+        self._kernels: dict[str, object] = {}
+        if eager:
+            for regime in ("gemv", "gemm"):
+                self._kernel(regime)
+
+    def _kernel(self, regime: str):
+        fn = self._kernels.get(regime)
+        if fn is None:
+            fn = get_linear_kernel(self.block, regime, self.bias is not None, self.activation, self.target)
+            self._kernels[regime] = fn
+        return fn
+
+    @property
+    def kernel_name(self) -> str:
+        return kernel_name(self.block, "gemm", self.bias is not None, self.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.shape
+        if not isinstance(x, torch.Tensor):
+            raise InputDtypeError(f"expected a float32 tensor, got {type(x).__name__}")
+        if x.dtype != torch.float32:
+            raise InputDtypeError(f"expected input dtype torch.float32, got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != k:
+            raise InputShapeError(f"expected input of shape (..., {k}), got {tuple(x.shape)}")
+        if x.device.type != "cpu":
+            raise InputDtypeError(f"expected a CPU tensor, got device {x.device}")
+        lead = tuple(x.shape[:-1])
+        x2 = x.reshape(-1, k)
+        m = x2.shape[0]
+        if m == 0:
+            return x.new_empty(lead + (n,))
+        x2 = _aligned(x2)
+        y = torch.empty(m, n, dtype=torch.float32)
+        if y.data_ptr() % _ALIGN:  # torch CPU allocations are 64-byte aligned; never trust it blindly
+            y = _aligned_empty((m, n))
+        regime = "gemm" if m >= 8 else "gemv"
+        fn = self._kernel(regime)
+        br = self.block[0]
+        y3 = y.view(m, n // br, br)
+        with torch.no_grad():
+            if self.bias is not None:
+                fn(x2, self.data, self.indices, self.indptr, self.bias, y3)
+            else:
+                fn(x2, self.data, self.indices, self.indptr, y3)
+        return y.view(lead + (n,))
+
+    def extra_repr(self) -> str:
+        return (f"shape={self.shape}, block={self.block}, format={self.format}, density={self.density:.3f}, "
+                f"bias={self.bias is not None}, activation={self.activation}")

@@ -1,0 +1,210 @@
+"""x86 host target: CPU detection, schedule rules for the linear templates, build.
+
+Rules follow the dlight style: ``rule(func, target, **tile) -> tvm.s_tir.Schedule``
+or ``None`` when the rule does not apply.  A rule gets the *unscheduled*
+template of :mod:`sparsecc.codegen.linear` (built with the rule's ``m_tile``,
+see :func:`template_for`), so tile sizes stay plain parameters a tuner can turn
+into knobs.
+
+Regimes: ``"gemv"`` for ``M < GEMM_MIN_M`` (one row of X per tile), ``"gemm"``
+otherwise (a register tile of ``m_tile`` rows x one block row).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import tvm
+import tvm.s_tir
+
+from sparsecc.codegen.linear import linear_template
+from sparsecc.errors import KernelBuildError, TargetError
+
+__all__ = [
+    "GEMM_MIN_M",
+    "REGIMES",
+    "ScheduleParams",
+    "build",
+    "default_params",
+    "host_target",
+    "num_threads",
+    "regime_for",
+    "schedule_linear",
+    "template_for",
+]
+
+GEMM_MIN_M = 8
+REGIMES = ("gemv", "gemm")
+_VECTOR_ISA = ("avx512f", "avx2")
+
+
+def regime_for(m: int) -> str:
+    return "gemm" if m >= GEMM_MIN_M else "gemv"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+_HOST_TARGET: tvm.target.Target | None = None
+
+
+def host_target() -> tvm.target.Target:
+    """The llvm target of this CPU (named ``mcpu``, never ``"native"``, which loses AVX)."""
+    global _HOST_TARGET
+    if _HOST_TARGET is None:
+        t = tvm.target.Target.from_device("cpu")
+        cfg = dict(t.export())
+        mcpu = str(cfg.get("mcpu", ""))
+        if not mcpu or mcpu in ("native", "generic"):
+            raise TargetError(
+                f"TVM could not name the host CPU (got mcpu={mcpu!r}); pass an explicit target "
+                "such as {'kind': 'llvm', 'mcpu': 'znver4'}")
+        _HOST_TARGET = tvm.target.Target({k: v for k, v in cfg.items() if k in ("kind", "mtriple", "mcpu", "mattr")})
+    return _HOST_TARGET
+
+
+def num_threads() -> int:
+    """Threads the kernels use: ``TVM_NUM_THREADS`` if set, else torch's."""
+    env = os.environ.get("TVM_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
+def target_vector_bits(target: tvm.target.Target | None = None) -> int:
+    """Widest float vector of the target (512 with AVX-512, 256 with AVX2, else 128)."""
+    target = target or host_target()
+    mcpu = str(target.attrs.get("mcpu", ""))
+    mattr = " ".join(str(a) for a in target.attrs.get("mattr", []) or [])
+    if "avx512" in mattr or mcpu in ("znver4", "znver5", "skylake-avx512", "icelake-server",
+                                     "sapphirerapids", "cascadelake", "cooperlake", "tigerlake"):
+        return 512
+    if "avx2" in mattr or mcpu.startswith(("znver", "haswell", "broadwell", "skylake", "alderlake")):
+        return 256
+    return 128
+
+
+@dataclass(frozen=True)
+class ScheduleParams:
+    """Tile sizes of one rule (the knobs of a later autotuner)."""
+
+    m_tile: int = 1
+    m_outer: bool = True  # loop order of the parallel loops: M tiles outside block rows
+
+
+def default_params(block: tuple[int, int], regime: str) -> ScheduleParams:
+    """Hand-picked tiles, measured on a 2-core Zen 4 (see benchmarks/kernels_quick.py)."""
+    if regime == "gemv":
+        return ScheduleParams(m_tile=1, m_outer=True)
+    br, bc = block
+    if (br, bc) == (1, 1):
+        return ScheduleParams(m_tile=8, m_outer=True)
+    if bc == 1 and br >= 16:
+        return ScheduleParams(m_tile=8, m_outer=False)
+    return ScheduleParams(m_tile=8, m_outer=True)
+
+
+def template_for(block, regime: str, *, bias: bool, activation, params: ScheduleParams | None = None):
+    """The unscheduled template a rule for ``(block, regime)`` expects."""
+    params = params or default_params(tuple(block), regime)
+    return linear_template(tuple(block), bias=bias, activation=activation, m_tile=params.m_tile)
+
+
+# -- schedule rules -----------------------------------------------------------------
+
+def _finish(sch: tvm.s_tir.Schedule, params: ScheduleParams) -> tvm.s_tir.Schedule:
+    mo, io = sch.get_loops(sch.get_sblock("row"))
+    if not params.m_outer:
+        sch.reorder(io, mo)
+    sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("row"))))  # parallel last (see tvm notes)
+    return sch
+
+
+def _vectorize_epilogue(sch, br: int) -> None:
+    loops = sch.get_loops(sch.get_sblock("epilogue"))
+    if br > 1:
+        sch.vectorize(loops[-1])
+
+
+def rule_bsr_column_blocks(func, target=None, params: ScheduleParams = ScheduleParams()):
+    """Blocks (br x 1), br > 1: vectorize along br (contiguous in data and Y), broadcast X."""
+    br, bc = _block_of(func)
+    if not (br > 1 and bc == 1):
+        return None
+    sch = tvm.s_tir.Schedule(func, enable_check=False)
+    k, j, mi, ii = sch.get_loops(sch.get_sblock("compute"))
+    sch.unroll(mi)
+    sch.vectorize(ii)
+    sch.vectorize(sch.get_loops(sch.get_sblock("init"))[-2])
+    _vectorize_epilogue(sch, br)
+    return _finish(sch, params)
+
+
+def rule_bsr_row_blocks(func, target=None, params: ScheduleParams = ScheduleParams()):
+    """Blocks with bc > 1 (1x4, 1x8, 4x4): one partial sum per block column, vectorized along bc."""
+    br, bc = _block_of(func)
+    if bc == 1:
+        return None
+    sch = tvm.s_tir.Schedule(func, enable_check=False)
+    k, j, mi, ii = sch.get_loops(sch.get_sblock("compute"))
+    sch.reorder(k, mi, ii, j)
+    sch.vectorize(j)
+    sch.unroll(ii)
+    sch.unroll(mi)
+    sch.vectorize(sch.get_loops(sch.get_sblock("init"))[-1])
+    _vectorize_epilogue(sch, br)
+    return _finish(sch, params)
+
+
+def rule_csr(func, target=None, params: ScheduleParams = ScheduleParams()):
+    """CSR: scalar FMAs over an M tile (X values gathered once per nonzero and row)."""
+    br, bc = _block_of(func)
+    if (br, bc) != (1, 1):
+        return None
+    sch = tvm.s_tir.Schedule(func, enable_check=False)
+    k, j, mi, ii = sch.get_loops(sch.get_sblock("compute"))
+    sch.unroll(mi)
+    return _finish(sch, params)
+
+
+RULES = (rule_csr, rule_bsr_column_blocks, rule_bsr_row_blocks)
+
+
+def _block_of(func) -> tuple[int, int]:
+    blk = func.attrs["sparsecc.block"]
+    return int(blk[0]), int(blk[1])
+
+
+def schedule_linear(block, regime: str, *, bias: bool, activation=None, target=None,
+                    params: ScheduleParams | None = None) -> tvm.s_tir.Schedule:
+    """Template + the first applicable rule for ``(block, regime)``."""
+    if regime not in REGIMES:
+        raise KernelBuildError(f"unknown regime {regime!r}; expected one of {REGIMES}")
+    params = params or default_params(tuple(block), regime)
+    func = template_for(block, regime, bias=bias, activation=activation, params=params)
+    for rule in RULES:
+        sch = rule(func, target, params)
+        if sch is not None:
+            return sch
+    raise KernelBuildError(f"no x86 schedule rule applies to block {tuple(block)} ({regime})")
+
+
+def build(mod_or_sch, target=None):
+    """``tvm.compile`` for the host (or given) target; errors become KernelBuildError."""
+    mod = mod_or_sch.mod if isinstance(mod_or_sch, tvm.s_tir.Schedule) else mod_or_sch
+    target = target or host_target()
+    try:
+        return tvm.compile(mod, target=target)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise KernelBuildError(f"TVM build failed for target {target}: {e}") from e
