@@ -145,8 +145,11 @@ class SparseLinear(torch.nn.Module):
         self.density = matrix.density
         self.activation = activation
         self.target = target
-        self.register_buffer("data", _aligned(matrix.data.detach().to(torch.float32).contiguous()))
-        self.register_buffer("indices", _aligned(matrix.indices.to(torch.int32).contiguous()))
+        data, indices = matrix.data.detach().to(torch.float32), matrix.indices.to(torch.int32)
+        if data.shape[0] == 0:  # nnzb == 0: TVM refuses empty tensors' strides; indptr keeps it unread
+            data, indices = torch.zeros(1, br, bc), torch.zeros(1, dtype=torch.int32)
+        self.register_buffer("data", _aligned(data.contiguous()))
+        self.register_buffer("indices", _aligned(indices.contiguous()))
         self.register_buffer("indptr", _aligned(matrix.indptr.to(torch.int32).contiguous()))
         if bias is not None:
             if tuple(bias.shape) != (n,):
