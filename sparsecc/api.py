@@ -32,9 +32,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
         ``"x86"`` (the host CPU). ARM and CUDA arrive with issue #4.
     sparsity : None, float or dict
         None compiles the zeros the model already has; a float in [0, 1) prunes
-        all prunable linear weights by magnitude to that global sparsity (one
-        threshold over all layers); a dict ``{layer name: sparsity}`` prunes
-        each named layer (fully qualified name, e.g. ``"encoder.layer.0.output.dense"``).
+        every prunable linear weight by magnitude to that sparsity (so the
+        linears' global sparsity is that value; one threshold across layers of
+        different scales emptied whole layers of MiniLM); a dict
+        ``{layer name: sparsity}`` prunes each named layer (fully qualified
+        name, e.g. ``"encoder.layer.0.output.dense"``).
     pattern : {"auto", "unstructured", "block", "dense"}
         Formats allowed; with a sparsity, also how to prune ("block" prunes
         whole blocks of ``block_shape``, otherwise single weights). "auto" lets
@@ -100,7 +102,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
 
 
 def prune(model: torch.nn.Module, sparsity: Union[float, dict], *, block_shape: tuple = (1, 1),
-          scope: str = "global") -> torch.nn.Module:
+          scope: str = "layer") -> torch.nn.Module:
     """Return a copy of ``model`` whose ``nn.Linear`` weights are magnitude-pruned.
 
     The same masks :func:`compile` applies for the same arguments (same

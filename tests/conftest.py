@@ -73,7 +73,7 @@ def check_close(actual, expected, atol=1e-4, rtol=1e-4):
     if isinstance(expected, torch.Tensor):
         assert actual.shape == expected.shape, (actual.shape, expected.shape)
         torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
-        return float((actual - expected).abs().max()) if expected.numel() else 0.0
+        return float((actual - expected).detach().abs().max()) if expected.numel() else 0.0
     if isinstance(expected, (tuple, list)):
         assert len(actual) == len(expected)
         return max([check_close(a, e, atol, rtol) for a, e in zip(actual, expected)] or [0.0])

@@ -61,7 +61,7 @@ def _expand(mask: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
 
 
 def magnitude_masks(weights: dict, sparsity: Union[float, dict], block: tuple[int, int],
-                    scope: str = "global") -> dict:
+                    scope: str = "layer") -> dict:
     """Keep-masks that prune ``weights`` by magnitude.
 
     Parameters
@@ -138,7 +138,7 @@ class MagnitudePrune(Pass):
     name = "magnitude_prune"
     requires = ()
 
-    def __init__(self, sparsity: Union[float, dict], block: tuple = (1, 1), scope: str = "global"):
+    def __init__(self, sparsity: Union[float, dict], block: tuple = (1, 1), scope: str = "layer"):
         if isinstance(sparsity, dict):
             self.sparsity = {k: check_sparsity_value(v, f"layer {k!r}") for k, v in sparsity.items()}
         else:

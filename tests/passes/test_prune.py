@@ -11,7 +11,7 @@ from sparsecc.passes.prune import block_scores
 def test_unstructured_global_threshold_by_hand():
     a = torch.tensor([[1.0, -5.0], [0.5, 3.0]])
     b = torch.tensor([[-4.0, 0.1]])
-    masks = magnitude_masks({"a": a, "b": b}, 0.5, (1, 1))  # 6 weights, keep 3 largest |w|: 5, 4, 3
+    masks = magnitude_masks({"a": a, "b": b}, 0.5, (1, 1), scope="global")  # 6 weights, keep 3 largest |w|: 5, 4, 3
     assert masks["a"].tolist() == [[False, True], [False, True]]
     assert masks["b"].tolist() == [[True, False]]
 
@@ -32,7 +32,7 @@ def test_block_scores_and_block_masks():
     sc = block_scores(w, (8, 1))
     assert sc.shape == (2, 4)
     assert sc[0, 1] == pytest.approx(3.0) and sc[1, 2] == pytest.approx(1.0)
-    masks = magnitude_masks({"w": w}, 0.75, (8, 1))  # 8 blocks, keep 2
+    masks = magnitude_masks({"w": w}, 0.75, (8, 1), scope="global")  # 8 blocks, keep 2
     kept = masks["w"]
     assert kept[0:8, 1].all() and kept[8:16, 2].all() and int(kept.sum()) == 16
 
@@ -44,7 +44,7 @@ def test_global_block_prune_reaches_requested_sparsity(nb, kb, block, s):
     torch.manual_seed(nb * 7 + kb)
     n, k = nb * block[0] * 2, kb * block[1] * 2
     weights = {"x": torch.randn(n, k), "y": torch.randn(n, k) * 3}
-    masks = magnitude_masks(weights, s, block)
+    masks = magnitude_masks(weights, s, block, scope="global")
     total = 2 * n * k
     kept = sum(int(m.sum()) for m in masks.values())
     area = block[0] * block[1]
@@ -69,3 +69,11 @@ def test_prune_pass_on_graph_and_errors(mlp):
         MagnitudePrune({"fc1": 1.0})
     with pytest.raises(InvalidSparsityError, match="-0.1"):
         MagnitudePrune(-0.1)
+
+
+def test_default_layer_scope_prunes_every_layer_to_the_sparsity(mlp):
+    g = capture(mlp, (torch.randn(2, 32),))
+    MagnitudePrune(0.75, block=(4, 1)).run(g, PassContext())
+    for s in g.linear_sites():
+        w = g.tensor(s.weight)
+        assert float((w == 0).float().mean()) == pytest.approx(0.75, abs=1e-6), s.name
