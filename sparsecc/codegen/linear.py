@@ -31,6 +31,7 @@ contiguous, used for blocks with ``br > 1`` and ``bc > 1``).
 
 from __future__ import annotations
 
+import tvm
 from tvm.script import tirx as T
 
 from sparsecc.errors import UnsupportedOpError
@@ -80,18 +81,24 @@ def _hsum(C, mi, ii, bc):
 
 
 def bsr_linear(block: tuple[int, int], *, bias: bool = False, activation: str | None = None,
-               m_tile: int = 1, split_j: bool | None = None):
+               m_tile: int = 1, split_j: bool | None = None, k: int | None = None):
     """Unscheduled BSR template (a ``tvm.tirx.PrimFunc``) for a static ``block``.
 
     ``m_tile`` rows of ``X`` are handled by one instance of the "row" block (the
     register tile of the schedules; TensorIR cannot move loops across a block
-    boundary, so it is a template parameter).  ``split_j`` keeps one partial sum
+    boundary, so it is a template parameter). ``M`` must be a multiple of
+    ``m_tile`` (callers pad X; :class:`~sparsecc.runtime.kernels.SparseLinear`
+    does): reads are not clamped, so that LLVM folds the row offsets of a tile
+    into the addressing mode. ``k`` fixes K statically, which turns those
+    offsets into immediates (``vfmadd231ps 1536(%r11,%rcx,4){1to16}``); None
+    keeps K symbolic.  ``split_j`` keeps one partial sum
     per column of the block (accumulator ``(m_tile, br, bc)``, summed in the
     epilogue) so that the kernel can vectorize along the block's contiguous
     columns; default: when ``bc > 1``.
     """
     br, bc = int(block[0]), int(block[1])
     mt = int(m_tile)
+    KDIM = int(k) if k else tvm.tirx.Var("K", "int32")  # noqa: N806 - static K turns X offsets into immediates
     if br < 1 or bc < 1 or mt < 1:
         raise UnsupportedOpError(f"block shape and m_tile must be positive, got {(br, bc)} and {mt}")
     act = _activation(activation)
@@ -108,11 +115,10 @@ def bsr_linear(block: tuple[int, int], *, bias: bool = False, activation: str | 
         def func(x_h: T.handle, d_h: T.handle, ind_h: T.handle, ptr_h: T.handle, b_h: T.handle, y_h: T.handle):
             T.func_attr({"global_symbol": "main", "tir.noalias": True, "sparsecc.block": [br, bc], "sparsecc.m_tile": mt})
             M = T.int32()
-            K = T.int32()
             NB = T.int32()
             NP = T.int32()
             NNZB = T.int32()
-            X = T.match_buffer(x_h, (M, K), "float32")
+            X = T.match_buffer(x_h, (M, KDIM), "float32")
             D = T.match_buffer(d_h, (NNZB, br, bc), "float32")
             IND = T.match_buffer(ind_h, (NNZB,), "int32")
             PTR = T.match_buffer(ptr_h, (NP,), "int32")
@@ -121,7 +127,7 @@ def bsr_linear(block: tuple[int, int], *, bias: bool = False, activation: str | 
             for mo, io in T.grid((M + mt - 1) // mt, NB):
                 with T.sblock("row"):
                     vmo, vio = T.axis.remap("SS", [mo, io])
-                    T.reads(X[0:M, 0:K], D[0:NNZB, 0:br, 0:bc], IND[0:NNZB], PTR[vio:vio + 2], B[vio, 0:br])
+                    T.reads(X[0:M, 0:KDIM], D[0:NNZB, 0:br, 0:bc], IND[0:NNZB], PTR[vio:vio + 2], B[vio, 0:br])
                     T.writes(Y[vmo * mt:vmo * mt + mt, vio, 0:br])
                     C = T.alloc_buffer((mt, br, cj), "float32")
                     for mi, ii, jj in T.grid(mt, br, cj):
@@ -133,7 +139,7 @@ def bsr_linear(block: tuple[int, int], *, bias: bool = False, activation: str | 
                             with T.sblock("compute"):
                                 vk, vj, vmi, vii = T.axis.remap("RSSS" if sj else "RRSS", [k, j, mi, ii])
                                 C[vmi, vii, vj if sj else 0] = C[vmi, vii, vj if sj else 0] + X[
-                                    T.min(vmo * mt + vmi, M - 1), IND[PTR[vio] + vk] * bc + vj] * D[PTR[vio] + vk, vii, vj]
+                                    vmo * mt + vmi, IND[PTR[vio] + vk] * bc + vj] * D[PTR[vio] + vk, vii, vj]
                     for mi, ii in T.grid(mt, br):
                         with T.sblock("epilogue"):
                             vmi, vii = T.axis.remap("SS", [mi, ii])
@@ -146,11 +152,10 @@ def bsr_linear(block: tuple[int, int], *, bias: bool = False, activation: str | 
         def func(x_h: T.handle, d_h: T.handle, ind_h: T.handle, ptr_h: T.handle, y_h: T.handle):
             T.func_attr({"global_symbol": "main", "tir.noalias": True, "sparsecc.block": [br, bc], "sparsecc.m_tile": mt})
             M = T.int32()
-            K = T.int32()
             NB = T.int32()
             NP = T.int32()
             NNZB = T.int32()
-            X = T.match_buffer(x_h, (M, K), "float32")
+            X = T.match_buffer(x_h, (M, KDIM), "float32")
             D = T.match_buffer(d_h, (NNZB, br, bc), "float32")
             IND = T.match_buffer(ind_h, (NNZB,), "int32")
             PTR = T.match_buffer(ptr_h, (NP,), "int32")
@@ -158,7 +163,7 @@ def bsr_linear(block: tuple[int, int], *, bias: bool = False, activation: str | 
             for mo, io in T.grid((M + mt - 1) // mt, NB):
                 with T.sblock("row"):
                     vmo, vio = T.axis.remap("SS", [mo, io])
-                    T.reads(X[0:M, 0:K], D[0:NNZB, 0:br, 0:bc], IND[0:NNZB], PTR[vio:vio + 2])
+                    T.reads(X[0:M, 0:KDIM], D[0:NNZB, 0:br, 0:bc], IND[0:NNZB], PTR[vio:vio + 2])
                     T.writes(Y[vmo * mt:vmo * mt + mt, vio, 0:br])
                     C = T.alloc_buffer((mt, br, cj), "float32")
                     for mi, ii, jj in T.grid(mt, br, cj):
@@ -170,7 +175,7 @@ def bsr_linear(block: tuple[int, int], *, bias: bool = False, activation: str | 
                             with T.sblock("compute"):
                                 vk, vj, vmi, vii = T.axis.remap("RSSS" if sj else "RRSS", [k, j, mi, ii])
                                 C[vmi, vii, vj if sj else 0] = C[vmi, vii, vj if sj else 0] + X[
-                                    T.min(vmo * mt + vmi, M - 1), IND[PTR[vio] + vk] * bc + vj] * D[PTR[vio] + vk, vii, vj]
+                                    vmo * mt + vmi, IND[PTR[vio] + vk] * bc + vj] * D[PTR[vio] + vk, vii, vj]
                     for mi, ii in T.grid(mt, br):
                         with T.sblock("epilogue"):
                             vmi, vii = T.axis.remap("SS", [mi, ii])
@@ -180,19 +185,19 @@ def bsr_linear(block: tuple[int, int], *, bias: bool = False, activation: str | 
     return func
 
 
-def csr_linear(*, bias: bool = False, activation: str | None = None, m_tile: int = 1):
+def csr_linear(*, bias: bool = False, activation: str | None = None, m_tile: int = 1, k: int | None = None):
     """Unscheduled CSR template: the ``(1, 1)`` BSR template (``data`` is ``(nnz, 1, 1)``).
 
     The CSR schedules differ from the BSR ones (no block dimension to vectorize
     along), see ``sparsecc.targets.x86``.
     """
-    return bsr_linear((1, 1), bias=bias, activation=activation, m_tile=m_tile)
+    return bsr_linear((1, 1), bias=bias, activation=activation, m_tile=m_tile, k=k)
 
 
 def linear_template(block: tuple[int, int], *, bias: bool = False, activation: str | None = None,
-                    m_tile: int = 1):
+                    m_tile: int = 1, k: int | None = None):
     """The template for a format given by its block shape ((1, 1) = CSR)."""
     block = (int(block[0]), int(block[1]))
     if block == (1, 1):
-        return csr_linear(bias=bias, activation=activation, m_tile=m_tile)
-    return bsr_linear(block, bias=bias, activation=activation, m_tile=m_tile)
+        return csr_linear(bias=bias, activation=activation, m_tile=m_tile, k=k)
+    return bsr_linear(block, bias=bias, activation=activation, m_tile=m_tile, k=k)

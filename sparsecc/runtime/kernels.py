@@ -58,12 +58,14 @@ def _target_key(target) -> str:
 
 
 def get_linear_kernel(fmt_block: tuple[int, int], regime: str, bias: bool, activation: str | None = None,
-                      target=None, params=None):
+                      target=None, params=None, k: int | None = None):
     """A compiled ``Y = act(X W^T + b)`` kernel for ``fmt_block`` ((1, 1) = CSR) and ``regime``.
 
     Arguments of the returned function: ``X (M, K)``, ``data (nnzb, br, bc)``,
     ``indices``, ``indptr``, [``bias (N // br, br)``], ``Y (M, N // br, br)``, all
     64-byte aligned and contiguous (the generated code does not check alignment).
+    ``M`` must be a multiple of the schedule's ``m_tile`` (see :func:`m_tile_for`).
+    ``k`` builds for a static K (one build per distinct K; faster addressing).
     """
     import tvm
 
@@ -73,7 +75,7 @@ def get_linear_kernel(fmt_block: tuple[int, int], regime: str, bias: bool, activ
     if activation not in (None, "relu", "gelu"):
         raise UnsupportedOpError(f"activation {activation!r} is not supported; expected None, 'relu' or 'gelu'")
     target = target or x86.host_target()
-    key = (block, regime, bool(bias), activation, _target_key(target), params)
+    key = (block, regime, bool(bias), activation, _target_key(target), params, k)
     fn = _CACHE.get(key)
     if fn is not None:
         return fn
@@ -82,7 +84,7 @@ def get_linear_kernel(fmt_block: tuple[int, int], regime: str, bias: bool, activ
         if fn is not None:
             return fn
         sch = x86.schedule_linear(block, regime, bias=bool(bias), activation=activation, target=target,
-                                  params=params)
+                                  params=params, k=k)
         text = sch.mod.script()
         digest = hashlib.sha256(
             "\n".join([text, _target_key(target), tvm.__version__]).encode()).hexdigest()[:24]
@@ -108,6 +110,13 @@ def get_linear_kernel(fmt_block: tuple[int, int], regime: str, bias: bool, activ
         fn = mod["main"]
         _CACHE[key] = fn
         return fn
+
+
+def m_tile_for(block: tuple[int, int], regime: str) -> int:
+    """Rows of X one kernel instance handles; the kernel needs M to be a multiple of it."""
+    from sparsecc.targets import x86
+
+    return x86.default_params(tuple(block), regime).m_tile
 
 
 def _aligned_empty(shape, dtype=torch.float32) -> torch.Tensor:
@@ -163,6 +172,7 @@ class SparseLinear(torch.nn.Module):
         else:
             self.bias = None
         self._kernels: dict[str, object] = {}
+        self._m_tile = {r: m_tile_for(self.block, r) for r in ("gemv", "gemm")}
         if eager:
             for regime in ("gemv", "gemm"):
                 self._kernel(regime)
@@ -170,7 +180,8 @@ class SparseLinear(torch.nn.Module):
     def _kernel(self, regime: str):
         fn = self._kernels.get(regime)
         if fn is None:
-            fn = get_linear_kernel(self.block, regime, self.bias is not None, self.activation, self.target)
+            fn = get_linear_kernel(self.block, regime, self.bias is not None, self.activation, self.target,
+                                   k=self.shape[1])
             self._kernels[regime] = fn
         return fn
 
@@ -193,20 +204,28 @@ class SparseLinear(torch.nn.Module):
         m = x2.shape[0]
         if m == 0:
             return x.new_empty(lead + (n,))
-        x2 = _aligned(x2)
-        y = torch.empty(m, n, dtype=torch.float32)
-        if y.data_ptr() % _ALIGN:  # torch CPU allocations are 64-byte aligned; never trust it blindly
-            y = _aligned_empty((m, n))
         regime = "gemm" if m >= 8 else "gemv"
+        mt = self._m_tile[regime]
+        mp = -(-m // mt) * mt  # rows padded to a multiple of the kernel's M tile
+        if mp != m:
+            xp = _aligned_empty((mp, k))
+            xp[:m].copy_(x2)
+            xp[m:].zero_()
+            x2 = xp
+        else:
+            x2 = _aligned(x2)
+        y = torch.empty(mp, n, dtype=torch.float32)
+        if y.data_ptr() % _ALIGN:  # torch CPU allocations are 64-byte aligned; never trust it blindly
+            y = _aligned_empty((mp, n))
         fn = self._kernel(regime)
         br = self.block[0]
-        y3 = y.view(m, n // br, br)
+        y3 = y.view(mp, n // br, br)
         with torch.no_grad():
             if self.bias is not None:
                 fn(x2, self.data, self.indices, self.indptr, self.bias, y3)
             else:
                 fn(x2, self.data, self.indices, self.indptr, y3)
-        return y.view(lead + (n,))
+        return y[:m].view(lead + (n,))
 
     def extra_repr(self) -> str:
         return (f"shape={self.shape}, block={self.block}, format={self.format}, density={self.density:.3f}, "

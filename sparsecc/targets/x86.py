@@ -115,15 +115,14 @@ def default_params(block: tuple[int, int], regime: str) -> ScheduleParams:
     br, bc = block
     if (br, bc) == (1, 1):
         return ScheduleParams(m_tile=8, m_outer=True)
-    if bc == 1 and br >= 16:
-        return ScheduleParams(m_tile=8, m_outer=False)
     return ScheduleParams(m_tile=8, m_outer=True)
 
 
-def template_for(block, regime: str, *, bias: bool, activation, params: ScheduleParams | None = None):
-    """The unscheduled template a rule for ``(block, regime)`` expects."""
+def template_for(block, regime: str, *, bias: bool, activation, params: ScheduleParams | None = None,
+                 k: int | None = None):
+    """The unscheduled template a rule for ``(block, regime)`` expects (``k``: static K or None)."""
     params = params or default_params(tuple(block), regime)
-    return linear_template(tuple(block), bias=bias, activation=activation, m_tile=params.m_tile)
+    return linear_template(tuple(block), bias=bias, activation=activation, m_tile=params.m_tile, k=k)
 
 
 # -- schedule rules -----------------------------------------------------------------
@@ -192,12 +191,12 @@ def _block_of(func) -> tuple[int, int]:
 
 
 def schedule_linear(block, regime: str, *, bias: bool, activation=None, target=None,
-                    params: ScheduleParams | None = None) -> tvm.s_tir.Schedule:
+                    params: ScheduleParams | None = None, k: int | None = None) -> tvm.s_tir.Schedule:
     """Template + the first applicable rule for ``(block, regime)``."""
     if regime not in REGIMES:
         raise KernelBuildError(f"unknown regime {regime!r}; expected one of {REGIMES}")
     params = params or default_params(tuple(block), regime)
-    func = template_for(block, regime, bias=bias, activation=activation, params=params)
+    func = template_for(block, regime, bias=bias, activation=activation, params=params, k=k)
     for rule in RULES:
         sch = rule(func, target, params)
         if sch is not None:

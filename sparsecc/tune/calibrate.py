@@ -72,7 +72,9 @@ def calibrate(target, blocks=BLOCK_SHAPES, use_cache: bool = True, verbose: bool
     use_cache : bool
         Reuse (and write) ``<cache_dir>/calibration/<key>.json``.
     """
-    key_src = json.dumps([CALIBRATION_VERSION, target.cache_key(), torch.get_num_threads(),
+    kernel_src = hashlib.sha256(b"".join(
+        (Path(__file__).parents[1] / f).read_bytes() for f in ("codegen/linear.py", "targets/x86.py"))).hexdigest()
+    key_src = json.dumps([CALIBRATION_VERSION, kernel_src, target.cache_key(), torch.get_num_threads(),
                           torch.__version__, platform.machine(), sorted(map(list, blocks))])
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     path = cache_dir() / "calibration" / f"{key}.json"

@@ -35,9 +35,9 @@ def test_unscheduled_template_numerics(block, act):
     b = torch.randn(16)
     m = BlockSparseMatrix.from_dense(w, block)
     lib = tvm.compile(linear_template(block, bias=True, activation=act, m_tile=2), target={"kind": "llvm"})
-    x = torch.randn(5, 8)
-    y = torch.empty(5, 16)
-    lib["main"](x, m.data, m.indices, m.indptr, b.view(-1, br), y.view(5, -1, br))
+    x = torch.randn(6, 8)  # M must be a multiple of m_tile
+    y = torch.empty(6, 16)
+    lib["main"](x, m.data, m.indices, m.indptr, b.view(-1, br), y.view(6, -1, br))
     ref = F.linear(x, w, b)
     ref = torch.relu(ref) if act == "relu" else F.gelu(ref) if act == "gelu" else ref
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
