@@ -8,7 +8,9 @@ run (lower is better), followed by the format the cost model picks for that
 weight ("d" = stays dense, "c" = CSR, "b" = BSR with the block it was pruned
 with, "b*" = BSR with another block).
 
-Run: ``make bench`` or ``python benchmarks/linear.py [--quick]``.
+Run: ``make bench`` or ``python benchmarks/linear.py [--quick | --minilm]``
+(``--minilm``: all-MiniLM-L6-v2's shapes at M = 128 and 1024, i.e. seq 128 at
+batch 1 and 8).
 """
 
 from __future__ import annotations
@@ -31,20 +33,24 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="one shape, fewer repeats")
+    ap.add_argument("--minilm", action="store_true", help="MiniLM shapes, M in {128, 1024}")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     target = resolve_target("x86")
     cost = target.cost_model()
     print(f"# target {target.describe()}, {args.threads} threads; cost model: {cost.source}")
     shapes = [(3072, 768)] if args.quick else [(768, 768), (3072, 768), (768, 3072)]
+    ms, densities = (1, 16, 128), (0.5, 0.3, 0.1)
+    if args.minilm:
+        shapes, ms, densities = [(384, 384), (1536, 384), (384, 1536)], (128, 1024), (0.3, 0.1)
     repeat = 8 if args.quick else args.repeat
     blocks = list(BLOCK_SHAPES)
     names = ["csr" if b == (1, 1) else "%dx%d" % b for b in blocks]
     print(f"{'W (NxK)':>9} {'M':>4} {'dens':>5} {'dense ms':>8}  " + "  ".join(f"{n:>8}" for n in names))
     for n, k in shapes:
-        for m in (1, 16, 128):
+        for m in ms:
             x = torch.randn(m, k)
-            for density in (0.5, 0.3, 0.1):
+            for density in densities:
                 w_dense = torch.randn(n, k)
                 b = torch.randn(n)
                 t_dense = measure_ms(lambda t: F.linear(t, w_dense, b), x, repeat=repeat)

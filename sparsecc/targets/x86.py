@@ -109,7 +109,7 @@ class ScheduleParams:
 
 
 def default_params(block: tuple[int, int], regime: str) -> ScheduleParams:
-    """Hand-picked tiles, measured on a 2-core Zen 4 (see benchmarks/kernels_quick.py)."""
+    """Hand-picked tiles, measured on a 2-core Zen 4 (``benchmarks/linear.py --minilm``)."""
     if regime == "gemv":
         return ScheduleParams(m_tile=1, m_outer=True)
     br, bc = block
