@@ -189,3 +189,19 @@ def test_non_contiguous_and_misaligned_inputs():
     big = torch.randn(17, 65)
     for x in (big[:, 1:], torch.randn(64, 9).t(), big[1:, :64]):
         check_close(cm(x), pruned(x), atol=1e-4, rtol=1e-4)
+
+
+def test_calibrated_cost_model_keeps_dense_where_csr_loses():
+    """On the real x86 kernels: unstructured density 0.5 must stay dense; 16x1 blocks at 0.1 must not."""
+    torch.manual_seed(9)
+    model = torch.nn.Sequential(torch.nn.Linear(768, 768), torch.nn.ReLU(), torch.nn.Linear(768, 768)).eval()
+    x = torch.randn(128, 768)
+    cm = sparsecc.compile(model, (x,), sparsity={"0": 0.5}, pattern="unstructured", measure=False)
+    a = {a.name: a for a in cm.layers}["0"]
+    assert a.format == "dense" and a.est_ms["csr_1x1"] > 1.5 * a.est_ms["dense"]
+    cm = sparsecc.compile(model, (x,), sparsity=0.9, pattern="block", block_shape=(16, 1))
+    for a in cm.layers:
+        assert a.format == "bsr" and a.format_block == (16, 1)
+        assert a.est_ms["bsr_16x1"] < 0.5 * a.est_ms["dense"]
+        assert a.measured_ms < a.dense_ms
+    check_close(cm(x), sparsecc.prune(model, 0.9, block_shape=(16, 1))(x), atol=1e-4, rtol=1e-4)
