@@ -37,7 +37,7 @@ def _ref(x, w, b, act):
     return torch.relu(y) if act == "relu" else F.gelu(y) if act == "gelu" else y
 
 
-def _check(mod, x, w, b, act):
+def check_kernel(mod, x, w, b, act):
     y = mod(x)
     ref = _ref(x, w, b, act)
     tol = 1e-4 * max(1.0, w.shape[1] / 64) ** 0.5
@@ -55,7 +55,7 @@ def test_every_kernel_all_regimes(block, bias, act):
     b = torch.randn(n) if bias else None
     mod = SparseLinear(BlockSparseMatrix.from_dense(w, block), b, act)
     for m in (0, 1, 7, 8, 33):
-        _check(mod, torch.randn(m, k), w, b, act)
+        check_kernel(mod, torch.randn(m, k), w, b, act)
 
 
 @pytest.mark.parametrize("block", [(1, 1), (8, 1), (4, 4)])
@@ -69,7 +69,7 @@ def test_density_zero_and_one(block):
     w = torch.randn(n, k) + 5.0
     full = SparseLinear(BlockSparseMatrix.from_dense(w, block), b)
     for m in (1, 9):
-        _check(full, torch.randn(m, k), w, b, None)
+        check_kernel(full, torch.randn(m, k), w, b, None)
 
 
 def test_noncontiguous_misaligned_and_batched_inputs():
@@ -79,10 +79,10 @@ def test_noncontiguous_misaligned_and_batched_inputs():
     base = torch.randn(40, 25)
     x = base[:, 1:]  # misaligned rows, not contiguous
     assert x.data_ptr() % 64 != 0
-    _check(mod, x, w, b, "relu")
-    _check(mod, torch.randn(24, 40).t(), w, b, "relu")  # transposed view
+    check_kernel(mod, x, w, b, "relu")
+    check_kernel(mod, torch.randn(24, 40).t(), w, b, "relu")  # transposed view
     flat = torch.randn(24 * 9 + 1)[1:].view(9, 24)  # contiguous but misaligned
-    _check(mod, flat, w, b, "relu")
+    check_kernel(mod, flat, w, b, "relu")
     x3 = torch.randn(2, 5, 24)
     y3 = mod(x3)
     assert y3.shape == (2, 5, 32)
@@ -95,7 +95,7 @@ def test_odd_csr_shapes():
         w = _weight(n, k, (1, 1), 0.6, seed=n * k)
         mod = SparseLinear(BlockSparseMatrix.from_dense(w, (1, 1)), None)
         for m in (1, 8, 33):
-            _check(mod, torch.randn(m, k), w, None, None)
+            check_kernel(mod, torch.randn(m, k), w, None, None)
 
 
 def test_input_errors_name_expected_and_got():
@@ -144,4 +144,4 @@ def test_kernels_hypothesis(block, nb, kb, m, density, seed):
     w = _weight(nb * br, kb * bc, block, density, seed)
     b = torch.randn(nb * br, generator=torch.Generator().manual_seed(seed))
     mod = SparseLinear(BlockSparseMatrix.from_dense(w, block), b)
-    _check(mod, torch.randn(m, kb * bc, generator=torch.Generator().manual_seed(seed + 1)), w, b, None)
+    check_kernel(mod, torch.randn(m, kb * bc, generator=torch.Generator().manual_seed(seed + 1)), w, b, None)
