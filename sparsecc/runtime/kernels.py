@@ -36,9 +36,15 @@ _LOCK = threading.Lock()
 _MODULES: list[object] = []
 
 
-def cache_dir() -> Path:
+def cache_root() -> Path:
+    """``$SPARSECC_CACHE_DIR`` or ``~/.cache/sparsecc``: kernels and calibrations live below it."""
     env = os.environ.get("SPARSECC_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "sparsecc" / "kernels"
+    return Path(env) if env else Path.home() / ".cache" / "sparsecc"
+
+
+def cache_dir() -> Path:
+    """Folder of the built kernels (``<cache_root>/kernels``)."""
+    return cache_root() / "kernels"
 
 
 def clear_memory_cache() -> None:

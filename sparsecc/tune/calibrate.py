@@ -21,17 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import BLOCK_SHAPES, BlockSparseMatrix
+from ..runtime.kernels import cache_root
 from ..runtime.timing import measure_ms
 from .cost_model import CostModel, KernelCalibration, bytes_expr, candidate_key, flops_expr, M
 
 CALIBRATION_VERSION = 1
 CAL_N = CAL_K = 768
 CAL_DENSITY = 0.2
-
-
-def cache_dir() -> Path:
-    """``$SPARSECC_CACHE_DIR`` or ``~/.cache/sparsecc``."""
-    return Path(os.environ.get("SPARSECC_CACHE_DIR", Path.home() / ".cache" / "sparsecc"))
 
 
 def random_block_weight(n: int, k: int, block: tuple, density: float, seed: int = 0) -> torch.Tensor:
@@ -77,7 +73,7 @@ def calibrate(target, blocks=BLOCK_SHAPES, use_cache: bool = True, verbose: bool
     key_src = json.dumps([CALIBRATION_VERSION, kernel_src, target.cache_key(), torch.get_num_threads(),
                           torch.__version__, platform.machine(), sorted(map(list, blocks))])
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    path = cache_dir() / "calibration" / f"{key}.json"
+    path = cache_root() / "calibration" / f"{key}.json"
     if use_cache and path.exists():
         try:
             return CostModel.from_json(path.read_text())
