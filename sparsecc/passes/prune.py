@@ -8,7 +8,7 @@ Neural Networks" (2017). Issue #3 brings importance scores beyond magnitude.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 

@@ -24,7 +24,7 @@ os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 import torch
 
-from sparsecc.errors import InputDtypeError, InputShapeError, KernelBuildError, UnsupportedOpError
+from sparsecc.errors import InputDtypeError, InputShapeError, UnsupportedOpError
 from sparsecc.formats import BlockSparseMatrix
 
 __all__ = ["SparseLinear", "cache_dir", "clear_memory_cache", "get_linear_kernel", "kernel_name"]

@@ -4,7 +4,6 @@ import torch
 
 from sparsecc.errors import CaptureError, InputDtypeError, InputShapeError
 from sparsecc.ir import capture, get_annotation
-from tests.conftest import MLP
 
 
 class DataDependent(torch.nn.Module):

@@ -1,7 +1,6 @@
 """x86 target detection and schedule rules."""
 
 import pytest
-import tvm
 
 from sparsecc.errors import KernelBuildError
 from sparsecc.formats import BLOCK_SHAPES
