@@ -132,11 +132,43 @@ def bsr_linear(block: tuple[int, int], *, bias: bool = False, activation: str | 
     def acc_val(C, mi, ii):
         return _hsum(C, mi, ii, bc) if sj else C[mi, ii, 0]
 
+    def bias_val(B, vio, vii):
+        return T.float32(0) if B is None else B[vio, vii]
+
+    def row_reads(X, D, IND, PTR, B, vio, M, NNZB):
+        regions = [X[0:M, 0:KDIM], D[0:NNZB, 0:br, 0:bc], IND[0:NNZB], PTR[vio:vio + 2]]
+        return regions if B is None else regions + [B[vio, 0:br]]
+
+    @T.macro
+    def body(X, D, IND, PTR, B, Y, M, NB, NNZB):
+        for mo, io in T.grid((M + mt - 1) // mt, NB):
+            with T.sblock("row"):
+                vmo, vio = T.axis.remap("SS", [mo, io])
+                T.reads(row_reads(X, D, IND, PTR, B, vio, M, NNZB))
+                T.writes(Y[vmo * mt:vmo * mt + mt, vio, 0:br])
+                C = T.alloc_buffer((mt, br, cj), "float32")
+                for mi, ii, jj in T.grid(mt, br, cj):
+                    with T.sblock("init"):
+                        vmi, vii, vjj = T.axis.remap("SSS", [mi, ii, jj])
+                        C[vmi, vii, vjj] = T.float32(0)
+                for k in T.serial(PTR[vio + 1] - PTR[vio]):
+                    for j, mi, ii in T.grid(bc, mt, br):
+                        with T.sblock("compute"):
+                            vk, vj, vmi, vii = T.axis.remap("RSSS" if sj else "RRSS", [k, j, mi, ii])
+                            C[vmi, vii, vj if sj else 0] = C[vmi, vii, vj if sj else 0] + X[
+                                vmo * mt + vmi, IND[PTR[vio] + vk] * bc + vj] * D[PTR[vio] + vk, vii, vj]
+                for mi, ii in T.grid(mt, br):
+                    with T.sblock("epilogue"):
+                        vmi, vii = T.axis.remap("SS", [mi, ii])
+                        T.where(vmo * mt + mi < M)
+                        Y[vmo * mt + vmi, vio, vii] = act(acc_val(C, vmi, vii) + bias_val(B, vio, vii))
+
+    attrs = {"global_symbol": "main", "tir.noalias": True, "sparsecc.block": [br, bc], "sparsecc.m_tile": mt}
     if has_bias:
 
         @T.prim_func(s_tir=True)
         def func(x_h: T.handle, d_h: T.handle, ind_h: T.handle, ptr_h: T.handle, b_h: T.handle, y_h: T.handle):
-            T.func_attr({"global_symbol": "main", "tir.noalias": True, "sparsecc.block": [br, bc], "sparsecc.m_tile": mt})
+            T.func_attr(attrs)
             M = T.int32()
             NB = T.int32()
             NP = T.int32()
@@ -147,33 +179,13 @@ def bsr_linear(block: tuple[int, int], *, bias: bool = False, activation: str | 
             PTR = T.match_buffer(ptr_h, (NP,), "int32")
             B = T.match_buffer(b_h, (NB, br), "float32")
             Y = T.match_buffer(y_h, (M, NB, br), "float32")
-            for mo, io in T.grid((M + mt - 1) // mt, NB):
-                with T.sblock("row"):
-                    vmo, vio = T.axis.remap("SS", [mo, io])
-                    T.reads(X[0:M, 0:KDIM], D[0:NNZB, 0:br, 0:bc], IND[0:NNZB], PTR[vio:vio + 2], B[vio, 0:br])
-                    T.writes(Y[vmo * mt:vmo * mt + mt, vio, 0:br])
-                    C = T.alloc_buffer((mt, br, cj), "float32")
-                    for mi, ii, jj in T.grid(mt, br, cj):
-                        with T.sblock("init"):
-                            vmi, vii, vjj = T.axis.remap("SSS", [mi, ii, jj])
-                            C[vmi, vii, vjj] = T.float32(0)
-                    for k in T.serial(PTR[vio + 1] - PTR[vio]):
-                        for j, mi, ii in T.grid(bc, mt, br):
-                            with T.sblock("compute"):
-                                vk, vj, vmi, vii = T.axis.remap("RSSS" if sj else "RRSS", [k, j, mi, ii])
-                                C[vmi, vii, vj if sj else 0] = C[vmi, vii, vj if sj else 0] + X[
-                                    vmo * mt + vmi, IND[PTR[vio] + vk] * bc + vj] * D[PTR[vio] + vk, vii, vj]
-                    for mi, ii in T.grid(mt, br):
-                        with T.sblock("epilogue"):
-                            vmi, vii = T.axis.remap("SS", [mi, ii])
-                            T.where(vmo * mt + mi < M)
-                            Y[vmo * mt + vmi, vio, vii] = act(acc_val(C, vmi, vii) + B[vio, vii])
+            body(X, D, IND, PTR, B, Y, M, NB, NNZB)
 
     else:
 
         @T.prim_func(s_tir=True)
         def func(x_h: T.handle, d_h: T.handle, ind_h: T.handle, ptr_h: T.handle, y_h: T.handle):
-            T.func_attr({"global_symbol": "main", "tir.noalias": True, "sparsecc.block": [br, bc], "sparsecc.m_tile": mt})
+            T.func_attr(attrs)
             M = T.int32()
             NB = T.int32()
             NP = T.int32()
@@ -183,27 +195,7 @@ def bsr_linear(block: tuple[int, int], *, bias: bool = False, activation: str | 
             IND = T.match_buffer(ind_h, (NNZB,), "int32")
             PTR = T.match_buffer(ptr_h, (NP,), "int32")
             Y = T.match_buffer(y_h, (M, NB, br), "float32")
-            for mo, io in T.grid((M + mt - 1) // mt, NB):
-                with T.sblock("row"):
-                    vmo, vio = T.axis.remap("SS", [mo, io])
-                    T.reads(X[0:M, 0:KDIM], D[0:NNZB, 0:br, 0:bc], IND[0:NNZB], PTR[vio:vio + 2])
-                    T.writes(Y[vmo * mt:vmo * mt + mt, vio, 0:br])
-                    C = T.alloc_buffer((mt, br, cj), "float32")
-                    for mi, ii, jj in T.grid(mt, br, cj):
-                        with T.sblock("init"):
-                            vmi, vii, vjj = T.axis.remap("SSS", [mi, ii, jj])
-                            C[vmi, vii, vjj] = T.float32(0)
-                    for k in T.serial(PTR[vio + 1] - PTR[vio]):
-                        for j, mi, ii in T.grid(bc, mt, br):
-                            with T.sblock("compute"):
-                                vk, vj, vmi, vii = T.axis.remap("RSSS" if sj else "RRSS", [k, j, mi, ii])
-                                C[vmi, vii, vj if sj else 0] = C[vmi, vii, vj if sj else 0] + X[
-                                    vmo * mt + vmi, IND[PTR[vio] + vk] * bc + vj] * D[PTR[vio] + vk, vii, vj]
-                    for mi, ii in T.grid(mt, br):
-                        with T.sblock("epilogue"):
-                            vmi, vii = T.axis.remap("SS", [mi, ii])
-                            T.where(vmo * mt + mi < M)
-                            Y[vmo * mt + vmi, vio, vii] = act(acc_val(C, vmi, vii))
+            body(X, D, IND, PTR, None, Y, M, NB, NNZB)
 
     return func
 
