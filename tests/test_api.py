@@ -12,6 +12,16 @@ from sparsecc.errors import (InputDtypeError, InputShapeError, InvalidSparsityEr
 from tests.conftest import MLP, check_close
 
 
+def _compiled_pruned_mlp(seed, hidden, sparsity, block):
+    """A pruned MLP (64 -> hidden -> 32) and its compiled module with a dynamic batch dim."""
+    torch.manual_seed(seed)
+    pruned = sparsecc.prune(MLP(64, hidden, 32).eval(), sparsity, block_shape=block)
+    batch = torch.export.Dim("batch", max=1024)
+    cm = sparsecc.compile(pruned, (torch.randn(8, 64),), pattern="block", dynamic_shapes=({0: batch},),
+                          measure=False)
+    return pruned, cm
+
+
 def _sparse_layers(cm):
     return [a for a in cm.layers if a.format in ("csr", "bsr")]
 
@@ -36,12 +46,7 @@ def test_mlp_block_sparse_matches_pruned_torch_and_leaves_model_untouched():
 
 
 def test_dynamic_batch_and_fused_epilogues():
-    torch.manual_seed(1)
-    model = MLP(64, 256, 32).eval()
-    pruned = sparsecc.prune(model, 0.85, block_shape=(16, 1))
-    batch = torch.export.Dim("batch", max=1024)
-    cm = sparsecc.compile(pruned, (torch.randn(8, 64),), pattern="block", dynamic_shapes=({0: batch},),
-                          measure=False)
+    pruned, cm = _compiled_pruned_mlp(1, 256, 0.85, (16, 1))
     for m in (1, 3, 8, 129):
         x = torch.randn(m, 64)
         check_close(cm(x), pruned(x), atol=1e-4, rtol=1e-4)
@@ -180,12 +185,7 @@ def test_bad_inputs_raise_sparsecc_errors():
 
 
 def test_non_contiguous_and_misaligned_inputs():
-    torch.manual_seed(8)
-    model = MLP(64, 128, 32).eval()
-    pruned = sparsecc.prune(model, 0.9, block_shape=(8, 1))
-    batch = torch.export.Dim("batch", max=256)
-    cm = sparsecc.compile(pruned, (torch.randn(8, 64),), pattern="block", dynamic_shapes=({0: batch},),
-                          measure=False)
+    pruned, cm = _compiled_pruned_mlp(8, 128, 0.9, (8, 1))
     big = torch.randn(17, 65)
     for x in (big[:, 1:], torch.randn(64, 9).t(), big[1:, :64]):
         check_close(cm(x), pruned(x), atol=1e-4, rtol=1e-4)
