@@ -1,0 +1,101 @@
+"""Importance scores: which weights matter.
+
+Each score is a small object: ``accumulate(name, weight, grad)`` is fed the
+weight and the gradient of the loss with respect to the (masked) weight after a
+backward pass; ``score(name, weight)`` returns one number per weight, higher
+meaning more important. Weights are passed in their own shape (a conv weight
+(C_out, C_in, kh, kw), a linear weight (C_out, C_in)); scores keep that shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ImportanceScore:
+    """Base class. Subclasses set ``name``, ``needs_grad`` and :meth:`score`."""
+
+    name = "score"
+    #: Whether :meth:`accumulate` must be fed gradients before :meth:`score`.
+    needs_grad = False
+
+    def __init__(self):
+        self.acc: dict[str, torch.Tensor] = {}
+        self.batches = 0
+
+    def reset(self) -> None:
+        """Forget accumulated statistics."""
+        self.acc.clear()
+        self.batches = 0
+
+    def accumulate(self, name: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add one batch's statistic for layer ``name`` (no-op for gradient-free scores)."""
+
+    def score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class MagnitudeScore(ImportanceScore):
+    """``|w|``.
+
+    Source: Han et al., "Learning both Weights and Connections for Efficient
+    Neural Networks" (NeurIPS 2015); Zhu & Gupta, "To prune, or not to prune"
+    (2017) use it with gradual pruning.
+    """
+
+    name = "magnitude"
+
+    def score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight.detach().abs()
+
+
+class ImpactScore(ImportanceScore):
+    """First-order Taylor impact ``Σ_batches |w · ∂L/∂w|``.
+
+    The estimated change of the loss when a weight is set to zero, summed in
+    absolute value over calibration batches.
+
+    Source: Molchanov et al., "Importance Estimation for Neural Network
+    Pruning" (CVPR 2019), first-order Taylor criterion, per weight.
+    """
+
+    name = "impact"
+    needs_grad = True
+
+    def accumulate(self, name: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        v = (weight.detach() * grad.detach()).abs()
+        self.acc[name] = self.acc[name] + v if name in self.acc else v.clone()
+
+    def score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name not in self.acc:
+            raise RuntimeError(f"impact score of layer {name!r} has no gradients accumulated")
+        return self.acc[name]
+
+
+class MovementScore(ImportanceScore):
+    """Movement ``S = -Σ_steps w · ∂L/∂w``: weights moving away from zero score high.
+
+    Accumulated over fine-tuning steps (or calibration batches for one-shot).
+
+    Source: Sanh, Wolf & Rush, "Movement Pruning: Adaptive Sparsity by
+    Fine-Tuning" (NeurIPS 2020), eq. for the score of hard movement pruning.
+    """
+
+    name = "movement"
+    needs_grad = True
+
+    def accumulate(self, name: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        v = -(weight.detach() * grad.detach())
+        self.acc[name] = self.acc[name] + v if name in self.acc else v.clone()
+
+    def score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name not in self.acc:
+            raise RuntimeError(f"movement score of layer {name!r} has no gradients accumulated")
+        return self.acc[name]
+
+
+#: Method names accepted by :func:`sparsecc.sparsify`.
+SCORES = {"magnitude": MagnitudeScore, "impact": ImpactScore, "movement": MovementScore}
