@@ -49,3 +49,19 @@ class PassError(SparseccError, RuntimeError):
 
 class KernelBuildError(SparseccError, RuntimeError):
     """A TVM kernel failed to build."""
+
+
+class DatasetError(SparseccError, RuntimeError):
+    """A dataset could not be fetched, read or parsed; the message names the file or package."""
+
+
+class DataError(SparseccError, ValueError):
+    """Training or calibration data does not fit the model (the message names the batch)."""
+
+
+class TrainingError(SparseccError, RuntimeError):
+    """Fine-tuning failed, e.g. the loss became NaN or infinite (the message names the step)."""
+
+
+class AccuracyBudgetError(SparseccError, ValueError):
+    """An accuracy budget cannot be met (the message gives the measured drops)."""
