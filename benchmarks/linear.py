@@ -10,12 +10,16 @@ with, "b*" = BSR with another block).
 
 Run: ``make bench`` or ``python benchmarks/linear.py [--quick | --minilm]``
 (``--minilm``: all-MiniLM-L6-v2's shapes at M = 128 and 1024, i.e. seq 128 at
-batch 1 and 8).
+batch 1 and 8; ``--between``: run a torch layer norm, untimed, before every timed
+call, as in a model, where torch's OpenMP workers are still spinning when the
+next linear starts).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +32,28 @@ from sparsecc.targets.base import resolve_target
 from sparsecc.tune.calibrate import random_block_weight
 
 
+def time_between(fn, x, op, repeat: int) -> float:
+    """Median ms of ``fn(x)`` when each call follows ``op()`` (untimed), as between layers of a model."""
+    for _ in range(3):
+        op()
+        fn(x)
+    times = []
+    for _ in range(repeat):
+        op()
+        t0 = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="one shape, fewer repeats")
     ap.add_argument("--minilm", action="store_true", help="MiniLM shapes, M in {128, 1024}")
+    ap.add_argument("--density", type=float, action="append", help="densities (repeatable)")
+    ap.add_argument("--between", action="store_true", help="a torch layer norm before every timed call")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     target = resolve_target("x86")
@@ -43,6 +63,7 @@ def main():
     ms, densities = (1, 16, 128), (0.5, 0.3, 0.1)
     if args.minilm:
         shapes, ms, densities = [(384, 384), (1536, 384), (384, 1536)], (128, 1024), (0.3, 0.1)
+    densities = tuple(args.density) if args.density else densities
     repeat = 8 if args.quick else args.repeat
     blocks = list(BLOCK_SHAPES)
     names = ["csr" if b == (1, 1) else "%dx%d" % b for b in blocks]
@@ -50,15 +71,22 @@ def main():
     for n, k in shapes:
         for m in ms:
             x = torch.randn(m, k)
+            ln_in = torch.randn(m, k)
+
+            def timed(fn, x=x, ln_in=ln_in, k=k):
+                if args.between:
+                    return time_between(fn, x, lambda: F.layer_norm(ln_in, (k,)), repeat)
+                return measure_ms(fn, x, repeat=repeat)
+
             for density in densities:
                 w_dense = torch.randn(n, k)
                 b = torch.randn(n)
-                t_dense = measure_ms(lambda t: F.linear(t, w_dense, b), x, repeat=repeat)
+                t_dense = timed(lambda t: F.linear(t, w_dense, b))
                 cells = []
                 for blk in blocks:
                     w = random_block_weight(n, k, blk, density, seed=hash((n, k, m, blk)) & 0xFFFF)
                     mod = target.make_linear(BlockSparseMatrix.from_dense(w, blk), b)
-                    t = measure_ms(mod, x, repeat=repeat)
+                    t = timed(mod)
                     nnz = int(torch.count_nonzero(w))
                     _, fill = detect_block_shape(w)
                     est = estimate_candidates(cost, (n, k), m, nnz, nnz / w.numel(), fill)
