@@ -26,6 +26,7 @@ import torch
 
 from sparsecc.errors import InputDtypeError, InputShapeError, UnsupportedOpError
 from sparsecc.formats import BlockSparseMatrix
+from sparsecc.runtime import omp_launch
 
 __all__ = ["SparseLinear", "cache_dir", "clear_memory_cache", "get_linear_kernel", "kernel_name"]
 
@@ -95,7 +96,7 @@ def get_linear_kernel(fmt_block: tuple[int, int], regime: str, bias: bool, activ
         digest = hashlib.sha256(
             "\n".join([text, _target_key(target), tvm.__version__]).encode()).hexdigest()[:24]
         path = cache_dir() / f"{kernel_name(block, regime, bool(bias), activation)}-{digest}.so"
-        mod = None
+        mod = lib_in_memory = None
         if path.exists():
             try:
                 mod = tvm.runtime.load_module(str(path))
@@ -111,7 +112,9 @@ def get_linear_kernel(fmt_block: tuple[int, int], regime: str, bias: bool, activ
                 os.replace(tmp, path)  # atomic: concurrent processes never see half a file
                 mod = tvm.runtime.load_module(str(path))
             except OSError:
-                mod = lib  # read-only cache directory: keep the in-memory build
+                mod = lib_in_memory = lib  # read-only cache directory: keep the in-memory build
+        if mod is not lib_in_memory and omp_launch.enabled():
+            omp_launch.patch_module(str(path))  # parallel loops on torch's OpenMP threads
         _MODULES.append(mod)
         fn = mod["main"]
         _CACHE[key] = fn
