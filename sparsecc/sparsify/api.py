@@ -16,7 +16,7 @@ from ..errors import (AccuracyBudgetError, DataError, InvalidSparsityError, Trai
 from ..ir.capture import normalize_inputs
 from ..passes.prune import check_sparsity_value
 from .masks import attach_masks, original_weight, prunable_layers, set_capture, set_mask, strip_masks
-from .patterns import UNSTRUCTURED, Pattern, as_matrix, from_matrix, mask_from_scores, parse_pattern
+from .patterns import UNSTRUCTURED, Pattern, as_matrix, from_matrix, group_scores, mask_from_scores, parse_pattern
 from .rigl import erk_densities, rigl_update
 from .schedule import REGULARIZERS, cubic_sparsity, regularization_penalty, rigl_drop_fraction
 from .scores import SCORES, ImportanceScore
@@ -279,6 +279,33 @@ class _Engine:
             keep = from_matrix(mask_from_scores(as_matrix(sc), d, pattern), w.shape)
             set_mask(mod, keep & (self.masks[n].mask > 0) if pattern.kind != "n:m" else keep)
 
+    def global_densities(self, density: float) -> dict:
+        """Per-layer densities of one score threshold over all layers keeping ``density`` of their weights."""
+        parts = []
+        for n, mod in self.layers.items():
+            pattern = self.plan[n][0]
+            w = mod.weight.detach()
+            sc = self.score.score(n, w).clone().to(torch.float32)
+            sc[self.masks[n].mask == 0] = -float("inf")
+            gs = group_scores(as_matrix(sc), pattern).flatten()
+            area = w.numel() // gs.numel()
+            parts.append((n, gs, area))
+        scores = torch.cat([gs for _, gs, _ in parts])
+        areas = torch.cat([torch.full((gs.numel(),), float(a), dtype=torch.float64) for _, gs, a in parts])
+        owner = torch.cat([torch.full((gs.numel(),), i, dtype=torch.long) for i, (_, gs, _) in enumerate(parts)])
+        order = torch.argsort(scores, descending=True, stable=True)
+        n_keep = int(torch.searchsorted(torch.cumsum(areas[order], 0), density * float(areas.sum()), right=True))
+        kept = torch.bincount(owner[order[:n_keep]], minlength=len(parts)).double()
+        return {n: float(kept[i]) * a / self.layers[n].weight.numel() for i, (n, gs, a) in enumerate(parts)}
+
+    def prune_to_density(self, densities: dict) -> None:
+        """:meth:`prune_to`, or with global allocation one threshold over all layers at their mean density."""
+        if self.o.get("allocation") == "global":
+            total = sum(self.layers[n].weight.numel() for n in densities)
+            overall = sum(d * self.layers[n].weight.numel() for n, d in densities.items()) / total
+            densities = self.global_densities(overall)
+        self.prune_to(densities)
+
     def density(self) -> float:
         kept = sum(float(wm.mask.sum()) for wm in self.masks.values())
         return kept / max(1, sum(wm.mask.numel() for wm in self.masks.values()))
@@ -301,7 +328,7 @@ class _Engine:
         bar = tqdm(range(steps), desc=f"fine-tune ({schedule})", disable=not o["progress"], leave=False)
         for t in bar:
             if schedule == "gradual" and t % freq == 0 and t // freq <= n_events:
-                self.prune_to({n: (finals[n] if n in nm else
+                self.prune_to_density({n: (finals[n] if n in nm else
                                    1.0 - cubic_sparsity(t, 1.0 - finals[n], n_steps=n_events, frequency=freq))
                                for n in finals})
                 if self.score.name == "impact":
@@ -325,7 +352,7 @@ class _Engine:
         bar.close()
         set_capture(self.masks, False)
         if schedule == "gradual":  # make sure the final density is reached even for short runs
-            self.prune_to(finals)
+            self.prune_to_density(finals)
 
     def _reg_pattern(self) -> Pattern:
         pats = {p for p, _ in self.plan.values()}
@@ -436,9 +463,12 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
     optimizer : callable (params) -> torch.optim.Optimizer, optional
     regularization : {"none", "l1", "group_lasso"}
         Added to the loss during fine-tuning with weight ``reg_strength``.
-    allocation : {"uniform", "sensitivity"}, optional
-        How a global sparsity is spread over layers; default "sensitivity" when
-        ``pattern="auto"`` or a budget is given, else "uniform".
+    allocation : {"uniform", "global", "sensitivity"}, optional
+        How a global sparsity is spread over layers: every layer to it ("uniform", as Zhu &
+        Gupta 2017); one score threshold over all layers at every pruning step ("global",
+        as in Blalock et al., "What is the State of Neural Network Pruning?", MLSys 2020);
+        or per layer from the sensitivity analysis and the target's latency. Default
+        "sensitivity" when ``pattern="auto"`` or a budget is given, else "uniform".
     densities : tuple of float
         Per-layer candidate densities of the sensitivity analysis.
     layer_densities : {"uniform", "erk"}
@@ -508,8 +538,8 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
         raise InvalidSparsityError(f"schedule {schedule!r} prunes during fine-tuning: set finetune_steps > 0")
     if allocation is None:
         allocation = "sensitivity" if (pattern == "auto" or accuracy_budget is not None) else "uniform"
-    if allocation not in ("uniform", "sensitivity"):
-        raise InvalidSparsityError(f"allocation must be 'uniform' or 'sensitivity', got {allocation!r}")
+    if allocation not in ("uniform", "global", "sensitivity"):
+        raise InvalidSparsityError(f"allocation must be 'uniform', 'global' or 'sensitivity', got {allocation!r}")
     if allocation == "sensitivity" and eval_fn is None:
         raise InvalidSparsityError("per-layer choice by sensitivity (pattern='auto' or a budget) needs eval_fn; "
                                    "give eval_fn or an explicit pattern")
@@ -539,13 +569,14 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
         _check_batch(next(iter(data)), example_inputs, 0)
 
     # ---- candidate patterns
+    lin_shapes = [infos[n][1] for n in all_layers if infos[n][0] == "linear"]
+    lin_rows = max([infos[n][2] for n in all_layers if infos[n][0] == "linear"], default=1)
     if pattern == "auto":
-        shapes = [infos[n][1] for n in all_layers if infos[n][0] == "linear"]
-        blk = tgt.prune_block(shapes, 1.0 - (sparsity or 0.8), max(rows.values())) if shapes else (4, 1)
+        blk = tgt.prune_block(lin_shapes, 1.0 - (sparsity or 0.8), lin_rows) if lin_shapes else (4, 1)
         patterns = [UNSTRUCTURED] + ([Pattern("block", block=tuple(blk))] if tuple(blk) != (1, 1) else [])
     elif pattern == "block" and block_shape is None:
-        shapes = [infos[n][1] for n in all_layers if infos[n][0] == "linear"]
-        patterns = [parse_pattern("block", tgt.prune_block(shapes, 1.0 - (sparsity or 0.8), max(rows.values())))]
+        patterns = [parse_pattern("block", tgt.prune_block(lin_shapes, 1.0 - (sparsity or 0.8), lin_rows)
+                                  if lin_shapes else (4, 1))]
     else:
         patterns = [parse_pattern(pattern, block_shape)]
     fixed = patterns[0].fixed_density
@@ -569,7 +600,7 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
     batches = _Batches(data, example_inputs) if data is not None else None
     opts = dict(lr=lr, optimizer=optimizer, regularization=regularization, reg_strength=reg_strength,
                 prune_events=prune_events, prune_fraction=prune_fraction, rigl_alpha=rigl_alpha,
-                rigl_every=rigl_every, progress=progress)
+                rigl_every=rigl_every, progress=progress, allocation=allocation)
     names = list(all_layers)
 
     # ---- sensitivity analysis
@@ -611,7 +642,9 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
         return plan
 
     # ---- per-layer plan
-    if allocation == "uniform":
+    if allocation in ("uniform", "global"):
+        if allocation == "global" and patterns[0].kind == "n:m":
+            raise InvalidSparsityError("N:M patterns fix every layer's density: use allocation='uniform'")
         plan = {}
         if schedule == "rigl" and layer_densities == "erk":
             dens = erk_densities({n: tuple(all_layers[n].weight.shape) for n in names}, 1.0 - sparsity)
@@ -637,7 +670,7 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
         eng = _Engine(work, list(plan), plan, SCORES[method](), batches, loss_fn, opts)
         eng.calibrate(calib_batches)
         if schedule != "gradual":
-            eng.prune_to({n: d for n, (p, d) in plan.items()})
+            eng.prune_to_density({n: d for n, (p, d) in plan.items()})
         if finetune_steps:
             eng.finetune(finetune_steps, schedule)
         work.eval()
@@ -656,35 +689,58 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
                 f"lower the sparsity, raise finetune_steps or the budget")
     else:
         options = {n: options_of(n) for n in names}
-        scale, best = 1.0, None
-        for r in range(max(1, search_rounds)):
-            choice = select_under_budget(options, accuracy_budget * scale)
+        # search the scale of the predicted budget: the sensitivity drops (one-shot, no fine-tuning) overstate
+        # the drop left after fine-tuning, so a larger predicted budget may still meet the measured one
+        lo = hi = None  # largest scale known to pass, smallest known to fail
+        scale, best, tries, lam = 1.0, None, 0, 0.0
+
+        def penalized(opts: dict, lam_: float) -> dict:
+            if lam_ == 0:
+                return opts
+            return {n: [Option(o.key, o.latency_ms, max(o.drop, 0.0) + lam_ * (1 - o.kept / max(1, os_[0].kept)),
+                               o.kept) for o in os_] for n, os_ in opts.items()}
+
+        while len(rounds) < max(1, search_rounds) and tries < 30:
+            tries += 1
+            choice = select_under_budget(penalized(options, lam), accuracy_budget * scale)
             plan = plan_from(choice)
             pred = sum(o.latency_ms for o in choice.values())
+            cost = (round(pred, 9), sum(o.kept for o in choice.values()))  # latency, then fewer weights
+            key = {n: candidate_key(*v) for n, v in plan.items()}
+            seen = next((r_ for r_ in rounds if r_["plan"] == key), None)
             if not plan:
-                rounds.append({"round": r, "scale": scale, "plan": {}, "drop": 0.0, "pred_ms": pred})
-                if best is None and r == 0:
+                if lo is None:
                     least = min(((o.drop, n) for n in names for o in options[n] if o.key != "dense"),
-                                default=(None, None))
+                                default=(float("nan"), None))
+                    tried = "; ".join(f"{len(r_['plan'])} layers pruned: drop {r_['drop']:.4f}" for r_ in rounds)
                     raise AccuracyBudgetError(
-                        f"no layer can be pruned within accuracy_budget={accuracy_budget}: the least sensitive "
-                        f"candidate ({least[1]}) drops the metric by {least[0]:.4f}")
-                scale *= 2.0
-                continue
-            seen = [r_ for r_ in rounds if r_["plan"] == {n: candidate_key(*v) for n, v in plan.items()}]
-            if seen:  # same choice as an earlier round: its outcome is known
-                scale *= 2.0 if seen[0]["drop"] <= accuracy_budget else 0.5
-                continue
-            res = run(plan)
-            drop = metric_dense - res[2]
-            rounds.append({"round": r, "scale": scale, "plan": {n: candidate_key(*v) for n, v in plan.items()},
-                           "drop": drop, "pred_ms": pred})
-            if drop <= accuracy_budget + 1e-12:
-                if best is None or pred < best[0]:
-                    best = (pred, plan, res)
-                scale *= min(4.0, max(1.5, accuracy_budget / max(drop, 1e-9)))
+                        f"accuracy_budget={accuracy_budget} cannot be met: "
+                        + (f"measured after fine-tuning: {tried}" if rounds else
+                           f"the least sensitive candidate ({least[1]}) drops the metric by {least[0]:.4f}"))
+                passed = True
+            elif seen is not None:  # same choice as an earlier round: its outcome is known
+                passed = seen["drop"] <= accuracy_budget + 1e-12
+                if not passed and scale < 1.0:
+                    # shrinking the budget keeps choosing layers whose one-shot drop was ≤ 0: charge every
+                    # option for its sparsity so that fewer, less aggressive layers fit
+                    lam = accuracy_budget / len(names) if lam == 0 else 2 * lam
+                    lo, hi, scale = None, None, 1.0
+                    continue
             else:
-                scale *= 0.5
+                res = run(plan)
+                drop = metric_dense - res[2]
+                passed = drop <= accuracy_budget + 1e-12
+                rounds.append({"round": len(rounds), "scale": scale, "plan": key, "drop": drop, "pred_ms": pred})
+                if passed and (best is None or cost < best[0]):
+                    best = (cost, plan, res)
+            if passed:
+                lo = scale if lo is None else max(lo, scale)
+                scale = scale * 2.0 if hi is None else math.sqrt(lo * hi)
+            else:
+                hi = scale if hi is None else min(hi, scale)
+                scale = scale / 2.0 if lo is None else math.sqrt(lo * hi)
+            if hi is not None and lo is not None and hi / lo < 1.05:
+                break
         if best is None:
             raise AccuracyBudgetError(
                 f"accuracy_budget={accuracy_budget} was not met in {len(rounds)} rounds; measured drops: "

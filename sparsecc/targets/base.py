@@ -78,10 +78,13 @@ class CompileTarget:
         for b in BLOCK_SHAPES:
             if b == (1, 1) or b[0] * b[1] > max_area or not cost.has("bsr", b):
                 continue
-            if any(n % b[0] or k % b[1] for n, k in shapes):
+            fits = [(n, k) for n, k in shapes if n % b[0] == 0 and k % b[1] == 0]
+            if not fits:
                 continue
-            t = sum(cost.estimate_ms("bsr", n, k, m, int(density * n * k / (b[0] * b[1])), b)
-                    for n, k in shapes)
+            # a layer the block does not divide stays unstructured (CSR) or dense, whichever is faster
+            t = sum(cost.estimate_ms("bsr", n, k, m, int(density * n * k / (b[0] * b[1])), b) for n, k in fits)
+            t += sum(min(cost.estimate_ms("dense", n, k, m), cost.estimate_ms("csr", n, k, m, int(density * n * k)))
+                     for n, k in shapes if (n, k) not in fits)
             if t < best_t:
                 best, best_t = b, t
         return best

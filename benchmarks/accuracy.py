@@ -1,0 +1,259 @@
+"""Accuracy vs sparsity vs measured latency: sparsify + compile on real data.
+
+Fashion-MNIST (Debian package ``dataset-fashion-mnist``, fetched and cached by
+:mod:`sparsecc.datasets`) with :class:`sparsecc.zoo.FashionCNN` trained dense
+once (2 epochs, cached). For every method (magnitude, impact, movement) and
+schedule (one-shot + fine-tuning, gradual, RigL) at the same fine-tuning budget,
+the pruned model's test accuracy; each pruned model compiled with sparsecc for
+x86 and timed against the dense model in torch in the same run (medians,
+interleaved). Also one-shot magnitude without fine-tuning, uniform block-sparse
+models (the x86 block shape) and the per-layer choice under
+``accuracy_budget=0.005``.
+
+Writes ``benchmarks/results/accuracy_fashion.{json,md,png}``.
+
+Run::
+
+    python benchmarks/accuracy.py fashion            # ~25 min on 2 cores
+    python benchmarks/accuracy.py fashion --quick    # digits, a few minutes
+    python benchmarks/accuracy.py minilm             # distillation of all-MiniLM-L6-v2 (see --help)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import sparsecc  # noqa: E402
+from sparsecc import datasets, zoo  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def interleaved_ms(fns: dict, x, runs: int = 30) -> dict:
+    """Median ms of each fn(x), calls interleaved so all see the same machine noise."""
+    with torch.no_grad():
+        for fn in fns.values():
+            fn(x)
+            fn(x)
+        times = {k: [] for k in fns}
+        for _ in range(runs):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn(x)
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def fashion(args) -> None:
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        xtr, ytr = datasets.digits("train")
+        xte, yte = datasets.digits("test")
+        dense = zoo.pretrained("digits_cnn")
+        n_calib, batch = 300, 64
+        sparsities, name = [0.8, 0.9], "digits"
+    else:
+        xtr, ytr = datasets.fashion_mnist("train")
+        xte, yte = datasets.fashion_mnist("test")
+        dense = zoo.pretrained("fashion_cnn")
+        n_calib, batch = 5000, 128
+        sparsities, name = [0.8, 0.9], "fashion"
+    dense.eval()
+    # calibration split (sensitivity, budgets) carved from the training set; the test set stays unseen
+    calib = (xtr[-n_calib:], ytr[-n_calib:])
+    train = datasets.loader(xtr[:-n_calib], ytr[:-n_calib], batch, shuffle=True, seed=0)
+    steps = int(args.epochs * len(train))
+    eval_fn = lambda m: zoo.accuracy(m, calib) / 100.0  # noqa: E731
+    test_acc = lambda m: zoo.accuracy(m, (xte, yte))  # noqa: E731
+    x_lat = {1: xte[:1].contiguous(), args.batch: xte[:args.batch].contiguous()}
+    dense_acc = test_acc(dense)
+    print(f"{name}: dense test accuracy {dense_acc:.2f}%  (fine-tuning budget {steps} steps = {args.epochs} epochs "
+          f"of batch {batch}, Adam lr {args.lr})", flush=True)
+    common = dict(target="x86", data=train, loss_fn=F.cross_entropy, eval_fn=eval_fn, lr=args.lr, progress=False)
+
+    rows = []
+
+    def record(label, method, schedule, pattern, target_sparsity, sp_model, sp=None, extra=None):
+        lat = {}
+        if not args.no_latency:
+            for b, xb in x_lat.items():
+                cm = sparsecc.compile(sp_model, xb, target="x86")
+                t = interleaved_ms({"dense": dense, "sparse": cm}, xb, runs=args.runs)
+                lat[b] = {"dense_ms": t["dense"], "sparsecc_ms": t["sparse"]}
+        acc = test_acc(sp_model)
+        sparsity = sp.sparsity if sp is not None else target_sparsity
+        row = dict(label=label, method=method, schedule=schedule, pattern=pattern, target_sparsity=target_sparsity,
+                   sparsity=round(sparsity, 4), test_acc=round(acc, 2), drop_pt=round(dense_acc - acc, 2),
+                   latency={str(b): v for b, v in lat.items()},
+                   layers={c.name: [c.pattern, round(c.density, 4)] for c in sp.layers} if sp is not None else {},
+                   seconds=round(sp.seconds, 1) if sp is not None else 0.0)
+        if extra:
+            row.update(extra)
+        rows.append(row)
+        ls = "  ".join(f"b{b}: {v['dense_ms'] / v['sparsecc_ms']:.2f}x ({v['sparsecc_ms']:.3f} ms)"
+                       for b, v in lat.items())
+        print(f"{label:<34} sparsity {sparsity:.3f}  acc {acc:6.2f}%  drop {dense_acc - acc:+5.2f} pt  {ls}",
+              flush=True)
+        return row
+
+    # ---- one-shot magnitude without fine-tuning
+    for s in [0.5] + sparsities + [0.95]:
+        sp = sparsecc.sparsify(dense, xte[:1], target="x86", sparsity=s, pattern="unstructured",
+                               schedule="oneshot", progress=False)
+        record(f"magnitude one-shot, no fine-tune", "magnitude", "oneshot-noft", "unstructured", s, sp.model, sp)
+    # ---- methods x schedules at the same fine-tuning budget, unstructured
+    for s in sparsities:
+        for method in ("magnitude", "impact", "movement"):
+            for schedule in ("oneshot", "gradual", "rigl"):
+                if schedule == "rigl" and method != "magnitude":
+                    continue  # RigL drops by magnitude and grows by gradient: its own criterion
+                sp = sparsecc.sparsify(dense, xte[:1], sparsity=s, pattern="unstructured", method=method,
+                                       schedule=schedule, finetune_steps=steps, **common)
+                record(f"{method} {schedule}", method, schedule, "unstructured", s, sp.model, sp)
+        sp = sparsecc.sparsify(dense, xte[:1], sparsity=s, pattern="unstructured", method="magnitude",
+                               schedule="rigl", layer_densities="erk", finetune_steps=steps, **common)
+        record("magnitude rigl (ERK)", "magnitude", "rigl-erk", "unstructured", s, sp.model, sp)
+    # ---- uniform block sparsity (the x86 block shape), gradual: the latency reference
+    uniform = []
+    for s in (0.5, 0.7, 0.8, 0.9, 0.95):
+        sp = sparsecc.sparsify(dense, xte[:1], sparsity=s, pattern="block", method="magnitude", schedule="gradual",
+                               finetune_steps=steps, **common)
+        pat = next((c.pattern for c in sp.layers if c.pattern != "dense"), "dense")
+        uniform.append(record(f"uniform {pat} gradual", "magnitude", "gradual", pat, s, sp.model, sp))
+    # ---- per-layer choice under an accuracy budget
+    sp = sparsecc.sparsify(dense, xte[:1], accuracy_budget=args.budget, pattern="auto", method="magnitude",
+                           schedule="gradual", finetune_steps=steps, **common)
+    print(sp.report(), flush=True)
+    budget_row = record(f"accuracy_budget={args.budget}", "magnitude", "gradual", "auto", None, sp.model, sp,
+                        extra={"rounds": sp.rounds, "calib_drop": round(sp.metric_dense - sp.metric_sparse, 4)})
+
+    # uniform model of the same (or better) accuracy: the sparsest uniform block model whose test accuracy is at
+    # least the budget model's; compare the latency at the larger batch
+    b = str(args.batch)
+    same = [r for r in uniform if r["test_acc"] >= budget_row["test_acc"]]
+    cmp_line = ""
+    if same and not args.no_latency:
+        ref = min(same, key=lambda r: r["latency"][b]["sparsecc_ms"] / r["latency"][b]["dense_ms"])
+        cmp_line = (f"budget model: {budget_row['test_acc']:.2f}% at {budget_row['latency'][b]['sparsecc_ms']:.3f} ms "
+                    f"({budget_row['latency'][b]['dense_ms'] / budget_row['latency'][b]['sparsecc_ms']:.2f}x dense); "
+                    f"fastest uniform block model at ≥ that accuracy: {ref['label']} sparsity {ref['sparsity']} "
+                    f"{ref['test_acc']:.2f}% at {ref['latency'][b]['sparsecc_ms']:.3f} ms "
+                    f"({ref['latency'][b]['dense_ms'] / ref['latency'][b]['sparsecc_ms']:.2f}x dense), batch {b}")
+    elif not args.no_latency:
+        cmp_line = "no uniform block model reached the budget model's accuracy"
+    print(cmp_line)
+    write_outputs(name, dense_acc, rows, cmp_line, args)
+
+
+def write_outputs(name: str, dense_acc: float, rows: list, cmp_line: str, args) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    b = str(args.batch)
+    out = {"dataset": name, "dense_test_acc": dense_acc, "epochs": args.epochs, "lr": args.lr, "threads": args.threads,
+           "command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]), "rows": rows, "budget_vs_uniform": cmp_line}
+    (RESULTS / f"accuracy_{name}.json").write_text(json.dumps(out, indent=1))
+    lines = [f"# {name}: accuracy vs sparsity vs latency", "",
+             f"Dense test accuracy {dense_acc:.2f}%. Fine-tuning budget {args.epochs} epoch(s), Adam lr {args.lr}; "
+             f"{args.threads} threads; latency medians of {args.runs} interleaved runs, ratio = torch dense / sparsecc "
+             f"in the same run.", "",
+             f"| run | sparsity | test acc % | drop pt | b1 dense/sparsecc | b{b} dense/sparsecc | b{b} sparsecc ms |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lat = r["latency"]
+        f1 = f"{lat['1']['dense_ms'] / lat['1']['sparsecc_ms']:.2f}x" if "1" in lat else "-"
+        fb = f"{lat[b]['dense_ms'] / lat[b]['sparsecc_ms']:.2f}x" if b in lat else "-"
+        ms = f"{lat[b]['sparsecc_ms']:.3f}" if b in lat else "-"
+        lines.append(f"| {r['label']} | {r['sparsity']:.3f} | {r['test_acc']:.2f} | {r['drop_pt']:+.2f} | {f1} | {fb} | {ms} |")
+    lines += ["", cmp_line, "", "Command: `" + out["command"] + "`"]
+    (RESULTS / f"accuracy_{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(name, dense_acc, rows, b)
+
+
+def plot(name: str, dense_acc: float, rows: list, b: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r["label"], []).append(r)
+    markers = "os^vD<>pPX*h"
+    for i, (label, rs) in enumerate(sorted(groups.items())):
+        rs = sorted(rs, key=lambda r: r["sparsity"])
+        m = markers[i % len(markers)]
+        ax1.plot([r["sparsity"] for r in rs], [r["test_acc"] for r in rs], marker=m, label=label)
+        pts = [(r["latency"][b]["sparsecc_ms"], r["test_acc"]) for r in rs if b in r["latency"]]
+        if pts:
+            ax2.plot(*zip(*sorted(pts)), marker=m, linestyle="", label=label)
+    dense_ms = [r["latency"][b]["dense_ms"] for r in rows if b in r["latency"]]
+    for ax in (ax1, ax2):
+        ax.axhline(dense_acc, color="k", linestyle="--", linewidth=0.8, label="dense")
+        ax.axhline(dense_acc - 0.5, color="gray", linestyle=":", linewidth=0.8, label="dense - 0.5 pt")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(max(0.0, dense_acc - 12), dense_acc + 1.5)
+        ax.grid(alpha=0.3)
+    if dense_ms:
+        ax2.axvline(statistics.median(dense_ms), color="k", linestyle="-.", linewidth=0.8, label="torch dense")
+    ax1.set_xlabel("sparsity of the prunable layers")
+    ax2.set_xlabel(f"latency at batch {b}, ms (sparsecc on x86)")
+    ax1.set_title(f"{name}: accuracy vs sparsity")
+    ax2.set_title(f"{name}: accuracy vs measured latency")
+    ax2.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"accuracy_{name}.png", dpi=110)
+    print(f"wrote {RESULTS / f'accuracy_{name}.png'}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fashion", help="Fashion-MNIST CNN grid (or digits with --quick)")
+    f.add_argument("--quick", action="store_true", help="digits instead of Fashion-MNIST")
+    f.add_argument("--epochs", type=float, default=1.0, help="fine-tuning budget per run, in epochs")
+    f.add_argument("--lr", type=float, default=5e-4)
+    f.add_argument("--budget", type=float, default=0.005, help="accuracy budget (fraction, 0.005 = 0.5 pt)")
+    f.add_argument("--batch", type=int, default=64, help="batch of the second latency column")
+    f.add_argument("--runs", type=int, default=30)
+    f.add_argument("--threads", type=int, default=2)
+    f.add_argument("--no-latency", action="store_true")
+    f.set_defaults(fn=fashion)
+    m = sub.add_parser("minilm", help="all-MiniLM-L6-v2 at 80%% sparsity, distilled on fortunes")
+    m.add_argument("--sparsity", type=float, default=0.8)
+    m.add_argument("--pattern", default="block")
+    m.add_argument("--block", default=None, help="block shape, e.g. 8x1 (default: the x86 target's choice)")
+    m.add_argument("--method", default="magnitude")
+    m.add_argument("--steps", type=int, default=600)
+    m.add_argument("--lr", type=float, default=1e-4)
+    m.add_argument("--batch", type=int, default=32)
+    m.add_argument("--max-len", type=int, default=64)
+    m.add_argument("--runs", type=int, default=10)
+    m.add_argument("--threads", type=int, default=2)
+    m.set_defaults(fn=minilm)
+    args = p.parse_args()
+    args.fn(args)
+
+
+def minilm(args) -> None:
+    from benchmarks.minilm_distill import run
+
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
