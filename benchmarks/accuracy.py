@@ -244,6 +244,9 @@ def main() -> None:
     m.add_argument("--max-len", type=int, default=64)
     m.add_argument("--runs", type=int, default=10)
     m.add_argument("--threads", type=int, default=2)
+    m.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc keeps freed memory (sparsecc.runtime.memory), for every model timed")
+    m.add_argument("--reuse", action="store_true", help="reuse the student distilled by an earlier identical run")
     m.set_defaults(fn=minilm)
     args = p.parse_args()
     args.fn(args)
