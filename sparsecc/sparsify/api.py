@@ -656,7 +656,7 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
                 p = UNSTRUCTURED if p.kind != "n:m" else None  # a block that does not divide: single weights
             if p is not None and dens[n] < 1.0:
                 plan[n] = (p, dens[n])
-        if not plan:
+        if not plan and sparsity > 0:
             raise InvalidSparsityError(f"pattern {patterns[0]} fits no prunable layer of the model")
         plans = [plan]
     elif sparsity is not None:
