@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparsecc.fileio import atomic_path
 from sparsecc.runtime.kernels import cache_root
 
 __all__ = ["DigitsCNN", "FashionCNN", "PRETRAINED", "accuracy", "pretrained", "pretrained_path", "train"]
@@ -313,17 +312,7 @@ def pretrained(name: str, progress: bool = False) -> nn.Module:
         except Exception as e:  # noqa: BLE001 - any unreadable cache file is rebuilt
             warnings.warn(f"cannot load cached weights {path} ({e}); retraining {name}", stacklevel=2)
     model = _train_recipe(name, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, tmp, metadata={"recipe": json.dumps(r, sort_keys=True), "torch": torch.__version__})
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"recipe": json.dumps(r, sort_keys=True), "torch": torch.__version__})
     return model

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import threading
 from pathlib import Path
 
@@ -25,6 +24,7 @@ os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 import torch
 
 from sparsecc.errors import InputDtypeError, InputShapeError, UnsupportedOpError
+from sparsecc.fileio import atomic_path
 from sparsecc.formats import BlockSparseMatrix
 from sparsecc.runtime import omp_launch
 
@@ -105,11 +105,8 @@ def get_linear_kernel(fmt_block: tuple[int, int], regime: str, bias: bool, activ
         if mod is None:
             lib = x86.build(sch, target)
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-                os.close(fd)
-                lib.export_library(tmp)
-                os.replace(tmp, path)  # atomic: concurrent processes never see half a file
+                with atomic_path(path, suffix=".so") as tmp:  # concurrent processes never see half a file
+                    lib.export_library(str(tmp))
                 mod = tvm.runtime.load_module(str(path))
             except OSError:
                 mod = lib_in_memory = lib  # read-only cache directory: keep the in-memory build

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from ..fileio import atomic_path
 from .patterns import Pattern, as_matrix, from_matrix, mask_from_scores
 
 
@@ -42,16 +41,8 @@ def model_fingerprint(layers: dict) -> str:
 
 
 def _atomic_write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
 def sensitivity_analysis(layers: dict, candidates: dict, scores: Callable[[str, torch.Tensor], torch.Tensor],

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,10 +18,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..fileio import atomic_path
 from ..formats import BLOCK_SHAPES, BlockSparseMatrix
 from ..runtime.kernels import cache_root
 from ..runtime.timing import measure_ms
-from .cost_model import CostModel, KernelCalibration, bytes_expr, candidate_key, flops_expr, M
+from .cost_model import CostModel, KernelCalibration, M, bytes_expr, candidate_key, flops_expr
 
 CALIBRATION_VERSION = 1
 CAL_N = CAL_K = 768
@@ -109,9 +108,6 @@ def calibrate(target, blocks=BLOCK_SHAPES, use_cache: bool = True, verbose: bool
             print(f"calibrated {candidate_key(fmt, block)}: {cal}")
     model.source += f" in {time.perf_counter() - t0:.1f} s"
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(model.to_json())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(model.to_json())
     return model
