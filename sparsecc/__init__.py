@@ -7,12 +7,12 @@
 
 from .api import compile, prune
 from .sparsify import SparsifyResult, sparsify
-from .errors import (AccuracyBudgetError, DataError, DatasetError, TrainingError, CaptureError, InputDtypeError, InputShapeError, InvalidSparsityError, KernelBuildError,
+from .errors import (AccuracyBudgetError, DataError, DatasetError, InvalidArgumentError, TrainingError, CaptureError, InputDtypeError, InputShapeError, InvalidSparsityError, KernelBuildError,
                      PassError, SparseccError, TargetError, UnknownLayerError, UnsupportedOpError)
 from .runtime.compiled import CompiledModule
 
 __version__ = "0.1.0"
 
 __all__ = ["compile", "prune", "sparsify", "SparsifyResult", "CompiledModule", "SparseccError", "CaptureError", "InputDtypeError", "InputShapeError",
-           "InvalidSparsityError", "KernelBuildError", "AccuracyBudgetError", "DataError", "DatasetError", "TrainingError", "PassError", "TargetError", "UnknownLayerError",
+           "InvalidSparsityError", "KernelBuildError", "AccuracyBudgetError", "DataError", "DatasetError", "InvalidArgumentError", "TrainingError", "PassError", "TargetError", "UnknownLayerError",
            "UnsupportedOpError", "__version__"]

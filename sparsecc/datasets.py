@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from sparsecc.errors import DatasetError
+from sparsecc.errors import DatasetError, InvalidArgumentError
 from sparsecc.fileio import atomic_path
 from sparsecc.runtime.kernels import cache_root
 
@@ -269,7 +269,7 @@ def fashion_mnist(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         is corrupt or has unexpected dimensions (the message names the file).
     """
     if split not in _FASHION_FILES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise InvalidArgumentError(f"split must be 'train' or 'test', got {split!r}")
     folder = _fashion_dir()
     img_name, lbl_name = _FASHION_FILES[split]
     images = read_idx(folder / img_name)
@@ -314,7 +314,7 @@ def digits_split_indices(test_fraction: float = 0.25, seed: int = 0) -> tuple[np
     from sklearn.model_selection import train_test_split
 
     if not 0.0 < float(test_fraction) < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise InvalidArgumentError(f"test_fraction must be in (0, 1), got {test_fraction}")
     y = load_digits().target
     idx = np.arange(len(y))
     tr, te = train_test_split(idx, test_size=float(test_fraction), random_state=int(seed), shuffle=True,
@@ -357,7 +357,7 @@ def digits(split: str = "train", test_fraction: float = 0.25, seed: int = 0) -> 
     from sklearn.datasets import load_digits
 
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise InvalidArgumentError(f"split must be 'train' or 'test', got {split!r}")
     tr, te = digits_split_indices(test_fraction, seed)
     idx = tr if split == "train" else te
     d = load_digits()
@@ -491,7 +491,7 @@ def fortunes_sentences(split: str = "train", seed: int = 0) -> list[str]:
         cached JSON is corrupt (the message names the file).
     """
     if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        raise InvalidArgumentError(f"split must be 'train' or 'heldout', got {split!r}")
     sentences = _fortunes_all()
     perm = np.random.default_rng(int(seed)).permutation(len(sentences))
     n_held = math.ceil(_FORTUNES_HELDOUT_FRACTION * len(sentences))
@@ -531,8 +531,8 @@ def loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int = 128, sh
         ``images`` and ``labels`` have different lengths, or ``batch_size < 1``.
     """
     if len(images) != len(labels):
-        raise ValueError(f"images and labels differ in length: {len(images)} vs {len(labels)}")
+        raise InvalidArgumentError(f"images and labels differ in length: {len(images)} vs {len(labels)}")
     if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
     gen = torch.Generator().manual_seed(int(seed)) if shuffle else None
     return DataLoader(TensorDataset(images, labels), batch_size=int(batch_size), shuffle=shuffle, generator=gen)

@@ -65,3 +65,7 @@ class TrainingError(SparseccError, RuntimeError):
 
 class AccuracyBudgetError(SparseccError, ValueError):
     """An accuracy budget cannot be met (the message gives the measured drops)."""
+
+
+class InvalidArgumentError(SparseccError, ValueError):
+    """An argument is outside what the function accepts (the message names the argument and the choices)."""

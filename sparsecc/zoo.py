@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparsecc.errors import InvalidArgumentError
 from sparsecc.fileio import atomic_path
 from sparsecc.runtime.kernels import cache_root
 
@@ -142,7 +143,7 @@ def train(model: nn.Module, loader: Iterable, epochs: int, lr: float = 1e-3,
     from tqdm.auto import tqdm
 
     if int(epochs) < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
+        raise InvalidArgumentError(f"epochs must be >= 0, got {epochs}")
     opt = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     device = _device_of(model)
@@ -229,7 +230,7 @@ _MODELS = {"FashionCNN": FashionCNN, "DigitsCNN": DigitsCNN}
 
 def _recipe(name: str) -> dict:
     if name not in _RECIPES:
-        raise ValueError(f"unknown pretrained model {name!r}; available: {', '.join(PRETRAINED)}")
+        raise InvalidArgumentError(f"unknown pretrained model {name!r}; available: {', '.join(PRETRAINED)}")
     return _RECIPES[name]
 
 
