@@ -14,18 +14,9 @@ import torch
 
 from ..errors import InvalidSparsityError, UnknownLayerError
 from ..ir.graph import LinearSite, SparseGraph
+from ..sparsify.patterns import (Pattern, check_sparsity_value, expand_groups, global_keep, group_scores,
+                                 topk_keep)
 from .base import Pass, PassContext, PassResult
-
-
-def check_sparsity_value(value, where: str) -> float:
-    """Validate a sparsity in [0, 1); raise :class:`InvalidSparsityError` naming ``where``."""
-    try:
-        s = float(value)
-    except (TypeError, ValueError):
-        raise InvalidSparsityError(f"sparsity for {where} must be a number in [0, 1), got {value!r}") from None
-    if not (0.0 <= s < 1.0):
-        raise InvalidSparsityError(f"sparsity for {where} must be in [0, 1), got {s}")
-    return s
 
 
 def prunable_sites(graph: SparseGraph) -> list[LinearSite]:
@@ -50,14 +41,7 @@ def block_scores(weight: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     -------
     Tensor (N // br, K // bc)
     """
-    n, k = weight.shape
-    br, bc = block
-    return weight.abs().reshape(n // br, br, k // bc, bc).mean(dim=(1, 3))
-
-
-def _expand(mask: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    br, bc = block
-    return mask.repeat_interleave(br, 0).repeat_interleave(bc, 1)
+    return group_scores(weight.abs(), Pattern("block", block=tuple(block)))
 
 
 def magnitude_masks(weights: dict, sparsity: Union[float, dict], block: tuple[int, int],
@@ -79,40 +63,17 @@ def magnitude_masks(weights: dict, sparsity: Union[float, dict], block: tuple[in
     -------
     dict name -> bool Tensor (N, K), True where the weight is kept.
     """
-    scores, blocks = {}, {}
+    pats, scores = {}, {}
     for name, w in weights.items():
-        b = block if (w.shape[0] % block[0] == 0 and w.shape[1] % block[1] == 0) else (1, 1)
-        blocks[name] = b
-        scores[name] = block_scores(w, b)
-    masks = {}
+        p = Pattern("block", block=tuple(block))
+        pats[name] = p if p.fits(tuple(w.shape)) else Pattern("block", block=(1, 1))
+        scores[name] = group_scores(w.abs(), pats[name])
     if isinstance(sparsity, dict) or scope == "layer":
-        for name, sc in scores.items():
-            s = sparsity[name] if isinstance(sparsity, dict) else sparsity
-            masks[name] = _expand(_topk_mask(sc.flatten(), s).reshape(sc.shape), blocks[name])
-        return masks
-    # global: rank every block of every layer by score; weight each block by its area
-    flat = torch.cat([sc.flatten() for sc in scores.values()])
-    areas = torch.cat([torch.full((sc.numel(),), blocks[n][0] * blocks[n][1], dtype=torch.float64)
-                       for n, sc in scores.items()])
-    order = torch.argsort(flat, descending=True, stable=True)
-    kept_elems = torch.cumsum(areas[order], 0)
-    total = float(areas.sum())
-    n_keep = int(torch.searchsorted(kept_elems, total * (1.0 - sparsity), right=True))
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[order[:n_keep]] = True
-    off = 0
-    for name, sc in scores.items():
-        masks[name] = _expand(keep[off: off + sc.numel()].reshape(sc.shape), blocks[name])
-        off += sc.numel()
-    return masks
-
-
-def _topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    n_keep = int(round(scores.numel() * (1.0 - sparsity)))
-    keep = torch.zeros_like(scores, dtype=torch.bool)
-    if n_keep > 0:
-        keep[torch.topk(scores, n_keep, sorted=False).indices] = True
-    return keep
+        keep = {n: topk_keep(sc, 1.0 - (sparsity[n] if isinstance(sparsity, dict) else sparsity))
+                for n, sc in scores.items()}
+    else:
+        keep = global_keep(scores, {n: p.block[0] * p.block[1] for n, p in pats.items()}, 1.0 - sparsity)
+    return {n: expand_groups(keep[n], pats[n], tuple(weights[n].shape)) for n in weights}
 
 
 class MagnitudePrune(Pass):

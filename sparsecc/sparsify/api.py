@@ -14,9 +14,9 @@ from torch import nn
 
 from ..errors import (AccuracyBudgetError, DataError, InvalidSparsityError, TrainingError, UnknownLayerError)
 from ..ir.capture import normalize_inputs
-from ..passes.prune import check_sparsity_value
 from .masks import attach_masks, original_weight, prunable_layers, set_capture, set_mask, strip_masks
-from .patterns import UNSTRUCTURED, Pattern, as_matrix, from_matrix, group_scores, mask_from_scores, parse_pattern
+from .patterns import (UNSTRUCTURED, Pattern, as_matrix, check_sparsity_value, from_matrix, global_keep, group_scores, mask_from_scores,
+                       parse_pattern)
 from .rigl import erk_densities, rigl_update
 from .schedule import REGULARIZERS, cubic_sparsity, regularization_penalty, rigl_drop_fraction
 from .scores import SCORES, ImportanceScore
@@ -281,22 +281,15 @@ class _Engine:
 
     def global_densities(self, density: float) -> dict:
         """Per-layer densities of one score threshold over all layers keeping ``density`` of their weights."""
-        parts = []
+        scores, areas = {}, {}
         for n, mod in self.layers.items():
-            pattern = self.plan[n][0]
             w = mod.weight.detach()
             sc = self.score.score(n, w).clone().to(torch.float32)
             sc[self.masks[n].mask == 0] = -float("inf")
-            gs = group_scores(as_matrix(sc), pattern).flatten()
-            area = w.numel() // gs.numel()
-            parts.append((n, gs, area))
-        scores = torch.cat([gs for _, gs, _ in parts])
-        areas = torch.cat([torch.full((gs.numel(),), float(a), dtype=torch.float64) for _, gs, a in parts])
-        owner = torch.cat([torch.full((gs.numel(),), i, dtype=torch.long) for i, (_, gs, _) in enumerate(parts)])
-        order = torch.argsort(scores, descending=True, stable=True)
-        n_keep = int(torch.searchsorted(torch.cumsum(areas[order], 0), density * float(areas.sum()), right=True))
-        kept = torch.bincount(owner[order[:n_keep]], minlength=len(parts)).double()
-        return {n: float(kept[i]) * a / self.layers[n].weight.numel() for i, (n, gs, a) in enumerate(parts)}
+            scores[n] = group_scores(as_matrix(sc), self.plan[n][0])
+            areas[n] = w.numel() // scores[n].numel()
+        keep = global_keep(scores, areas, density)
+        return {n: float(keep[n].sum()) * areas[n] / self.layers[n].weight.numel() for n in scores}
 
     def prune_to_density(self, densities: dict) -> None:
         """:meth:`prune_to`, or with global allocation one threshold over all layers at their mean density."""

@@ -70,6 +70,17 @@ class Pattern:
 UNSTRUCTURED = Pattern("unstructured")
 
 
+def check_sparsity_value(value, where: str) -> float:
+    """Validate a sparsity in [0, 1); raise :class:`InvalidSparsityError` naming ``where``."""
+    try:
+        s = float(value)
+    except (TypeError, ValueError):
+        raise InvalidSparsityError(f"sparsity for {where} must be a number in [0, 1), got {value!r}") from None
+    if not (0.0 <= s < 1.0):
+        raise InvalidSparsityError(f"sparsity for {where} must be in [0, 1), got {s}")
+    return s
+
+
 def parse_pattern(spec, block_shape: Optional[tuple] = None) -> Pattern:
     """Parse a user's pattern.
 
@@ -171,6 +182,42 @@ def topk_keep(scores: torch.Tensor, density: float) -> torch.Tensor:
         order = torch.argsort(flat, descending=True, stable=True)
         keep[order[:n_keep]] = True
     return keep.reshape(scores.shape)
+
+
+def global_keep(scores: dict, areas: dict, density: float) -> dict:
+    """Keep-masks of one score threshold over several layers' groups.
+
+    Groups are ranked by score over all layers together and kept, best first, until
+    ``density`` of all weights is kept (each group counts its area, so blocks of
+    different shapes compare by the weights they hold).
+
+    Parameters
+    ----------
+    scores : dict name -> Tensor
+        Group scores of each layer (any shape); ``-inf`` marks pruned groups.
+    areas : dict name -> int
+        Weights per group of each layer (br·bc for blocks, 1 for single weights).
+    density : float in [0, 1]
+
+    Returns
+    -------
+    dict name -> bool Tensor shaped like ``scores[name]``.
+
+    Source: global magnitude pruning as compared in Blalock et al., "What is the State
+    of Neural Network Pruning?" (MLSys 2020).
+    """
+    names = list(scores)
+    flat = torch.cat([scores[n].flatten() for n in names])
+    area = torch.cat([torch.full((scores[n].numel(),), float(areas[n]), dtype=torch.float64) for n in names])
+    order = torch.argsort(flat, descending=True, stable=True)
+    n_keep = int(torch.searchsorted(torch.cumsum(area[order], 0), density * float(area.sum()), right=True))
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[order[:n_keep]] = True
+    out, off = {}, 0
+    for n in names:
+        out[n] = keep[off: off + scores[n].numel()].reshape(scores[n].shape)
+        off += scores[n].numel()
+    return out
 
 
 def nm_keep(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
