@@ -27,7 +27,6 @@ import math
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,23 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 import sparsecc  # noqa: E402
 from sparsecc import datasets, zoo  # noqa: E402
+from sparsecc.runtime.timing import interleaved_ms  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def interleaved_ms(fns: dict, x, runs: int = 30) -> dict:
-    """Median ms of each fn(x), calls interleaved so all see the same machine noise."""
-    with torch.no_grad():
-        for fn in fns.values():
-            fn(x)
-            fn(x)
-        times = {k: [] for k in fns}
-        for _ in range(runs):
-            for k, fn in fns.items():
-                t0 = time.perf_counter()
-                fn(x)
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def fashion(args) -> None:
@@ -112,7 +97,7 @@ def fashion(args) -> None:
     for s in sparsities:
         sp = sparsecc.sparsify(dense, xte[:1], target="x86", sparsity=s, pattern="unstructured",
                                schedule="oneshot", progress=False)
-        record(f"magnitude one-shot, no fine-tune", "magnitude", "oneshot-noft", "unstructured", s, sp.model, sp)
+        record("magnitude one-shot, no fine-tune", "magnitude", "oneshot-noft", "unstructured", s, sp.model, sp)
     # ---- methods x schedules at the same fine-tuning budget, unstructured, one threshold over all layers
     for s in sparsities:
         for method, schedule in (("magnitude", "oneshot"), ("magnitude", "gradual"), ("impact", "gradual"),

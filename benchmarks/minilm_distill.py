@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import random
 import sys
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +26,7 @@ from torch import nn
 
 import sparsecc
 from sparsecc import datasets
+from sparsecc.runtime.timing import interleaved_ms
 
 
 class Embedder(nn.Module):
@@ -95,19 +94,6 @@ def cosine(model: nn.Module, teacher_emb: list, encs: list) -> float:
         cs = [F.cosine_similarity(model(**e), t, dim=-1) for e, t in zip(encs, teacher_emb)]
     model.train(was)
     return float(torch.cat(cs).mean())
-
-
-def interleaved(fns: dict, enc: dict, runs: int) -> dict:
-    with torch.no_grad():
-        for fn in fns.values():
-            fn(**enc)
-        times = {k: [] for k in fns}
-        for _ in range(runs):
-            for k, fn in fns.items():
-                t0 = time.perf_counter()
-                fn(**enc)
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def run(args) -> None:
@@ -182,7 +168,7 @@ def run(args) -> None:
         enc = dict(tok(held_s[:b], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
         enc = {k: enc[k] for k in ("input_ids", "attention_mask")}
         cm = sparsecc.compile(student, enc, target="x86")
-        t = interleaved({"dense": teacher, "pruned torch": student, "sparsecc": cm}, enc, args.runs)
+        t = interleaved_ms({"dense": teacher, "pruned torch": student, "sparsecc": cm}, runs=args.runs, **enc)
         with torch.no_grad():
             diff = float((cm(**enc) - student(**enc)).abs().max())
         lat[b] = dict(t, ratio=t["dense"] / t["sparsecc"], max_abs_diff=diff)

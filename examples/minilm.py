@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 import sparsecc
 from sparsecc.runtime.compiled import module_bytes
+from sparsecc.runtime.timing import interleaved_ms
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -49,19 +49,6 @@ def embed(run, enc):
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     mask = enc["attention_mask"].unsqueeze(-1).float()
     return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1), hidden
-
-
-def timed_medians(fns: dict, enc, runs: int, clock=time.perf_counter) -> dict:
-    """Median ms of each fn, runs interleaved so all see the same machine noise."""
-    for fn in fns.values():
-        fn(**enc)
-    times = {k: [] for k in fns}
-    for _ in range(runs):
-        for k, fn in fns.items():
-            t0 = clock()
-            fn(**enc)
-            times[k].append((clock() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main():
@@ -119,7 +106,7 @@ def main():
         for b in (1, 8):
             sents = (SENTENCES * 8)[:b]
             enc = dict(tok(sents, padding="max_length", max_length=seq, truncation=True, return_tensors="pt"))
-            t = timed_medians({"a": model, "b": pruned, "c": cm}, enc, args.runs, clock)
+            t = interleaved_ms({"a": model, "b": pruned, "c": cm}, runs=args.runs, clock=clock, **enc)
             print(f"{b:>5}  {t['a']:>15.2f}  {t['b']:>16.2f}  {t['c']:>12.2f}  {t['a'] / t['c']:>11.2f}x")
     print()
     print(f"weight memory: (a) dense {module_bytes(model):,} bytes; (c) sparsecc {cm.weight_bytes:,} bytes "

@@ -6,7 +6,7 @@ import statistics
 import time
 from typing import Any, Callable
 
-__all__ = ["measure_ms"]
+__all__ = ["interleaved_ms", "measure_ms"]
 
 
 def measure_ms(fn: Callable[..., Any], *args: Any, repeat: int = 30, warmup: int = 3,
@@ -32,3 +32,30 @@ def measure_ms(fn: Callable[..., Any], *args: Any, repeat: int = 30, warmup: int
         if len(times) >= 100 * repeat:
             break
     return statistics.median(times)
+
+
+def interleaved_ms(fns: dict, *args: Any, runs: int = 30, warmup: int = 1,
+                   clock: Callable[[], float] = time.perf_counter, **kwargs: Any) -> dict:
+    """Median ms of each ``fn(*args, **kwargs)``, calls interleaved so all see the same machine noise.
+
+    The way to compare latencies on a shared machine: one run of every function per round,
+    ``runs`` rounds, medians; ratios of the results are taken within the same run. Calls run
+    under ``torch.no_grad``. ``clock=time.process_time`` measures this process's CPU time.
+
+    Returns
+    -------
+    dict name -> median latency in ms
+    """
+    import torch
+
+    with torch.no_grad():
+        for _ in range(max(0, warmup)):
+            for fn in fns.values():
+                fn(*args, **kwargs)
+        times: dict = {k: [] for k in fns}
+        for _ in range(runs):
+            for k, fn in fns.items():
+                t0 = clock()
+                fn(*args, **kwargs)
+                times[k].append((clock() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}

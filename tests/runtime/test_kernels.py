@@ -145,3 +145,15 @@ def test_kernels_hypothesis(block, nb, kb, m, density, seed):
     b = torch.randn(nb * br, generator=torch.Generator().manual_seed(seed))
     mod = SparseLinear(BlockSparseMatrix.from_dense(w, block), b)
     check_kernel(mod, torch.randn(m, kb * bc, generator=torch.Generator().manual_seed(seed + 1)), w, b, None)
+
+
+def test_interleaved_ms_times_every_function_in_turn():
+    import time
+
+    from sparsecc.runtime.timing import interleaved_ms
+
+    calls = []
+    fns = {"slow": lambda x: (calls.append("slow"), time.sleep(0.002)), "fast": lambda x: calls.append("fast")}
+    t = interleaved_ms(fns, 1, runs=5, warmup=1)
+    assert calls == ["slow", "fast"] * 6  # warm-up round, then 5 interleaved rounds
+    assert t["slow"] >= 2.0 and t["fast"] < 1.0
