@@ -28,7 +28,7 @@ from sparsecc.fileio import atomic_path
 from sparsecc.formats import BlockSparseMatrix
 from sparsecc.runtime import omp_launch
 
-__all__ = ["SparseLinear", "cache_dir", "clear_memory_cache", "get_linear_kernel", "kernel_name"]
+__all__ = ["SparseLinear", "cache_dir", "clear_memory_cache", "get_linear_kernel", "kernel_name", "load_or_build"]
 
 _ALIGN = 64
 _CACHE: dict[tuple, object] = {}
@@ -92,30 +92,60 @@ def get_linear_kernel(fmt_block: tuple[int, int], regime: str, bias: bool, activ
             return fn
         sch = x86.schedule_linear(block, regime, bias=bool(bias), activation=activation, target=target,
                                   params=params, k=k)
-        text = sch.mod.script()
-        digest = hashlib.sha256(
-            "\n".join([text, _target_key(target), tvm.__version__]).encode()).hexdigest()[:24]
-        path = cache_dir() / f"{kernel_name(block, regime, bool(bias), activation)}-{digest}.so"
-        mod = lib_in_memory = None
-        if path.exists():
-            try:
-                mod = tvm.runtime.load_module(str(path))
-            except Exception:  # noqa: BLE001 - a corrupt cache entry is rebuilt
-                mod = None
-        if mod is None:
-            lib = x86.build(sch, target)
-            try:
-                with atomic_path(path, suffix=".so") as tmp:  # concurrent processes never see half a file
-                    lib.export_library(str(tmp))
-                mod = tvm.runtime.load_module(str(path))
-            except OSError:
-                mod = lib_in_memory = lib  # read-only cache directory: keep the in-memory build
-        if mod is not lib_in_memory and omp_launch.enabled():
-            omp_launch.patch_module(str(path))  # parallel loops on torch's OpenMP threads
-        _MODULES.append(mod)
-        fn = mod["main"]
+        fn = load_or_build(sch, kernel_name(block, regime, bool(bias), activation), target)
         _CACHE[key] = fn
         return fn
+
+
+def load_or_build(sch, name: str, target, build=None):
+    """Packed function ``main`` of scheduled module ``sch``, from the disk cache or built now.
+
+    The shared library is kept under :func:`cache_dir` as ``<name>-<digest>.so``,
+    the digest hashing the scheduled TVMScript, the target and the TVM version,
+    so a kernel is built once per machine. Every kernel family (linear, N:M,
+    conv, tuned schedules) goes through here.
+
+    Parameters
+    ----------
+    sch : tvm.s_tir.Schedule or tvm.IRModule
+        The scheduled kernel (a module whose function is ``main``).
+    name : str
+        Readable prefix of the cache file, e.g. ``"bsr_16x1_gemm_bias"``.
+    target : tvm.target.Target
+    build : callable (mod, target) -> module, optional
+        Builder; default ``sparsecc.targets.x86.build``.
+
+    Raises
+    ------
+    KernelBuildError
+        The TVM build failed.
+    """
+    import tvm
+
+    from sparsecc.targets import x86
+
+    mod_ir = sch.mod if hasattr(sch, "mod") else sch
+    text = mod_ir.script()
+    digest = hashlib.sha256("\n".join([text, _target_key(target), tvm.__version__]).encode()).hexdigest()[:24]
+    path = cache_dir() / f"{name}-{digest}.so"
+    mod = lib_in_memory = None
+    if path.exists():
+        try:
+            mod = tvm.runtime.load_module(str(path))
+        except Exception:  # noqa: BLE001 - a corrupt cache entry is rebuilt
+            mod = None
+    if mod is None:
+        lib = (build or x86.build)(mod_ir, target)
+        try:
+            with atomic_path(path, suffix=".so") as tmp:  # concurrent processes never see half a file
+                lib.export_library(str(tmp))
+            mod = tvm.runtime.load_module(str(path))
+        except OSError:
+            mod = lib_in_memory = lib  # read-only cache directory: keep the in-memory build
+    if mod is not lib_in_memory and omp_launch.enabled():
+        omp_launch.patch_module(str(path))  # parallel loops on torch's OpenMP threads
+    _MODULES.append(mod)
+    return mod["main"]
 
 
 def m_tile_for(block: tuple[int, int], regime: str) -> int:
