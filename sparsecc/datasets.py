@@ -22,14 +22,11 @@ naming the package or file.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import math
 import os
 import re
 import shutil
-import subprocess
-import tarfile
 import tempfile
 import zlib
 from pathlib import Path
@@ -39,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from sparsecc.errors import DatasetError, InvalidArgumentError
+from sparsecc.fetch import extract_deb, fetch_debian_packages
 from sparsecc.fileio import atomic_path
 from sparsecc.runtime.kernels import cache_root
 
@@ -110,51 +108,16 @@ def _atomic_copy(src: Path, dst: Path) -> None:
 
 
 def _extract_deb(deb: Path, dest: Path) -> None:
-    """Unpack the data archive of a ``.deb`` into ``dest`` (``dpkg-deb -x``, or a pure-Python fallback)."""
-    if shutil.which("dpkg-deb"):
-        r = subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise DatasetError(f"dpkg-deb -x {deb.name} failed (exit {r.returncode}): {r.stderr.strip()[-500:]}")
-        return
-    # A .deb is an ar archive holding debian-binary, control.tar.* and data.tar.*.
-    raw = deb.read_bytes()
-    if not raw.startswith(b"!<arch>\n"):
-        raise DatasetError(f"{deb} is not a Debian package (no ar header)")
-    pos = 8
-    while pos + 60 <= len(raw):
-        name = raw[pos:pos + 16].decode("ascii", "replace").strip().rstrip("/")
-        size = int(raw[pos + 48:pos + 58].decode("ascii").strip())
-        body = raw[pos + 60:pos + 60 + size]
-        if name.startswith("data.tar"):
-            try:
-                with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as tar:
-                    tar.extractall(dest, filter="data")
-            except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-                raise DatasetError(f"cannot unpack {name} of {deb} without dpkg-deb: {e}") from e
-            return
-        pos += 60 + size + (size & 1)
-    raise DatasetError(f"{deb} has no data.tar member")
+    """Unpack the data archive of a ``.deb`` into ``dest`` (see :func:`sparsecc.fetch.extract_deb`)."""
+    extract_deb(deb, dest, DatasetError)
 
 
 def _fetch_debian_package(package: str, dest: Path) -> None:
-    """``apt-get download <package>`` into a temporary folder and unpack it into ``dest``.
+    """``apt-get download <package>`` and unpack it into ``dest`` (see :func:`sparsecc.fetch.fetch_debian_packages`).
 
-    Needs no root: ``apt-get download`` only fetches the ``.deb`` into the current folder.
+    Needs no root: ``apt-get download`` only fetches the ``.deb`` into a temporary folder.
     """
-    if shutil.which("apt-get") is None:
-        raise DatasetError(f"cannot fetch the Debian package {package!r}: apt-get is not available on this machine")
-    with tempfile.TemporaryDirectory(prefix="sparsecc-deb-") as tmp:
-        try:
-            r = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True,
-                               timeout=600)
-        except subprocess.TimeoutExpired as e:
-            raise DatasetError(f"apt-get download {package} timed out after {e.timeout:.0f} s") from e
-        debs = sorted(Path(tmp).glob(f"{package}_*.deb"))
-        if r.returncode != 0 or not debs:
-            raise DatasetError(
-                f"apt-get download {package} failed (exit {r.returncode}); is the package index up to date "
-                f"('apt-get update') and the network reachable? stderr: {r.stderr.strip()[-500:]}")
-        _extract_deb(debs[0], dest)
+    fetch_debian_packages([package], dest, DatasetError, timeout=600)
 
 
 # --------------------------------------------------------------------------------------------- IDX

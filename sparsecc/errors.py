@@ -69,3 +69,11 @@ class AccuracyBudgetError(SparseccError, ValueError):
 
 class InvalidArgumentError(SparseccError, ValueError):
     """An argument is outside what the function accepts (the message names the argument and the choices)."""
+
+
+class ToolchainError(SparseccError, RuntimeError):
+    """A cross toolchain, emulator or foreign runtime could not be fetched or run (the message names it)."""
+
+
+class ArtifactError(SparseccError, RuntimeError):
+    """An exported artifact folder is missing a file, holds a corrupt one, or would overwrite user files."""
