@@ -1,0 +1,292 @@
+"""TensorIR templates for sparse 2-d convolutions (``groups=1``) with a block-sparse weight.
+
+Two templates:
+
+* :func:`bsr_conv_nhwc` -- any kernel size, stride and padding, activations in
+  NHWC, by **implicit im2col through offsets**. The weight is the matrix
+  ``W: (C_out, kh·kw·C_in)`` of :func:`sparsecc.sparsify.patterns.as_matrix`
+  (column ``k = (dh·kw + dw)·C_in + ci``), stored as BSR with blocks
+  ``(br, bc)``. Instead of a column index, every stored block keeps the
+  *offset* of its first column in the zero-padded NHWC input relative to the
+  receptive field's corner, ``off = (dh·W_p + dw)·C_in + ci``; every output
+  pixel ``m = (n, oh, ow)`` has a base ``pb[m] = ((n·H_p + oh·s)·W_p + ow·s)·C_in``.
+  The reduction is then ``Y[m, co] = Σ_p X[pb[m] + off[p] + j] · data[p, co, j]``,
+  the BSR linear kernel of :mod:`sparsecc.codegen.linear` with one more add in
+  the address. No im2col matrix is materialised; 1x1, 3x3, 7x7, stride 1 and
+  2, padding and batch all go through the same build (offsets and bases are
+  data). Blocks with ``bc > 1`` need ``C_in % bc == 0`` (the block's columns
+  are then consecutive channels of one pixel).
+* :func:`bsr_conv1x1_nchw` -- 1x1 stride-1 convolution in NCHW: ``Y[n] = W · X[n]``
+  with ``X[n]: (C_in, HW)``, a sparse-times-dense product vectorized along
+  the pixels (``HW`` padded to the vector tile by the caller).
+
+Why implicit im2col and not explicit im2col + the linear kernel, nor a direct
+loop nest: measured on the 2-core Zen 4 VM (AVX-512, 2 threads, 16x1 blocks,
+density 0.2, batch 1; medians of 30 interleaved runs, ``python
+benchmarks/conv.py --im2col-study``), time relative to torch ``F.conv2d`` dense:
+see the "im2col study" table in ``benchmarks/results/conv.md``. The explicit
+variant spends its extra time writing and re-reading the ``(HW, 9·C_in)``
+matrix (9x the activation); the implicit one reads the padded activation in
+place, which stays in L2 for ResNet-sized layers. A direct scheme (loops over
+``dh, dw`` outside the nonzeros) needs one CSR row pointer per ``(dh, dw)``
+and so 9x the row-pointer traffic for the same work; the offset trick gives
+the same addressing with one pointer array.
+
+Loop structure (unscheduled; identical to the linear template so the x86 rules
+of :mod:`sparsecc.targets.x86` apply)::
+
+    for mo, io in grid(M_p // mt, NB):                      # block "row"
+        C = alloc (mt, br, bc|1)
+        for k in range(indptr[io+1] - indptr[io]), j, mi, ii in grid(bc, mt, br):
+            block "compute": C[mi, ii, j] += X[pb[mo·mt+mi] + off[p] + j] · data[p, ii, j]
+        for mi, ii in grid(mt, br):
+            block "epilogue": Y[mo·mt+mi, io, ii] = act(sum_j C[mi, ii, j] + b[io, ii] (+ R[...]))
+
+Arguments of the built :func:`bsr_conv_nhwc`, in order: ``X (XN,)`` (the
+padded NHWC input, flat), ``pb (M_p,) int32``, ``data (nnzb, br, bc)``, ``off
+(nnzb,) int32``, ``indptr (NB + 1,) int32``, ``bias (NB, br)`` (only with
+``bias=True``), ``R (M_p, NB, br)`` (only with ``residual=True``), ``Y (M_p, NB, br)``.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm.script import tirx as T
+
+from sparsecc.errors import UnsupportedOpError
+
+__all__ = ["CONV_ACTIVATIONS", "bsr_conv1x1_nchw", "bsr_conv_nhwc", "conv_activation"]
+
+#: Epilogues a conv kernel can fuse (``relu6`` = ``hardtanh(0, 6)``).
+CONV_ACTIVATIONS = (None, "relu", "relu6")
+
+
+def conv_activation(activation):
+    """The TIR epilogue function of ``activation`` (one of :data:`CONV_ACTIVATIONS`).
+
+    Raises
+    ------
+    UnsupportedOpError
+        Any other activation.
+    """
+    if activation is None:
+        return lambda v: v
+    if activation == "relu":
+        return lambda v: T.max(v, T.float32(0))
+    if activation == "relu6":
+        return lambda v: T.min(T.max(v, T.float32(0)), T.float32(6))
+    raise UnsupportedOpError(f"conv activation {activation!r} is not supported; expected one of {CONV_ACTIVATIONS}")
+
+
+def _hsum(C, mi, ii, bc):
+    acc = C[mi, ii, 0]
+    for j in range(1, bc):
+        acc = acc + C[mi, ii, j]
+    return acc
+
+
+def bsr_conv_nhwc(block: tuple[int, int], *, bias: bool = False, activation: str | None = None,
+                  residual: bool = False, m_tile: int = 8):
+    """Unscheduled implicit-im2col BSR convolution template (a ``tvm.tirx.PrimFunc``).
+
+    Parameters
+    ----------
+    block : (br, bc)
+        Block of the weight matrix ``(C_out, kh·kw·C_in)``; (1, 1) is CSR.
+    bias : bool
+        Add ``bias (NB, br)`` (= ``(C_out,)``) in the epilogue.
+    activation : {None, "relu", "relu6"}
+        Applied after bias (and residual).
+    residual : bool
+        Add a tensor ``R (M_p, NB, br)`` (same layout as Y) before the activation
+        (ResNet's ``relu(conv(x) + identity)``).
+    m_tile : int
+        Output pixels per register tile; ``M_p`` (rows of ``pb``, Y) must be a
+        multiple of it. Padded rows of ``pb`` must point at valid input (0 does).
+
+    Raises
+    ------
+    UnsupportedOpError
+        Non-positive block or tile, or an unknown activation.
+    """
+    br, bc = int(block[0]), int(block[1])
+    mt = int(m_tile)
+    if br < 1 or bc < 1 or mt < 1:
+        raise UnsupportedOpError(f"block shape and m_tile must be positive, got {(br, bc)} and {mt}")
+    act = conv_activation(activation)
+    sj = bc > 1
+    cj = bc if sj else 1
+
+    def acc_val(C, mi, ii):
+        return _hsum(C, mi, ii, bc) if sj else C[mi, ii, 0]
+
+    def epi_val(C, B, R, mi, m, vio, vii):
+        v = acc_val(C, mi, vii)
+        if B is not None:
+            v = v + B[vio, vii]
+        if R is not None:
+            v = v + R[m, vio, vii]
+        return v
+
+    @T.macro
+    def body(X, PB, D, OFF, PTR, B, R, Y, XN, MP, NB, NNZB):
+        for mo, io in T.grid(MP // mt, NB):
+            with T.sblock("row"):
+                vmo, vio = T.axis.remap("SS", [mo, io])
+                T.reads(X[0:XN], PB[vmo * mt:vmo * mt + mt], D[0:NNZB, 0:br, 0:bc], OFF[0:NNZB],
+                        PTR[vio:vio + 2])
+                T.writes(Y[vmo * mt:vmo * mt + mt, vio, 0:br])
+                C = T.alloc_buffer((mt, br, cj), "float32")
+                for mi, ii, jj in T.grid(mt, br, cj):
+                    with T.sblock("init"):
+                        vmi, vii, vjj = T.axis.remap("SSS", [mi, ii, jj])
+                        C[vmi, vii, vjj] = T.float32(0)
+                for k in T.serial(PTR[vio + 1] - PTR[vio]):
+                    for j, mi, ii in T.grid(bc, mt, br):
+                        with T.sblock("compute"):
+                            vk, vj, vmi, vii = T.axis.remap("RSSS" if sj else "RRSS", [k, j, mi, ii])
+                            C[vmi, vii, vj if sj else 0] = C[vmi, vii, vj if sj else 0] + X[
+                                PB[vmo * mt + vmi] + OFF[PTR[vio] + vk] + vj] * D[PTR[vio] + vk, vii, vj]
+                for mi, ii in T.grid(mt, br):
+                    with T.sblock("epilogue"):
+                        vmi, vii = T.axis.remap("SS", [mi, ii])
+                        Y[vmo * mt + vmi, vio, vii] = act(epi_val(C, B, R, vmi, vmo * mt + vmi, vio, vii))
+
+    attrs = {"global_symbol": "main", "tir.noalias": True, "sparsecc.block": [br, bc], "sparsecc.m_tile": mt,
+             "sparsecc.kind": "conv_nhwc"}
+    # One signature per (bias, residual): TVMScript needs the handles spelled out.
+    if bias and residual:
+        @T.prim_func(s_tir=True)
+        def func(x_h: T.handle, pb_h: T.handle, d_h: T.handle, off_h: T.handle, ptr_h: T.handle,
+                 b_h: T.handle, r_h: T.handle, y_h: T.handle):
+            T.func_attr(attrs)
+            XN, MP, NB, NP, NNZB = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+            X = T.match_buffer(x_h, (XN,), "float32")
+            PB = T.match_buffer(pb_h, (MP,), "int32")
+            D = T.match_buffer(d_h, (NNZB, br, bc), "float32")
+            OFF = T.match_buffer(off_h, (NNZB,), "int32")
+            PTR = T.match_buffer(ptr_h, (NP,), "int32")
+            B = T.match_buffer(b_h, (NB, br), "float32")
+            R = T.match_buffer(r_h, (MP, NB, br), "float32")
+            Y = T.match_buffer(y_h, (MP, NB, br), "float32")
+            body(X, PB, D, OFF, PTR, B, R, Y, XN, MP, NB, NNZB)
+    elif bias:
+        @T.prim_func(s_tir=True)
+        def func(x_h: T.handle, pb_h: T.handle, d_h: T.handle, off_h: T.handle, ptr_h: T.handle,
+                 b_h: T.handle, y_h: T.handle):
+            T.func_attr(attrs)
+            XN, MP, NB, NP, NNZB = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+            X = T.match_buffer(x_h, (XN,), "float32")
+            PB = T.match_buffer(pb_h, (MP,), "int32")
+            D = T.match_buffer(d_h, (NNZB, br, bc), "float32")
+            OFF = T.match_buffer(off_h, (NNZB,), "int32")
+            PTR = T.match_buffer(ptr_h, (NP,), "int32")
+            B = T.match_buffer(b_h, (NB, br), "float32")
+            Y = T.match_buffer(y_h, (MP, NB, br), "float32")
+            body(X, PB, D, OFF, PTR, B, None, Y, XN, MP, NB, NNZB)
+    elif residual:
+        @T.prim_func(s_tir=True)
+        def func(x_h: T.handle, pb_h: T.handle, d_h: T.handle, off_h: T.handle, ptr_h: T.handle,
+                 r_h: T.handle, y_h: T.handle):
+            T.func_attr(attrs)
+            XN, MP, NB, NP, NNZB = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+            X = T.match_buffer(x_h, (XN,), "float32")
+            PB = T.match_buffer(pb_h, (MP,), "int32")
+            D = T.match_buffer(d_h, (NNZB, br, bc), "float32")
+            OFF = T.match_buffer(off_h, (NNZB,), "int32")
+            PTR = T.match_buffer(ptr_h, (NP,), "int32")
+            R = T.match_buffer(r_h, (MP, NB, br), "float32")
+            Y = T.match_buffer(y_h, (MP, NB, br), "float32")
+            body(X, PB, D, OFF, PTR, None, R, Y, XN, MP, NB, NNZB)
+    else:
+        @T.prim_func(s_tir=True)
+        def func(x_h: T.handle, pb_h: T.handle, d_h: T.handle, off_h: T.handle, ptr_h: T.handle,
+                 y_h: T.handle):
+            T.func_attr(attrs)
+            XN, MP, NB, NP, NNZB = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+            X = T.match_buffer(x_h, (XN,), "float32")
+            PB = T.match_buffer(pb_h, (MP,), "int32")
+            D = T.match_buffer(d_h, (NNZB, br, bc), "float32")
+            OFF = T.match_buffer(off_h, (NNZB,), "int32")
+            PTR = T.match_buffer(ptr_h, (NP,), "int32")
+            Y = T.match_buffer(y_h, (MP, NB, br), "float32")
+            body(X, PB, D, OFF, PTR, None, None, Y, XN, MP, NB, NNZB)
+    return func
+
+
+def bsr_conv1x1_nchw(block: tuple[int, int] = (1, 1), *, bias: bool = False, activation: str | None = None,
+                     hw_tile: int = 16):
+    """Unscheduled 1x1 stride-1 NCHW template: ``Y[n, co, :] = act(Σ W[co, ci] · X[n, ci, :] + b[co])``.
+
+    Block rows of ``br`` output channels (``bc == 1``: one input channel per
+    stored block; CSR is (1, 1)). The pixel loop is split into tiles of
+    ``hw_tile`` (the vector width); ``HW_p`` must be a multiple of it (the
+    caller pads X and Y along the pixels).
+
+    Arguments: ``X (NBATCH, C_in, HW_p)``, ``data (nnzb, br, 1)``, ``indices (nnzb,)
+    int32`` (input channel), ``indptr (NB + 1,) int32``, ``bias (NB, br)`` (with
+    ``bias=True``), ``Y (NBATCH, NB, br, HW_p)``.
+
+    Raises
+    ------
+    UnsupportedOpError
+        ``bc != 1``, a non-positive tile, or an unknown activation.
+    """
+    br, bc = int(block[0]), int(block[1])
+    ht = int(hw_tile)
+    if bc != 1 or br < 1 or ht < 1:
+        raise UnsupportedOpError(f"the NCHW 1x1 kernel takes blocks (br, 1) and a positive tile, got {(br, bc)}, {ht}")
+    act = conv_activation(activation)
+
+    def nchw_val(C, B, vio, vii, vhi):
+        return C[vii, vhi] if B is None else C[vii, vhi] + B[vio, vii]
+
+    @T.macro
+    def body(X, D, IND, PTR, B, Y, NBATCH, CIN, HWP, NB, NNZB):
+        for n, io, ho in T.grid(NBATCH, NB, HWP // ht):
+            with T.sblock("row"):
+                vn, vio, vho = T.axis.remap("SSS", [n, io, ho])
+                T.reads(X[vn, 0:CIN, vho * ht:vho * ht + ht], D[0:NNZB, 0:br, 0:1], IND[0:NNZB], PTR[vio:vio + 2])
+                T.writes(Y[vn, vio, 0:br, vho * ht:vho * ht + ht])
+                C = T.alloc_buffer((br, ht), "float32")
+                for ii, hi in T.grid(br, ht):
+                    with T.sblock("init"):
+                        vii, vhi = T.axis.remap("SS", [ii, hi])
+                        C[vii, vhi] = T.float32(0)
+                for k in T.serial(PTR[vio + 1] - PTR[vio]):
+                    for ii, hi in T.grid(br, ht):
+                        with T.sblock("compute"):
+                            vk, vii, vhi = T.axis.remap("RSS", [k, ii, hi])
+                            C[vii, vhi] = C[vii, vhi] + D[PTR[vio] + vk, vii, 0] * X[
+                                vn, IND[PTR[vio] + vk], vho * ht + vhi]
+                for ii, hi in T.grid(br, ht):
+                    with T.sblock("epilogue"):
+                        vii, vhi = T.axis.remap("SS", [ii, hi])
+                        Y[vn, vio, vii, vho * ht + vhi] = act(nchw_val(C, B, vio, vii, vhi))
+
+    attrs = {"global_symbol": "main", "tir.noalias": True, "sparsecc.block": [br, 1], "sparsecc.hw_tile": ht,
+             "sparsecc.kind": "conv1x1_nchw"}
+    if bias:
+        @T.prim_func(s_tir=True)
+        def func(x_h: T.handle, d_h: T.handle, ind_h: T.handle, ptr_h: T.handle, b_h: T.handle, y_h: T.handle):
+            T.func_attr(attrs)
+            NBATCH, CIN, HWP, NB, NP, NNZB = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+            X = T.match_buffer(x_h, (NBATCH, CIN, HWP), "float32")
+            D = T.match_buffer(d_h, (NNZB, br, 1), "float32")
+            IND = T.match_buffer(ind_h, (NNZB,), "int32")
+            PTR = T.match_buffer(ptr_h, (NP,), "int32")
+            B = T.match_buffer(b_h, (NB, br), "float32")
+            Y = T.match_buffer(y_h, (NBATCH, NB, br, HWP), "float32")
+            body(X, D, IND, PTR, B, Y, NBATCH, CIN, HWP, NB, NNZB)
+    else:
+        @T.prim_func(s_tir=True)
+        def func(x_h: T.handle, d_h: T.handle, ind_h: T.handle, ptr_h: T.handle, y_h: T.handle):
+            T.func_attr(attrs)
+            NBATCH, CIN, HWP, NB, NP, NNZB = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+            X = T.match_buffer(x_h, (NBATCH, CIN, HWP), "float32")
+            D = T.match_buffer(d_h, (NNZB, br, 1), "float32")
+            IND = T.match_buffer(ind_h, (NNZB,), "int32")
+            PTR = T.match_buffer(ptr_h, (NP,), "int32")
+            Y = T.match_buffer(y_h, (NBATCH, NB, br, HWP), "float32")
+            body(X, D, IND, PTR, None, Y, NBATCH, CIN, HWP, NB, NNZB)
+    return func

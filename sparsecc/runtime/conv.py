@@ -1,0 +1,288 @@
+"""Torch-facing sparse convolution: :class:`SparseConv2d` and its kernel cache.
+
+Layout handling lives here, so the compiled graph stays NCHW as torch sees it:
+
+* ``layout="nhwc"`` (every kernel size): the module reads its input as NHWC.
+  A ``channels_last`` NCHW tensor *is* NHWC in memory, so between consecutive
+  sparse convs (and torch's elementwise ops, pooling and dense convs, which keep
+  ``channels_last``) nothing is transposed. The output is returned as an NCHW
+  tensor with ``channels_last`` strides (a view of the kernel's NHWC output).
+  The only copy is into a zero-bordered, 64-byte aligned buffer when the conv
+  pads (or when the input is not channels_last/aligned). Offsets and pixel
+  bases (see :mod:`sparsecc.codegen.conv`) are computed once per input shape.
+* ``layout="nchw"`` (1x1, stride 1, no padding): the sparse-times-dense NCHW
+  kernel; contiguous NCHW in, contiguous NCHW out.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from sparsecc.errors import InputDtypeError, InputShapeError, UnsupportedOpError
+from sparsecc.formats import BlockSparseMatrix
+from sparsecc.runtime.kernels import _aligned, _aligned_empty, _target_key, load_or_build
+from sparsecc.sparsify.patterns import as_matrix
+
+__all__ = ["SparseConv2d", "conv_matrix", "get_conv_kernel"]
+
+_CACHE: dict[tuple, object] = {}
+_LOCK = threading.Lock()
+_ALIGN = 64
+
+
+def get_conv_kernel(kind: str, block: tuple[int, int], bias: bool, activation=None, residual: bool = False,
+                    target=None, params=None):
+    """Compiled conv kernel (``kind`` "nhwc" or "nchw1x1"), built once per process and machine.
+
+    Raises
+    ------
+    KernelBuildError
+        Unknown kind or a failed TVM build.
+    UnsupportedOpError
+        Unknown activation.
+    """
+    from sparsecc.targets import x86, x86_conv
+
+    target = target or x86.host_target()
+    block = (int(block[0]), int(block[1]))
+    key = (kind, block, bool(bias), activation, bool(residual), _target_key(target), params)
+    fn = _CACHE.get(key)
+    if fn is not None:
+        return fn
+    with _LOCK:
+        fn = _CACHE.get(key)
+        if fn is None:
+            sch = x86_conv.schedule_conv(kind, block, bias=bool(bias), activation=activation,
+                                         residual=bool(residual), target=target, params=params)
+            fn = load_or_build(sch, x86_conv.conv_kernel_name(kind, block, bias, activation, residual), target)
+            _CACHE[key] = fn
+        return fn
+
+
+def conv_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as a matrix: ``weight (C_out, C_in, kh, kw)`` -> ``(C_out, kh·kw·C_in)`` (``as_matrix``)."""
+    return as_matrix(weight)
+
+
+def _out_size(size: int, k: int, s: int, p: int) -> int:
+    return (size + 2 * p - k) // s + 1
+
+
+class SparseConv2d(torch.nn.Module):
+    """``act(conv2d(x, W, b, stride, padding) [+ residual])`` with a block-sparse ``W``, run by a TVM kernel.
+
+    Parameters
+    ----------
+    weight : Tensor (C_out, C_in, kh, kw)
+        Dense float32 weight holding the zeros (already pruned).
+    bias : Tensor (C_out,), optional
+    stride, padding : int or (int, int)
+    activation : {None, "relu", "relu6"}
+        Fused epilogue.
+    block : (br, bc)
+        BSR block of the matrix ``(C_out, kh·kw·C_in)``; (1, 1) = CSR.
+        ``bc > 1`` needs ``C_in % bc == 0``.
+    layout : {"nhwc", "nchw"}
+        Kernel family (see the module docstring); "nchw" only for 1x1 stride 1 unpadded convs.
+    residual : bool
+        ``forward(x, r)`` adds ``r`` (the conv's output shape) before the activation.
+    target : tvm.target.Target, optional
+        Default: the host.
+
+    Raises
+    ------
+    UnsupportedOpError
+        A layout, block or activation the kernels do not support (the message says which).
+    InputShapeError
+        Weight, bias or block of the wrong shape.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+                 activation: str | None = None, block=(16, 1), layout: str = "nhwc", residual: bool = False,
+                 target=None, name: str = "conv"):
+        super().__init__()
+        if weight.dim() != 4:
+            raise InputShapeError(f"{name}: conv weight must be (C_out, C_in, kh, kw), got {tuple(weight.shape)}")
+        if activation not in (None, "relu", "relu6"):
+            raise UnsupportedOpError(f"{name}: activation {activation!r} is not supported; "
+                                     "expected None, 'relu' or 'relu6'")
+        c_out, c_in, kh, kw = (int(v) for v in weight.shape)
+        self.stride = (stride, stride) if isinstance(stride, int) else tuple(int(s) for s in stride)
+        self.padding = (padding, padding) if isinstance(padding, int) else tuple(int(p) for p in padding)
+        self.kernel_size = (kh, kw)
+        self.c_in, self.c_out = c_in, c_out
+        self.layout = layout
+        self.activation = activation
+        self.residual = bool(residual)
+        self.target = target
+        self.layer = name
+        br, bc = int(block[0]), int(block[1])
+        if layout == "nchw":
+            if (kh, kw) != (1, 1) or self.stride != (1, 1) or self.padding != (0, 0):
+                raise UnsupportedOpError(f"{name}: the NCHW kernel runs 1x1 stride-1 unpadded convs only, "
+                                         f"got kernel {(kh, kw)}, stride {self.stride}, padding {self.padding}")
+            if bc != 1:
+                raise UnsupportedOpError(f"{name}: the NCHW kernel takes blocks (br, 1), got {(br, bc)}")
+            if residual:
+                raise UnsupportedOpError(f"{name}: the NCHW kernel has no residual epilogue")
+        elif layout != "nhwc":
+            raise UnsupportedOpError(f"{name}: layout must be 'nhwc' or 'nchw', got {layout!r}")
+        if bc > 1 and c_in % bc:
+            raise UnsupportedOpError(f"{name}: block {(br, bc)} needs C_in % {bc} == 0 (C_in = {c_in})")
+        mat = conv_matrix(weight.detach().to(torch.float32))
+        m = BlockSparseMatrix.from_dense(mat, (br, bc))  # raises InvalidSparsityError if the block does not tile
+        self.block = (br, bc)
+        self.density = m.density
+        self.format = m.format
+        data, indices = m.data.detach().to(torch.float32), m.indices.to(torch.int64)
+        if data.shape[0] == 0:  # nnzb == 0: indptr keeps the single dummy block unread
+            data, indices = torch.zeros(1, br, bc), torch.zeros(1, dtype=torch.int64)
+        self.register_buffer("data", _aligned(data.contiguous()))
+        self._col = indices * bc  # first column k of every stored block (decoded into offsets per shape)
+        self.register_buffer("indptr", _aligned(m.indptr.to(torch.int32).contiguous()))
+        if layout == "nchw":
+            self.register_buffer("indices", _aligned(self._col.to(torch.int32).contiguous()))
+        if bias is not None:
+            if tuple(bias.shape) != (c_out,):
+                raise InputShapeError(f"{name}: bias must have shape ({c_out},), got {tuple(bias.shape)}")
+            self.register_buffer("bias", _aligned(bias.detach().to(torch.float32).reshape(c_out // br, br)))
+        else:
+            self.bias = None
+        from sparsecc.targets.x86_conv import default_conv_params
+
+        self._params = default_conv_params(self.block, "nhwc" if layout == "nhwc" else "nchw1x1")
+        self._geom: dict[tuple, tuple] = {}  # (N, H, W) -> (off, pb, M, OH, OW)
+        self._fn = None
+
+    # ------------------------------------------------------------------ kernels
+    def _kernel(self):
+        if self._fn is None:
+            kind = "nhwc" if self.layout == "nhwc" else "nchw1x1"
+            self._fn = get_conv_kernel(kind, self.block, self.bias is not None, self.activation, self.residual,
+                                       self.target, self._params)
+        return self._fn
+
+    @property
+    def kernel_name(self) -> str:
+        from sparsecc.targets.x86_conv import conv_kernel_name
+
+        return conv_kernel_name("nhwc" if self.layout == "nhwc" else "nchw1x1", self.block, self.bias is not None,
+                                self.activation, self.residual)
+
+    def _geometry(self, n: int, h: int, w: int):
+        key = (n, h, w)
+        g = self._geom.get(key)
+        if g is not None:
+            return g
+        kh, kw = self.kernel_size
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        hp, wp = h + 2 * ph, w + 2 * pw
+        oh, ow = _out_size(h, kh, sh, ph), _out_size(w, kw, sw, pw)
+        c = self.c_in
+        if n * hp * wp * c >= 2 ** 31:
+            raise InputShapeError(f"{self.layer}: input {(n, c, h, w)} is too large for 32-bit offsets")
+        col = self._col
+        dh, rest = col // (kw * c), col % (kw * c)
+        dw, ci = rest // c, rest % c
+        off = _aligned(((dh * wp + dw) * c + ci).to(torch.int32))
+        mt = self._params.m_tile
+        m = n * oh * ow
+        mp = -(-max(m, 1) // mt) * mt
+        nn_, ohh, oww = torch.meshgrid(torch.arange(n), torch.arange(oh), torch.arange(ow), indexing="ij")
+        base = ((nn_ * hp + ohh * sh) * wp + oww * sw) * c
+        pb = torch.zeros(mp, dtype=torch.int32)
+        pb[:m] = base.reshape(-1).to(torch.int32)
+        g = (off, _aligned(pb), m, mp, oh, ow, hp, wp)
+        self._geom[key] = g
+        return g
+
+    # ------------------------------------------------------------------ forward
+    def _check(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise InputDtypeError(f"{self.layer}: expected a float32 tensor, got {type(x).__name__}")
+        if x.dtype != torch.float32:
+            raise InputDtypeError(f"{self.layer}: expected input dtype torch.float32, got {x.dtype}")
+        if x.device.type != "cpu":
+            raise InputDtypeError(f"{self.layer}: expected a CPU tensor, got device {x.device}")
+        if x.dim() != 4 or x.shape[1] != self.c_in:
+            raise InputShapeError(f"{self.layer}: expected input (N, {self.c_in}, H, W), got {tuple(x.shape)}")
+        kh, kw = self.kernel_size
+        if x.shape[2] + 2 * self.padding[0] < kh or x.shape[3] + 2 * self.padding[1] < kw:
+            raise InputShapeError(f"{self.layer}: input {tuple(x.shape)} is smaller than the kernel {(kh, kw)}")
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(x)
+        if self.residual and residual is None:
+            raise InputShapeError(f"{self.layer}: this conv fuses a residual add; call it as conv(x, residual)")
+        if self.layout == "nchw":
+            return self._forward_nchw(x)
+        n, c, h, w = (int(v) for v in x.shape)
+        off, pb, m, mp, oh, ow, hp, wp = self._geometry(n, h, w)
+        if m == 0:
+            return x.new_empty((n, self.c_out, oh, ow))
+        xh = x.permute(0, 2, 3, 1)  # NHWC view (contiguous when x is channels_last)
+        ph, pw = self.padding
+        if ph == 0 and pw == 0 and xh.is_contiguous() and xh.data_ptr() % _ALIGN == 0:
+            xp = xh
+        else:
+            xp = _aligned_empty((n, hp, wp, c))
+            if ph or pw:  # zero only the border
+                xp[:, :ph].zero_()
+                xp[:, hp - ph:].zero_()
+                xp[:, ph:hp - ph, :pw].zero_()
+                xp[:, ph:hp - ph, wp - pw:].zero_()
+            xp[:, ph:ph + h, pw:pw + w].copy_(xh)
+        y = _aligned_empty((mp, self.c_out))
+        br = self.block[0]
+        args = [xp.reshape(-1), pb, self.data, off, self.indptr]
+        if self.bias is not None:
+            args.append(self.bias)
+        if self.residual:
+            if tuple(residual.shape) != (n, self.c_out, oh, ow):
+                raise InputShapeError(f"{self.layer}: residual must have shape {(n, self.c_out, oh, ow)}, "
+                                      f"got {tuple(residual.shape)}")
+            rh = residual.permute(0, 2, 3, 1)
+            if mp == m and rh.is_contiguous() and rh.data_ptr() % _ALIGN == 0:
+                r = rh.reshape(mp, self.c_out)
+            else:
+                r = _aligned_empty((mp, self.c_out))
+                r[:m].view(n, oh, ow, self.c_out).copy_(rh)
+                r[m:].zero_()
+            args.append(r.view(mp, self.c_out // br, br))
+        args.append(y.view(mp, self.c_out // br, br))
+        with torch.no_grad():
+            self._kernel()(*args)
+        return y[:m].view(n, oh, ow, self.c_out).permute(0, 3, 1, 2)
+
+    def _forward_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = (int(v) for v in x.shape)
+        hw = h * w
+        if n * hw == 0:
+            return x.new_empty((n, self.c_out, h, w))
+        ht = self._params.hw_tile
+        hwp = -(-hw // ht) * ht
+        x3 = x.reshape(n, c, hw)
+        if hwp != hw:
+            xp = _aligned_empty((n, c, hwp))
+            xp[..., :hw].copy_(x3)
+            xp[..., hw:].zero_()
+        else:
+            xp = _aligned(x3.contiguous())
+        br = self.block[0]
+        y = _aligned_empty((n, self.c_out, hwp))
+        args = [xp, self.data, self.indices, self.indptr]
+        if self.bias is not None:
+            args.append(self.bias)
+        args.append(y.view(n, self.c_out // br, br, hwp))
+        with torch.no_grad():
+            self._kernel()(*args)
+        if hwp != hw:
+            y = y[..., :hw]
+        return y.reshape(n, self.c_out, h, w)
+
+    def extra_repr(self) -> str:
+        return (f"{self.c_in}, {self.c_out}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, block={self.block}, layout={self.layout}, density={self.density:.3f}, "
+                f"bias={self.bias is not None}, activation={self.activation}, residual={self.residual}")

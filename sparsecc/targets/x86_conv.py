@@ -1,0 +1,113 @@
+"""x86 schedule rules for the sparse convolution templates of :mod:`sparsecc.codegen.conv`.
+
+The NHWC implicit-im2col template has the loop structure of the BSR linear
+template (blocks "row", "init", "compute", "epilogue", compute loops
+``k, j, mi, ii``), so it reuses the linear rules of :mod:`sparsecc.targets.x86`
+(vectorize along ``br`` for ``(br, 1)`` blocks, along ``bc`` for row blocks,
+scalar FMAs over a pixel tile for CSR). The NCHW 1x1 template gets its own
+rule: vectorize along the pixel tile, unroll the block's output channels.
+
+Rules return a ``tvm.s_tir.Schedule`` or None when they do not apply (dlight style).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+import tvm.s_tir
+
+from sparsecc.codegen.conv import bsr_conv1x1_nchw, bsr_conv_nhwc
+from sparsecc.errors import KernelBuildError
+from sparsecc.targets import x86
+
+__all__ = ["ConvParams", "conv_kernel_name", "default_conv_params", "schedule_conv"]
+
+#: Kernel families: the implicit-im2col NHWC conv and the 1x1 NCHW conv.
+KINDS = ("nhwc", "nchw1x1")
+
+
+@dataclass(frozen=True)
+class ConvParams:
+    """Tile sizes of the conv rules (knobs of a later tuner).
+
+    Attributes
+    ----------
+    m_tile : int
+        Output pixels per register tile (NHWC).
+    hw_tile : int
+        Pixels per vector tile (NCHW 1x1); the pixel count is padded to it.
+    """
+
+    m_tile: int = 8
+    hw_tile: int = 16
+
+
+def default_conv_params(block: tuple[int, int], kind: str) -> ConvParams:
+    """Hand-picked tiles (measured with ``benchmarks/conv.py``, see its results).
+
+    NHWC: 8 pixels x one block row (for 16x1: 8 zmm accumulators); the
+    accumulator must stay under TVM's 1024-byte stack limit (see
+    :func:`sparsecc.targets.x86.default_params`). NCHW: one AVX-512 vector of
+    pixels (16 floats) x ``br`` channels.
+    """
+    br, bc = block
+    if kind == "nhwc":
+        mt = 8
+        while mt > 1 and mt * br * bc * 4 > 1024:
+            mt //= 2
+        return ConvParams(m_tile=mt)
+    return ConvParams(hw_tile=16 if x86.target_vector_bits() >= 512 else 8)
+
+
+def conv_kernel_name(kind: str, block: tuple[int, int], bias: bool, activation, residual: bool = False) -> str:
+    br, bc = block
+    fmt = "csr" if (br, bc) == (1, 1) else f"bsr_{br}x{bc}"
+    return (f"conv_{kind}_{fmt}" + ("_bias" if bias else "") + ("_res" if residual else "")
+            + (f"_{activation}" if activation else ""))
+
+
+def rule_nchw1x1(func, target=None, params: ConvParams = ConvParams()):
+    """NCHW 1x1: vectorize the pixel tile, unroll the block rows, parallelize (n, block row, pixel tile)."""
+    if str(func.attrs.get("sparsecc.kind", "")) != "conv1x1_nchw":
+        return None
+    sch = tvm.s_tir.Schedule(func, enable_check=False)
+    k, ii, hi = sch.get_loops(sch.get_sblock("compute"))
+    sch.unroll(ii)
+    sch.vectorize(hi)
+    for blk in ("init", "epilogue"):
+        ii, hi = sch.get_loops(sch.get_sblock(blk))[-2:]
+        sch.unroll(ii)
+        sch.vectorize(hi)
+    sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("row"))))
+    return sch
+
+
+def schedule_conv(kind: str, block, *, bias: bool, activation=None, residual: bool = False, target=None,
+                  params: ConvParams | None = None) -> tvm.s_tir.Schedule:
+    """Template + the first applicable x86 rule for a conv kernel.
+
+    Raises
+    ------
+    KernelBuildError
+        Unknown kind, or no rule applies.
+    """
+    block = (int(block[0]), int(block[1]))
+    params = params or default_conv_params(block, kind)
+    if kind == "nhwc":
+        func = bsr_conv_nhwc(block, bias=bias, activation=activation, residual=residual, m_tile=params.m_tile)
+        lp = x86.ScheduleParams(m_tile=params.m_tile, m_outer=True)
+        for rule in x86.RULES:
+            sch = rule(func, target, lp)
+            if sch is not None:
+                return sch
+    elif kind == "nchw1x1":
+        if residual:
+            raise KernelBuildError("the NCHW 1x1 conv kernel has no residual epilogue")
+        func = bsr_conv1x1_nchw(block, bias=bias, activation=activation, hw_tile=params.hw_tile)
+        sch = rule_nchw1x1(func, target, params)
+        if sch is not None:
+            return sch
+    else:
+        raise KernelBuildError(f"unknown conv kernel kind {kind!r}; expected one of {KINDS}")
+    raise KernelBuildError(f"no x86 conv schedule rule applies to {kind} block {block}")
