@@ -1,0 +1,174 @@
+"""TensorIR template for ``Y = act(X @ W.T + b)`` with an N:M-sparse ``W`` (N:M along K).
+
+The N:M structure is static: every row of ``W`` (N, K) stores ``G·n`` values
+(``G = ceil(K / m)`` groups of ``m`` columns, ``n`` slots each, see
+:class:`~sparsecc.formats.NMSparseMatrix`), so unlike BSR/CSR no loop extent
+depends on the data; only the column read from ``X`` does (the packed
+position of each slot).
+
+Layouts (the kernel's, built by :class:`~sparsecc.runtime.nm.NMLinear`):
+
+* ``XT (MT, Kp, mt)``: X transposed in tiles of ``mt`` rows (``MT = Mp / mt``,
+  ``Kp = G·m``, padded rows and columns are zero). One slot of W multiplies a
+  contiguous ``mt``-vector of ``XT`` (the kernel vectorizes along M), because
+  the column a slot reads differs from row to row of W, so vectorizing along N
+  would need a gather per FMA.
+* ``V (NR, G·n, rt)``: values in tiles of ``rt`` rows of W, the ``rt`` rows of
+  one slot contiguous (one stream per tile instead of ``rt``).
+* ``P``, the index of every slot, in one of two modes:
+
+  - ``index="column"`` (what :class:`~sparsecc.runtime.nm.NMLinear` uses):
+    ``P (NR, G·n, rt)`` int16 (int32 when ``Kp > 32767``), the column in the
+    padded K of each slot. One index load per FMA.
+  - ``index="packed"``: ``P (NR, G, rt)``, the format's packed byte per (row,
+    group); slot ``s`` sits at bits ``[s·b, s·b + b)``; decoded with a shift and
+    a mask per slot. 8x less index memory, but the decode (LLVM vectorizes it,
+    then extracts every lane) cost 1.2-1.3x kernel time at M = 16 on the BERT
+    shapes (``int16`` columns: 0.38-0.48 of torch dense, packed: 0.54-0.81, one
+    thread, interleaved medians).
+* ``B (NR, rt)`` bias, ``Y (MT, mt, NR, rt)`` = the (Mp, Np) row-major output.
+
+Loop structure (unscheduled)::
+
+    for mo, ro in grid(MT, NR):                      # block "row"
+        C = alloc (rt, mt)                           # register tile
+        for g, s, r, mi in grid(G, n, rt, mt):       # block "compute"
+            C[r, mi] += XT[mo, col(ro, g, s, r), mi] * V[ro, g*n + s, r]
+        for mi, r in grid(mt, rt):                   # block "epilogue"
+            Y[mo, mi, ro, r] = act(C[r, mi] + B[ro, r])
+
+Arguments of the built function, in order: ``XT, V, P, [B], Y``. ``G`` is
+static (one build per K and pattern), ``MT`` and ``NR`` are symbolic.
+
+Source: the X-stationary vector-along-M formulation is the CPU SpMM of
+"SparseRT"/LIBXSMM-style sparse-dense kernels (each nonzero of the sparse
+operand scales a contiguous row of the dense one); the N:M pattern is NVIDIA's
+(Mishra et al., "Accelerating Sparse Deep Neural Networks", 2021).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm.script import tirx as T
+
+from sparsecc.codegen.linear import _activation
+from sparsecc.errors import UnsupportedOpError
+
+__all__ = ["INDEX_MODES", "column_dtype", "nm_linear"]
+
+INDEX_MODES = ("column", "packed")
+
+
+def column_dtype(kp: int) -> str:
+    """Integer dtype of the "column" index for a padded K of ``kp``: int16 up to 32767, else int32."""
+    return "int16" if kp <= 32767 else "int32"
+
+
+def _meta_dtype(n: int, bits: int) -> str:
+    total = n * bits
+    return "uint8" if total <= 8 else "int16" if total <= 15 else "int32"
+
+
+def nm_linear(n: int, m: int, groups: int, *, bias: bool = False, activation: str | None = None,
+              m_tile: int = 16, r_tile: int = 8, index: str = "column"):
+    """Unscheduled N:M template (a ``tvm.tirx.PrimFunc``).
+
+    Parameters
+    ----------
+    n, m : int
+        The pattern (at most ``n`` nonzeros in every ``m`` consecutive columns).
+    groups : int
+        G = ceil(K / m), static.
+    bias : bool
+        Whether the function takes a bias argument ``B (NR, rt)``.
+    activation : {None, "relu", "gelu"}
+        Fused epilogue (exact GELU through the vectorizable ``fast_erf``).
+    m_tile : int
+        ``mt``, rows of X per tile (the vector axis of the gemm schedule).
+    r_tile : int
+        ``rt``, rows of W per tile (independent accumulators).
+    index : {"column", "packed"}
+        How ``P`` names the column of each slot (see the module docstring).
+
+    Raises
+    ------
+    UnsupportedOpError
+        Non-positive sizes, ``n >= m``, an unknown index mode or activation.
+    """
+    n, m, G, mt, rt = int(n), int(m), int(groups), int(m_tile), int(r_tile)  # noqa: N806
+    if not (0 < n < m) or G < 1 or mt < 1 or rt < 1:
+        raise UnsupportedOpError(f"N:M template needs 0 < n < m and positive sizes, got {n}:{m}, G={G}, "
+                                 f"m_tile={mt}, r_tile={rt}")
+    if index not in INDEX_MODES:
+        raise UnsupportedOpError(f"index mode {index!r} is not supported; expected one of {INDEX_MODES}")
+    bits = max(1, (m - 1).bit_length())
+    mask = (1 << bits) - 1
+    act = _activation(activation)
+    GN, KP = G * n, G * m  # noqa: N806
+    packed = index == "packed"
+    p_shape = (G, rt) if packed else (GN, rt)
+    pdt = _meta_dtype(n, bits) if packed else column_dtype(KP)
+
+    def col(P, vro, vg, vs, vr):
+        if packed:
+            return vg * m + T.bitwise_and(T.shift_right(T.Cast("int32", P[vro, vg, vr]), vs * bits), mask)
+        return T.Cast("int32", P[vro, vg * n + vs, vr])
+
+    def bias_val(B, vro, vr):
+        return T.float32(0) if B is None else B[vro, vr]
+
+    def row_reads(XT, V, P, B, vmo, vro):
+        regions = [XT[vmo, 0:KP, 0:mt], V[vro, 0:GN, 0:rt], P[vro, 0:p_shape[0], 0:rt]]
+        return regions if B is None else regions + [B[vro, 0:rt]]
+
+    @T.macro
+    def body(XT, V, P, B, Y, MT, NR):
+        for mo, ro in T.grid(MT, NR):
+            with T.sblock("row"):
+                vmo, vro = T.axis.remap("SS", [mo, ro])
+                T.reads(row_reads(XT, V, P, B, vmo, vro))
+                T.writes(Y[vmo, 0:mt, vro, 0:rt])
+                C = T.alloc_buffer((rt, mt), "float32")
+                for r, mi in T.grid(rt, mt):
+                    with T.sblock("init"):
+                        vr, vmi = T.axis.remap("SS", [r, mi])
+                        C[vr, vmi] = T.float32(0)
+                for g, s, r, mi in T.grid(G, n, rt, mt):
+                    with T.sblock("compute"):
+                        vg, vs, vr, vmi = T.axis.remap("RRSS", [g, s, r, mi])
+                        C[vr, vmi] = C[vr, vmi] + XT[vmo, col(P, vro, vg, vs, vr), vmi] * V[vro, vg * n + vs, vr]
+                for mi, r in T.grid(mt, rt):
+                    with T.sblock("epilogue"):
+                        vmi, vr = T.axis.remap("SS", [mi, r])
+                        Y[vmo, vmi, vro, vr] = act(C[vr, vmi] + bias_val(B, vro, vr))
+
+    attrs = {"global_symbol": "main", "tir.noalias": True, "sparsecc.nm": [n, m], "sparsecc.m_tile": mt,
+             "sparsecc.r_tile": rt, "sparsecc.index": index}
+    if bias:
+
+        @T.prim_func(s_tir=True)
+        def func(xt_h: T.handle, v_h: T.handle, p_h: T.handle, b_h: T.handle, y_h: T.handle):
+            T.func_attr(attrs)
+            MT = T.int32()
+            NR = T.int32()
+            XT = T.match_buffer(xt_h, (MT, KP, mt), "float32")
+            V = T.match_buffer(v_h, (NR, GN, rt), "float32")
+            P = T.match_buffer(p_h, (NR, p_shape[0], rt), pdt)
+            B = T.match_buffer(b_h, (NR, rt), "float32")
+            Y = T.match_buffer(y_h, (MT, mt, NR, rt), "float32")
+            body(XT, V, P, B, Y, MT, NR)
+
+    else:
+
+        @T.prim_func(s_tir=True)
+        def func(xt_h: T.handle, v_h: T.handle, p_h: T.handle, y_h: T.handle):
+            T.func_attr(attrs)
+            MT = T.int32()
+            NR = T.int32()
+            XT = T.match_buffer(xt_h, (MT, KP, mt), "float32")
+            V = T.match_buffer(v_h, (NR, GN, rt), "float32")
+            P = T.match_buffer(p_h, (NR, p_shape[0], rt), pdt)
+            Y = T.match_buffer(y_h, (MT, mt, NR, rt), "float32")
+            body(XT, V, P, None, Y, MT, NR)
+
+    return func

@@ -1,0 +1,239 @@
+"""N:M sparse linear kernels: build cache and the torch-facing :class:`NMLinear` module.
+
+Kernels come from :mod:`sparsecc.codegen.nm` scheduled by
+:mod:`sparsecc.targets.x86_nm`, built through
+:func:`sparsecc.runtime.kernels.load_or_build` (the disk cache all kernel
+families share) and kept per process.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from sparsecc.errors import InputDtypeError, InputShapeError, InvalidSparsityError, UnsupportedOpError
+from sparsecc.formats import NMSparseMatrix
+from sparsecc.runtime.kernels import _ALIGN, _aligned, _aligned_empty, _target_key, load_or_build
+
+__all__ = ["NMLinear", "get_nm_kernel", "nm_kernel_name", "pack_nm"]
+
+_CACHE: dict[tuple, object] = {}
+_LOCK = threading.Lock()
+
+
+def nm_kernel_name(n: int, m: int, regime: str, bias: bool, activation: str | None) -> str:
+    return f"nm_{n}x{m}_{regime}" + ("_bias" if bias else "") + (f"_{activation}" if activation else "")
+
+
+def get_nm_kernel(n: int, m: int, groups: int, regime: str, bias: bool, activation: str | None = None,
+                  target=None, params=None):
+    """Compiled N:M kernel (packed function) for pattern ``n:m`` with ``groups`` = ceil(K / m) and ``regime``.
+
+    Arguments of the returned function: ``XT (MT, G·m, mt)``, ``V (NR, G·n, rt)``,
+    ``P (NR, G, rt)``, [``B (NR, rt)``], ``Y (MT, mt, NR, rt)``, all 64-byte
+    aligned and contiguous (see :mod:`sparsecc.codegen.nm` and :func:`pack_nm`).
+
+    Raises
+    ------
+    UnsupportedOpError
+        Unknown activation.
+    KernelBuildError
+        The TVM build failed.
+    """
+    from sparsecc.targets import x86, x86_nm
+
+    if activation not in (None, "relu", "gelu"):
+        raise UnsupportedOpError(f"activation {activation!r} is not supported; expected None, 'relu' or 'gelu'")
+    target = target or x86.host_target()
+    params = params or x86_nm.default_nm_params(regime, target=target)
+    key = (int(n), int(m), int(groups), regime, bool(bias), activation, _target_key(target), params)
+    fn = _CACHE.get(key)
+    if fn is not None:
+        return fn
+    with _LOCK:
+        fn = _CACHE.get(key)
+        if fn is None:
+            sch = x86_nm.schedule_nm(n, m, groups, regime, bias=bool(bias), activation=activation, target=target,
+                                     params=params)
+            fn = load_or_build(sch, nm_kernel_name(n, m, regime, bool(bias), activation), target)
+            _CACHE[key] = fn
+        return fn
+
+
+def pack_nm(matrix: NMSparseMatrix, r_tile: int, index: str = "column") -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel layout of ``matrix``, N padded to a multiple of ``rt``.
+
+    Returns
+    -------
+    V : Tensor (NR, G·n, rt) float32
+    P : Tensor (NR, G·n, rt) int16/int32 columns (``index="column"``) or
+        (NR, G, rt) packed positions (``index="packed"``).
+
+    Padded rows hold zero values and column 0 (they produce zeros that the
+    caller slices off).
+    """
+    from sparsecc.codegen.nm import column_dtype
+
+    rows = matrix.shape[0]
+    rt = int(r_tile)
+    nr = -(-rows // rt)
+    g, gn = matrix.groups, matrix.groups * matrix.n
+    v = torch.zeros(nr * rt, gn, dtype=torch.float32)
+    v[:rows] = matrix.values
+    if index == "packed":
+        p = torch.zeros(nr * rt, g, dtype=matrix.meta.dtype)
+        p[:rows] = matrix.meta
+    elif index == "column":
+        cdt = torch.int16 if column_dtype(g * matrix.m) == "int16" else torch.int32
+        p = torch.zeros(nr * rt, gn, dtype=cdt)
+        p[:rows] = matrix.columns().to(cdt)
+    else:
+        raise UnsupportedOpError(f"index mode {index!r} is not supported; expected 'column' or 'packed'")
+    v = v.view(nr, rt, gn).permute(0, 2, 1).contiguous()
+    p = p.view(nr, rt, p.shape[1]).permute(0, 2, 1).contiguous()
+    return v, p
+
+
+class NMLinear(torch.nn.Module):
+    """``act(x @ W.T + b)`` with ``W`` N:M sparse along K, run by a TVM kernel.
+
+    Inputs of any leading shape ``(..., K)`` (e.g. a batch of sequences
+    ``(B, S, K)`` sharing the weight): the leading dims are folded into
+    ``M = B·S`` rows, transposed into tiles of ``m_tile`` rows of X (the last
+    tile padded with zeros), so a batch costs one kernel call and the weight is
+    streamed once per M tile, not once per sequence. Non-contiguous inputs are
+    read through their strides by that transposing copy.
+
+    Parameters
+    ----------
+    matrix : NMSparseMatrix
+        W: (N, K).
+    bias : Tensor (N,), optional
+    activation : {None, "relu", "gelu"}
+    target : tvm.target.Target, optional
+        Default: the host CPU.
+    eager : bool
+        Build both regimes' kernels now instead of at the first call.
+
+    Raises
+    ------
+    InvalidSparsityError
+        ``matrix`` is not an :class:`NMSparseMatrix`.
+    UnsupportedOpError
+        Unknown activation.
+    InputShapeError
+        Bias of the wrong shape.
+    """
+
+    def __init__(self, matrix: NMSparseMatrix, bias: torch.Tensor | None = None, activation: str | None = None,
+                 target=None, eager: bool = False, params: dict | None = None):
+        super().__init__()
+        from sparsecc.targets import x86, x86_nm
+
+        if not isinstance(matrix, NMSparseMatrix):
+            raise InvalidSparsityError(f"NMLinear needs an NMSparseMatrix, got {type(matrix).__name__}")
+        if activation not in (None, "relu", "gelu"):
+            raise UnsupportedOpError(f"activation {activation!r} is not supported; expected None, 'relu' or 'gelu'")
+        n_out, k = matrix.shape
+        self.shape = (n_out, k)
+        self.n, self.m = matrix.n, matrix.m
+        self.groups = matrix.groups
+        self.format = "nm"
+        self.pattern = matrix.pattern
+        self.block = None
+        self.density = matrix.density
+        self.activation = activation
+        self.target = target or x86.host_target()
+        self.params = dict(params) if params else {r: x86_nm.default_nm_params(r, target=self.target)
+                                                   for r in ("gemv", "gemm")}
+        layouts = {(p.r_tile, p.index) for p in self.params.values()}
+        if len(layouts) != 1:
+            raise UnsupportedOpError(f"both regimes must share r_tile and index (one weight layout), got {layouts}")
+        self.r_tile, self.index = layouts.pop()
+        v, p = pack_nm(matrix, self.r_tile, self.index)
+        self.register_buffer("values", _aligned(v))
+        self.register_buffer("meta", _aligned(p))
+        self.n_padded = v.shape[0] * self.r_tile
+        if bias is not None:
+            if tuple(bias.shape) != (n_out,):
+                raise InputShapeError(f"bias must have shape ({n_out},), got {tuple(bias.shape)}")
+            b = torch.zeros(self.n_padded, dtype=torch.float32)
+            b[:n_out] = bias.detach().to(torch.float32)
+            self.register_buffer("bias", _aligned(b.view(-1, self.r_tile)))
+        else:
+            self.bias = None
+        self._kernels: dict[str, object] = {}
+        if eager:
+            for regime in ("gemv", "gemm"):
+                self._kernel(regime)
+
+    def _kernel(self, regime: str):
+        fn = self._kernels.get(regime)
+        if fn is None:
+            fn = get_nm_kernel(self.n, self.m, self.groups, regime, self.bias is not None, self.activation,
+                               self.target, self.params[regime])
+            self._kernels[regime] = fn
+        return fn
+
+    @property
+    def kernel_name(self) -> str:
+        return nm_kernel_name(self.n, self.m, "gemm", self.bias is not None, self.activation)
+
+    def _transpose_x(self, x2: torch.Tensor, mt: int) -> torch.Tensor:
+        """XT (MT, Kp, mt): x2 (M, K) transposed in tiles of ``mt`` rows, zero-padded."""
+        m, k = x2.shape
+        kp = self.groups * self.m
+        mtiles = -(-m // mt)
+        if mt == 1 and kp == k:
+            return _aligned(x2).view(m, k, 1)
+        xt = _aligned_empty((mtiles, kp, mt))
+        view = xt.permute(0, 2, 1)  # (MT, mt, Kp)
+        full = m // mt
+        if full:
+            view[:full, :, :k].copy_(x2[:full * mt].reshape(full, mt, k))
+        rem = m - full * mt
+        if rem:
+            view[full, :rem, :k].copy_(x2[full * mt:])
+            view[full, rem:, :].zero_()
+        if kp != k:
+            view[:, :, k:].zero_()
+        return xt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n_out, k = self.shape
+        if not isinstance(x, torch.Tensor):
+            raise InputDtypeError(f"expected a float32 tensor, got {type(x).__name__}")
+        if x.dtype != torch.float32:
+            raise InputDtypeError(f"expected input dtype torch.float32, got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != k:
+            raise InputShapeError(f"expected input of shape (..., {k}), got {tuple(x.shape)}")
+        if x.device.type != "cpu":
+            raise InputDtypeError(f"expected a CPU tensor, got device {x.device}")
+        lead = tuple(x.shape[:-1])
+        x2 = x.reshape(-1, k)
+        m = x2.shape[0]
+        if m == 0:
+            return x.new_empty(lead + (n_out,))
+        regime = "gemm" if m >= 8 else "gemv"
+        mt = self.params[regime].m_tile
+        xt = self._transpose_x(x2, mt)
+        mp = xt.shape[0] * mt
+        y = torch.empty(mp, self.n_padded, dtype=torch.float32)
+        if y.data_ptr() % _ALIGN:
+            y = _aligned_empty((mp, self.n_padded))
+        fn = self._kernel(regime)
+        y4 = y.view(xt.shape[0], mt, -1, self.r_tile)
+        with torch.no_grad():
+            if self.bias is not None:
+                fn(xt, self.values, self.meta, self.bias, y4)
+            else:
+                fn(xt, self.values, self.meta, y4)
+        y = y[:m]
+        if self.n_padded != n_out:
+            y = y[:, :n_out].contiguous()
+        return y.view(lead + (n_out,))
+
+    def extra_repr(self) -> str:
+        return (f"shape={self.shape}, pattern={self.pattern}, density={self.density:.3f}, "
+                f"bias={self.bias is not None}, activation={self.activation}, r_tile={self.r_tile}")

@@ -1,0 +1,117 @@
+"""x86 schedule rules for the N:M template (:mod:`sparsecc.codegen.nm`).
+
+Same conventions as :mod:`sparsecc.targets.x86`: a rule takes the unscheduled
+template (built with the rule's tiles, see :func:`nm_template_for`) and returns
+a ``tvm.s_tir.Schedule`` or ``None``; tile sizes are plain parameters
+(:class:`NMScheduleParams`) that a tuner can turn into knobs.
+
+Regimes:
+
+* ``"gemm"`` (M ≥ 8): a register tile of ``r_tile`` rows of W x ``m_tile``
+  rows of X; every stored value is broadcast and multiplies an ``m_tile``
+  vector of X^T (vectorized along M), ``r_tile`` independent accumulators.
+* ``"gemv"`` (M < 8): ``m_tile = 1``; vectorized along the ``r_tile`` rows of
+  W, the X values gathered by position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+import tvm.s_tir
+
+from sparsecc.codegen.nm import nm_linear
+from sparsecc.errors import KernelBuildError
+from sparsecc.targets.x86 import REGIMES, target_vector_bits
+
+__all__ = ["NMScheduleParams", "default_nm_params", "nm_template_for", "schedule_nm"]
+
+
+@dataclass(frozen=True)
+class NMScheduleParams:
+    """Tile sizes of the N:M rules (the knobs of a later autotuner)."""
+
+    m_tile: int = 16
+    r_tile: int = 8
+    index: str = "column"  # "column" (int16 column per slot) or "packed" (the format's bits, decoded in the kernel)
+
+
+def default_nm_params(regime: str, m: int | None = None, target=None) -> NMScheduleParams:
+    """Hand-picked tiles (measured with ``benchmarks/kernels.py --section nm``).
+
+    ``m``: rows of X of the call, when known; in the gemm regime an M at or
+    below one vector keeps ``m_tile`` at one vector of floats (16 with AVX-512).
+    """
+    lanes = max(4, target_vector_bits(target) // 32)
+    if regime == "gemv":
+        return NMScheduleParams(m_tile=1, r_tile=8)
+    return NMScheduleParams(m_tile=lanes, r_tile=8)
+
+
+def nm_template_for(n: int, m: int, groups: int, regime: str, *, bias: bool, activation,
+                    params: NMScheduleParams | None = None):
+    params = params or default_nm_params(regime)
+    return nm_linear(n, m, groups, bias=bias, activation=activation, m_tile=params.m_tile, r_tile=params.r_tile,
+                     index=params.index)
+
+
+def _finish(sch: tvm.s_tir.Schedule) -> tvm.s_tir.Schedule:
+    sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("row"))))  # parallel last (see tvm notes)
+    return sch
+
+
+def rule_nm_gemm(func, target=None):
+    """Vectorize along the M tile, unroll slots and the rows of the W tile."""
+    if int(func.attrs["sparsecc.m_tile"]) == 1:
+        return None
+    sch = tvm.s_tir.Schedule(func, enable_check=False)
+    g, s, r, mi = sch.get_loops(sch.get_sblock("compute"))
+    sch.vectorize(mi)
+    sch.unroll(r)
+    sch.unroll(s)
+    r0, mi0 = sch.get_loops(sch.get_sblock("init"))[-2:]
+    sch.vectorize(mi0)
+    sch.unroll(r0)
+    emi, er = sch.get_loops(sch.get_sblock("epilogue"))[-2:]
+    sch.vectorize(er)
+    sch.unroll(emi)
+    return _finish(sch)
+
+
+def rule_nm_gemv(func, target=None):
+    """M tile of 1: vectorize along the rows of the W tile (X gathered by position)."""
+    if int(func.attrs["sparsecc.m_tile"]) != 1:
+        return None
+    sch = tvm.s_tir.Schedule(func, enable_check=False)
+    g, s, r, mi = sch.get_loops(sch.get_sblock("compute"))
+    sch.vectorize(r)
+    sch.unroll(s)
+    r0, mi0 = sch.get_loops(sch.get_sblock("init"))[-2:]
+    sch.vectorize(r0)
+    emi, er = sch.get_loops(sch.get_sblock("epilogue"))[-2:]
+    sch.vectorize(er)
+    return _finish(sch)
+
+
+NM_RULES = (rule_nm_gemm, rule_nm_gemv)
+
+
+def schedule_nm(n: int, m: int, groups: int, regime: str, *, bias: bool, activation=None, target=None,
+                params: NMScheduleParams | None = None) -> tvm.s_tir.Schedule:
+    """Template + the first applicable N:M rule for ``regime``.
+
+    Raises
+    ------
+    KernelBuildError
+        Unknown regime or no rule applies.
+    """
+    if regime not in REGIMES:
+        raise KernelBuildError(f"unknown regime {regime!r}; expected one of {REGIMES}")
+    params = params or default_nm_params(regime, target=target)
+    func = nm_template_for(n, m, groups, regime, bias=bias, activation=activation, params=params)
+    for rule in NM_RULES:
+        sch = rule(func, target)
+        if sch is not None:
+            return sch
+    raise KernelBuildError(f"no x86 schedule rule applies to N:M {n}:{m} ({regime}, {params})")
