@@ -25,7 +25,8 @@ from sparsecc.errors import InvalidArgumentError
 from sparsecc.fileio import atomic_path
 from sparsecc.runtime.kernels import cache_root
 
-__all__ = ["DigitsCNN", "FashionCNN", "PRETRAINED", "accuracy", "pretrained", "pretrained_path", "train"]
+__all__ = ["BasicBlock", "Bottleneck", "DigitsCNN", "FashionCNN", "PRETRAINED", "ResNetCNN", "accuracy", "pretrained",
+           "pretrained_path", "randomize_batchnorm", "resnet18_like", "train"]
 
 
 class FashionCNN(nn.Module):
@@ -317,3 +318,138 @@ def pretrained(name: str, progress: bool = False) -> nn.Module:
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"recipe": json.dumps(r, sort_keys=True), "torch": torch.__version__})
     return model
+
+
+# -- ResNet-style CNN (issue #4: sparse convolutions) ---------------------------------
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: ``relu(bn2(conv3x3(relu(bn1(conv3x3_s(x))))) + shortcut(x))``.
+
+    The shortcut is a 1x1 stride-``s`` conv + BN when the shape changes (He et
+    al., "Deep Residual Learning for Image Recognition", CVPR 2016, option B).
+    """
+
+    expansion = 1
+
+    def __init__(self, c_in: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.downsample = None
+        if stride != 1 or c_in != width:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck: 1x1 reduce, 3x3 (stride ``s``), 1x1 expand (x4), plus shortcut."""
+
+    expansion = 4
+
+    def __init__(self, c_in: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        c_out = width * self.expansion
+        self.conv1 = nn.Conv2d(c_in, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, c_out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU()
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNetCNN(nn.Module):
+    """A ResNet-style CNN: stem, four stages of residual blocks (stride 2 from the second), pool, fc.
+
+    Parameters
+    ----------
+    block : {"basic", "bottleneck"}
+    layers : 4 ints
+        Blocks per stage; ``(2, 2, 2, 2)`` with basic blocks is ResNet-18's layout.
+    widths : 4 ints
+        Channels of each stage (basic) or of its 3x3 convs (bottleneck).
+    num_classes : int
+    stem : {"7x7", "3x3"}
+        ``"7x7"``: 7x7 stride-2 conv + 3x3 stride-2 max pool (ImageNet inputs,
+        224x224 -> 56x56); ``"3x3"``: one 3x3 stride-1 conv (small test images).
+    in_channels : int
+
+    Input ``x: (N, in_channels, H, W)``, output logits ``(N, num_classes)``.
+    """
+
+    def __init__(self, block: str = "basic", layers=(2, 2, 2, 2), widths=(64, 128, 256, 512),
+                 num_classes: int = 1000, stem: str = "7x7", in_channels: int = 3) -> None:
+        super().__init__()
+        if block not in ("basic", "bottleneck"):
+            raise InvalidArgumentError(f"block must be 'basic' or 'bottleneck', got {block!r}")
+        if stem not in ("7x7", "3x3"):
+            raise InvalidArgumentError(f"stem must be '7x7' or '3x3', got {stem!r}")
+        if len(layers) != len(widths) or not layers:
+            raise InvalidArgumentError(f"layers and widths must have the same non-zero length, got {layers}, {widths}")
+        cls = BasicBlock if block == "basic" else Bottleneck
+        c0 = widths[0]
+        if stem == "7x7":
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, c0, 7, 2, 3, bias=False), nn.BatchNorm2d(c0), nn.ReLU(),
+                                      nn.MaxPool2d(3, 2, 1))
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, c0, 3, 1, 1, bias=False), nn.BatchNorm2d(c0), nn.ReLU())
+        stages, c = [], c0
+        for i, (n, w) in enumerate(zip(layers, widths)):
+            blocks = []
+            for j in range(n):
+                blocks.append(cls(c, w, 2 if (i > 0 and j == 0) else 1))
+                c = w * cls.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = (stages + [nn.Identity()] * 4)[:4]
+        self.extra = nn.Sequential(*stages[4:])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.extra(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial affine parameters and running statistics (in place); returns ``model``.
+
+    γ ~ U(0.5, 1.5), β ~ N(0, 0.1²), μ ~ N(0, 0.1²), σ² ~ U(0.5, 1.5): an
+    untrained model whose BN folding is not the identity.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return model
+
+
+def resnet18_like(num_classes: int = 1000, seed: int = 0) -> ResNetCNN:
+    """ResNet-18's layout (basic blocks 2-2-2-2, widths 64-512, 7x7 stem) with random weights, in eval mode."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = ResNetCNN("basic", (2, 2, 2, 2), (64, 128, 256, 512), num_classes)
+    return randomize_batchnorm(model, seed).eval()

@@ -14,8 +14,8 @@ import torch
 
 from ..errors import InvalidSparsityError, UnknownLayerError
 from ..ir.graph import LinearSite, SparseGraph
-from ..sparsify.patterns import (Pattern, check_sparsity_value, expand_groups, global_keep, group_scores,
-                                 topk_keep)
+from ..sparsify.patterns import (Pattern, as_matrix, check_sparsity_value, expand_groups, from_matrix,
+                                 global_keep, group_scores, topk_keep)
 from .base import Pass, PassContext, PassResult
 
 
@@ -111,16 +111,21 @@ class MagnitudePrune(Pass):
 
     def run(self, graph: SparseGraph, ctx: PassContext) -> PassResult:
         sites = {s.name: s for s in prunable_sites(graph)}
+        from .conv import prunable_conv_sites  # convs are pruned as their (C_out, kh·kw·C_in) matrix
+
+        convs = {s.name: s for s in prunable_conv_sites(graph) if s.name not in sites}
+        sites.update(convs)
         if isinstance(self.sparsity, dict):
             unknown = [k for k in self.sparsity if k not in sites]
             if unknown:
                 raise UnknownLayerError(
-                    f"no prunable linear layer named {unknown[0]!r}; prunable layers are: "
+                    f"no prunable linear or conv layer named {unknown[0]!r}; prunable layers are: "
                     f"{', '.join(sorted(sites)) or 'none'}")
             names = list(self.sparsity)
         else:
             names = list(sites)
         weights = {n: graph.tensor(sites[n].weight).detach() for n in names}
+        weights = {n: as_matrix(w) if n in convs else w for n, w in weights.items()}
         if not weights:
             return PassResult(graph, False)
         masks = magnitude_masks(weights, self.sparsity, self.block, self.scope)
@@ -128,6 +133,9 @@ class MagnitudePrune(Pass):
         for n, mask in masks.items():
             w = weights[n]
             if not bool(mask.all()):
-                graph.set_tensor(sites[n].weight, w * mask)
+                pruned = w * mask
+                if n in convs:
+                    pruned = from_matrix(pruned, graph.tensor(sites[n].weight).shape)
+                graph.set_tensor(sites[n].weight, pruned)
                 changed = True
         return PassResult(graph, changed, {"pruned": len(masks)})

@@ -16,7 +16,12 @@ from ..formats import BLOCK_SHAPES
 
 #: Target names accepted by :func:`resolve_target`.
 TARGET_ALIASES = {"x86": "x86", "x86_64": "x86", "cpu": "x86", "llvm": "x86", "host": "x86"}
-PLANNED = {"arm": "issue #4 (aarch64 NEON)", "cuda": "issue #4 (CUDA)"}
+PLANNED: dict = {}
+#: Names of the ARM target (``targets/arm.py``); ``"arm:<core>"`` or a core name picks the device.
+ARM_ALIASES = ("arm", "aarch64", "arm64", "cortex-a72", "cortex-a76", "neoverse-n1", "neoverse-v1", "graviton2",
+               "graviton3")
+#: Names of the CUDA target (``targets/cuda.py``); a dict ``{"kind": "cuda", "arch": "sm_90"}`` picks the arch.
+CUDA_ALIASES = ("cuda", "gpu", "nvidia")
 
 
 class CompileTarget:
@@ -27,6 +32,9 @@ class CompileTarget:
     def __init__(self):
         self._tvm_target = None
         self._cost_model = None
+        #: sparsecc.tune.autotune.TuningDatabase set by compile(..., tuning_db=...): make_linear
+        #: then uses its tuned schedules where it has them
+        self.tuning_db = None
 
     def tvm_target(self):
         """The ``tvm.target.Target`` kernels are built for (the detected host CPU)."""
@@ -46,10 +54,29 @@ class CompileTarget:
         return f"{self.name}|{self.tvm_target()}|tvm {tvm.__version__}"
 
     def make_linear(self, matrix, bias: Optional[torch.Tensor] = None, activation: Optional[str] = None):
-        """Kernel module computing ``act(X · Wᵀ + b)`` for ``matrix``: W (N, K)."""
+        """Kernel module computing ``act(X · Wᵀ + b)`` for ``matrix``: W (N, K) (BSR/CSR or N:M)."""
+        from ..formats import NMSparseMatrix
         from ..runtime.kernels import SparseLinear
 
-        return SparseLinear(matrix, bias, activation=activation, target=self.tvm_target())
+        if isinstance(matrix, NMSparseMatrix):
+            from ..runtime.nm import NMLinear
+
+            return NMLinear(matrix, bias, activation=activation, target=self.tvm_target())
+        tuned = None
+        if getattr(self, "tuning_db", None) is not None:  # compile(..., tuning_db=...)
+            n, k = matrix.shape
+            tuned = self.tuning_db.for_layer(matrix.block, n, k, matrix.nnzb, bias is not None, activation,
+                                             self.tvm_target())
+        return SparseLinear(matrix, bias, activation=activation, target=self.tvm_target(), tuned=tuned)
+
+    def make_conv(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, stride=1, padding=0,
+                  block=(16, 1), activation: Optional[str] = None, residual: bool = False, layout: str = "nhwc",
+                  name: str = "conv"):
+        """Kernel module computing ``act(conv2d(x, W, b) [+ r])`` for ``weight``: W (C_out, C_in, kh, kw)."""
+        from ..runtime.conv import SparseConv2d
+
+        return SparseConv2d(weight, bias, stride, padding, activation, block, layout=layout, residual=residual,
+                            target=self.tvm_target(), name=name)
 
     def cost_model(self):
         """Cost model calibrated on this host (cached on disk after the first run)."""
@@ -89,12 +116,32 @@ class CompileTarget:
                 best, best_t = b, t
         return best
 
+    def prepare_compile(self, build_only: bool = False, measure: bool = True):
+        """Called by :func:`sparsecc.compile` before the passes; returns ``(target, measure)``.
+
+        Raises
+        ------
+        TargetError
+            ``build_only`` on a target that runs here (only ``"cuda"`` has a build-only mode).
+        """
+        if build_only:
+            raise TargetError(f"build_only=True is for target 'cuda' (no GPU needed); target {self.name!r} "
+                              "builds and runs on this host")
+        return self, measure
+
+    def finish_compile(self, cm):
+        """Called by :func:`sparsecc.compile` on the compiled module; returns what ``compile`` returns."""
+        return cm
+
     def __repr__(self) -> str:
         return f"CompileTarget({self.name!r})"
 
 
 def resolve_target(target) -> CompileTarget:
     """Turn ``"x86"`` (or a :class:`CompileTarget`) into a target object.
+
+    ``"cuda"`` (or ``{"kind": "cuda", "arch": "sm_90", "device": 0}``) gives a
+    :class:`~sparsecc.targets.cuda.CudaTarget` (arch: the GPU's own, else sm_80).
 
     Raises
     ------
@@ -104,13 +151,29 @@ def resolve_target(target) -> CompileTarget:
     """
     if isinstance(target, CompileTarget):
         return target
+    if isinstance(target, dict) and str(target.get("kind", "")).lower() == "cuda":
+        extra = set(target) - {"kind", "arch", "device"}
+        if extra:
+            raise TargetError(f"CUDA target keys are 'kind', 'arch', 'device'; unknown: {sorted(extra)}")
+        from .cuda import CudaTarget
+
+        return CudaTarget(target.get("arch"), int(target.get("device", 0)))
+    if isinstance(target, str) and target.lower() in CUDA_ALIASES:
+        from .cuda import CudaTarget
+
+        return CudaTarget()
     if not isinstance(target, str):
         raise TargetError(f"target must be a name such as 'x86', got {type(target).__name__}")
+    if target.lower() in ARM_ALIASES or target.lower().startswith(("arm:", "aarch64:")):
+        from .arm import ArmTarget
+
+        return ArmTarget(target)
     key = target.lower()
     if key in PLANNED:
         raise TargetError(f"target {target!r} is not supported yet: it arrives with {PLANNED[key]}")
     if key not in TARGET_ALIASES:
-        raise TargetError(f"unknown target {target!r}; supported: 'x86'")
+        raise TargetError(f"unknown target {target!r}; supported: 'x86', 'cuda', 'arm' or 'arm:<core>' "
+                          f"({', '.join(ARM_ALIASES[3:])})")
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise TargetError(f"target 'x86' needs an x86-64 host, this is {platform.machine()}")
     return CompileTarget()
