@@ -77,3 +77,11 @@ class ToolchainError(SparseccError, RuntimeError):
 
 class ArtifactError(SparseccError, RuntimeError):
     """An exported artifact folder is missing a file, holds a corrupt one, or would overwrite user files."""
+
+
+class TargetUnavailableError(TargetError):
+    """The target's device is not present here (e.g. ``target="cuda"`` without a GPU); the message says what to do."""
+
+
+class TuningError(SparseccError, RuntimeError):
+    """Autotuning failed, or a tuning database (``work_dir``) is missing or unreadable."""
