@@ -23,6 +23,7 @@ __all__ = [
     "block_fill_ratio",
     "count_nonzero_blocks",
     "is_nm_sparse",
+    "to_format",
 ]
 
 #: Block shapes (rows, cols) the kernel layer supports.  (1, 1) is CSR.
@@ -344,3 +345,16 @@ def is_nm_sparse(weight: torch.Tensor, n: int, m: int) -> bool:
     nz = torch.zeros(rows, g * m, dtype=torch.bool)
     nz[:, :k] = weight.detach().cpu() != 0
     return bool((nz.reshape(rows, g, m).sum(dim=2) <= n).all())
+
+
+def to_format(weight: torch.Tensor, fmt: str, block: tuple):
+    """Store ``weight`` (N, K) in ``fmt``: ``"nm"`` with ``block = (n, m)``, else BSR/CSR with block ``(br, bc)``.
+
+    Raises
+    ------
+    InvalidSparsityError
+        The weight does not fit the format (see the constructors).
+    """
+    if fmt == "nm":
+        return NMSparseMatrix.from_dense(weight, int(block[0]), int(block[1]))
+    return BlockSparseMatrix.from_dense(weight, block)

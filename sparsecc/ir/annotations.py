@@ -15,9 +15,9 @@ import torch.fx as fx
 META_KEY = "sparsecc"
 
 #: Patterns a layer can be classified or pruned as.
-PATTERNS = ("dense", "unstructured", "block")
+PATTERNS = ("dense", "unstructured", "block", "n:m")
 #: Storage formats a layer can be lowered to.
-FORMATS = ("dense", "csr", "bsr")
+FORMATS = ("dense", "csr", "bsr", "nm")
 
 
 @dataclass
@@ -37,7 +37,8 @@ class LayerAnnotation:
     nnz : int, optional
         Number of nonzero weights.
     pattern : str, optional
-        Detected pattern: ``"dense"``, ``"unstructured"`` or ``"block"``.
+        Detected pattern: ``"dense"``, ``"unstructured"``, ``"block"`` or ``"n:m"``
+        (at most n nonzeros in every m consecutive columns, see ``nm``).
     block_shape : tuple of int, optional
         Block shape ``(rows, cols)`` that covers the nonzeros with least fill-in
         (``(1, 1)`` for unstructured).
@@ -78,6 +79,7 @@ class LayerAnnotation:
     dense_ms: Optional[float] = None
     epilogue: Optional[str] = None
     reason: str = ""
+    nm: Optional[tuple] = None  # (n, m) of the sparsest N:M pattern the weight satisfies, if any
 
     @property
     def sparsity(self) -> Optional[float]:

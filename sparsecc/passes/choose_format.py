@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import InvalidSparsityError
-from ..formats import BLOCK_SHAPES, BlockSparseMatrix
+from ..formats import BLOCK_SHAPES, NM_PATTERNS, to_format
 from ..ir.annotations import annotate, get_annotation
 from ..ir.graph import SparseGraph
 from ..runtime.timing import measure_ms
@@ -14,7 +14,9 @@ from ..tune.cost_model import candidate_key
 from .base import Pass, PassContext, PassResult
 from .prune import prunable_sites
 
-PATTERN_CHOICES = ("auto", "unstructured", "block", "dense")
+PATTERN_CHOICES = ("auto", "unstructured", "block", "dense", "n:m", "2:4", "1:4")
+#: The N:M patterns a ``pattern`` argument names ("n:m" is 2:4).
+NM_PATTERN_NAMES = {"n:m": (2, 4), "2:4": (2, 4), "1:4": (1, 4)}
 
 
 def example_rows(node: fx.Node) -> int:
@@ -32,10 +34,22 @@ def example_rows(node: fx.Node) -> int:
     return m
 
 
-def candidates(pattern: str, shape: tuple, density: float) -> list:
-    """Candidate ``(format, block)`` pairs allowed by ``pattern`` for a weight (N, K)."""
+def candidates(pattern: str, shape: tuple, density: float, nm=None) -> list:
+    """Candidate ``(format, block)`` pairs allowed by ``pattern`` for a weight (N, K).
+
+    ``nm``: the N:M pattern ``(n, m)`` the weight satisfies (detected), or None;
+    N:M candidates are ``("nm", (n, m))`` for it and any denser supported
+    pattern, allowed by ``"auto"`` and the N:M pattern names.
+    """
     out = [("dense", None)]
     if pattern == "dense" or density >= 1.0:
+        return out
+    if nm is not None and (pattern == "auto" or pattern in NM_PATTERN_NAMES):
+        want = NM_PATTERN_NAMES.get(pattern)
+        for p in NM_PATTERNS:
+            if p[1] == nm[1] and p[0] >= nm[0] and (want is None or p == want):
+                out.append(("nm", p))
+    if pattern in NM_PATTERN_NAMES:
         return out
     n, k = shape
     for b in BLOCK_SHAPES:
@@ -49,7 +63,7 @@ def candidates(pattern: str, shape: tuple, density: float) -> list:
 
 
 def estimate_candidates(cost, shape: tuple, m: int, nnz: int, density: float, fill_ratio: dict,
-                        pattern: str = "auto") -> dict:
+                        pattern: str = "auto", nm=None) -> dict:
     """Estimated latency (ms) at ``M = m`` of every calibrated candidate for a weight (N, K).
 
     Parameters
@@ -64,27 +78,33 @@ def estimate_candidates(cost, shape: tuple, m: int, nnz: int, density: float, fi
         Stored values / nnz of each block shape (from :func:`detect_block_shape`).
     pattern : str
         Which candidates are allowed (see :func:`candidates`).
+    nm : (n, m), optional
+        The N:M pattern the weight satisfies (N:M candidates store N·ceil(K/m)·n values).
 
     Returns
     -------
-    dict candidate key (``"dense"``, ``"csr_1x1"``, ``"bsr_8x1"``) -> ms
+    dict candidate key (``"dense"``, ``"csr_1x1"``, ``"bsr_8x1"``, ``"nm_2:4"``) -> ms
     """
     n, k = shape
     est = {}
-    for fmt, block in candidates(pattern, (n, k), density):
+    for fmt, block in candidates(pattern, (n, k), density, nm):
         if not cost.has(fmt, block):
             continue
         nnzb = 0
-        if fmt != "dense":
+        if fmt == "nm":
+            nnzb = n * (-(-k // block[1])) * block[0]
+        elif fmt != "dense":
             nnzb = int(round(fill_ratio.get(block, 1.0) * nnz / (block[0] * block[1])))
         est[candidate_key(fmt, block)] = cost.estimate_ms(fmt, n, k, m, nnzb, block or (1, 1))
     return est
 
 
 def parse_key(key: str) -> tuple:
-    """``"bsr_8x1"`` -> ``("bsr", (8, 1))``; ``"dense"`` -> ``("dense", None)``."""
+    """``"bsr_8x1"`` -> ``("bsr", (8, 1))``; ``"nm_2:4"`` -> ``("nm", (2, 4))``; ``"dense"`` -> ``("dense", None)``."""
     if key == "dense":
         return "dense", None
+    if key.startswith("nm_"):
+        return "nm", tuple(int(v) for v in key[3:].split(":"))
     fmt, blk = key.split("_")
     return fmt, tuple(int(v) for v in blk.split("x"))
 
@@ -100,7 +120,8 @@ class ChooseFormat(Pass):
 
     Parameters
     ----------
-    pattern : {"auto", "unstructured", "block", "dense"}
+    pattern : {"auto", "unstructured", "block", "dense", "n:m", "2:4", "1:4"}
+        The N:M names allow dense and that N:M format only (for weights that satisfy it).
     measure : bool
         Time the best sparse candidate against torch dense (median of ``repeat`` runs).
     """
@@ -129,7 +150,8 @@ class ChooseFormat(Pass):
                 annotate(site.node, site.name, format="dense", format_block=None, kernel="torch.linear",
                          reason=f"input dtype {x_val.dtype} (sparse kernels are float32)")
                 continue
-            est = estimate_candidates(cost, (n, k), m, ann.nnz, ann.density, ann.fill_ratio, self.pattern)
+            est = estimate_candidates(cost, (n, k), m, ann.nnz, ann.density, ann.fill_ratio, self.pattern,
+                                      getattr(ann, "nm", None))
             best = min(est, key=est.get)
             reason = f"lowest estimate at M={m}"
             if best == "dense" and len(est) > 1:
@@ -140,7 +162,7 @@ class ChooseFormat(Pass):
             if self.measure and best != "dense":
                 fmt, block = parse_key(best)
                 bias = graph.tensor(site.bias).detach() if site.bias else None
-                mod = ctx.target.make_linear(BlockSparseMatrix.from_dense(w, block), bias)
+                mod = ctx.target.make_linear(to_format(w, fmt, block), bias)
                 x = torch.randn(max(m, 1), k)
                 measured = measure_ms(mod, x, repeat=self.repeat)
                 dense_ms = measure_ms(lambda t: torch.nn.functional.linear(t, w, bias), x, repeat=self.repeat)

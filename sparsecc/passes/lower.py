@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..formats import BlockSparseMatrix
+from ..formats import to_format
 from ..ir.annotations import annotate, get_annotation
 from ..ir.graph import SparseGraph
 from .base import Pass, PassContext, PassResult
@@ -69,7 +69,7 @@ class LowerSparseLinears(Pass):
             w = graph.tensor(site.weight).detach()
             bias = graph.tensor(site.bias).detach() if site.bias else None
             user, act = fusable_activation(site.node) if self.fuse_epilogue else (None, None)
-            mod = ctx.target.make_linear(BlockSparseMatrix.from_dense(w, ann.format_block), bias, act)
+            mod = ctx.target.make_linear(to_format(w, ann.format, ann.format_block), bias, act)
             sub = _submodule_name(gm, site.name)
             gm.add_submodule(sub, mod)
             last = user if user is not None else site.node

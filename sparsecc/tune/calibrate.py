@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fileio import atomic_path
-from ..formats import BLOCK_SHAPES, BlockSparseMatrix
+from ..formats import BLOCK_SHAPES, NM_PATTERNS, BlockSparseMatrix, NMSparseMatrix
 from ..runtime.kernels import cache_root
 from ..runtime.timing import measure_ms
 from .cost_model import CostModel, KernelCalibration, M, bytes_expr, candidate_key, flops_expr
@@ -55,7 +55,17 @@ def _measure_candidate(make: Callable[[int, int], Callable], n: int, k: int) -> 
     return (t_tiny,) + tuple(measure_ms(fn, xs[m], repeat=15) for m in (1, 4, 128))
 
 
-def calibrate(target, blocks=BLOCK_SHAPES, use_cache: bool = True, verbose: bool = False) -> CostModel:
+def random_nm_weight(n: int, k: int, nm: tuple, seed: int = 0) -> torch.Tensor:
+    """Random W: (N, K) with exactly ``nm[0]`` nonzeros in every group of ``nm[1]`` columns (K % m == 0)."""
+    from ..sparsify.patterns import nm_keep
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    return w * nm_keep(w.abs(), nm[0], nm[1])
+
+
+def calibrate(target, blocks=BLOCK_SHAPES, use_cache: bool = True, verbose: bool = False,
+              nm_patterns=NM_PATTERNS) -> CostModel:
     """Measure dense torch and every sparse kernel of ``target``; return the fitted cost model.
 
     Parameters
@@ -64,13 +74,17 @@ def calibrate(target, blocks=BLOCK_SHAPES, use_cache: bool = True, verbose: bool
         Target whose kernels are measured (must be runnable on this host).
     blocks : sequence of (rows, cols)
         Block shapes to calibrate; (1, 1) is CSR.
+    nm_patterns : sequence of (n, m)
+        N:M patterns to calibrate (key ``"nm_2:4"``), at their fixed density n/m.
     use_cache : bool
         Reuse (and write) ``<cache_dir>/calibration/<key>.json``.
     """
     kernel_src = hashlib.sha256(b"".join(
-        (Path(__file__).parents[1] / f).read_bytes() for f in ("codegen/linear.py", "targets/x86.py"))).hexdigest()
+        (Path(__file__).parents[1] / f).read_bytes()
+        for f in ("codegen/linear.py", "targets/x86.py", "codegen/nm.py", "targets/x86_nm.py"))).hexdigest()
     key_src = json.dumps([CALIBRATION_VERSION, kernel_src, target.cache_key(), torch.get_num_threads(),
-                          torch.__version__, platform.machine(), sorted(map(list, blocks))])
+                          torch.__version__, platform.machine(), sorted(map(list, blocks)),
+                          sorted(map(list, nm_patterns))])
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     path = cache_root() / "calibration" / f"{key}.json"
     if use_cache and path.exists():
@@ -89,16 +103,23 @@ def calibrate(target, blocks=BLOCK_SHAPES, use_cache: bool = True, verbose: bool
         return lambda x: F.linear(x, w, b)
 
     cand = [("dense", None)] + [("csr" if b == (1, 1) else "bsr", b) for b in blocks]
+    cand += [("nm", tuple(p)) for p in nm_patterns]
     for fmt, block in cand:
         if fmt == "dense":
             make = dense_maker
+        elif fmt == "nm":
+            def make(nn_, kk, block=block):
+                w = random_nm_weight(nn_, kk, block)
+                return target.make_linear(NMSparseMatrix.from_dense(w, *block), torch.randn(nn_))
         else:
             def make(nn_, kk, block=block):
                 w = random_block_weight(nn_, kk, block, CAL_DENSITY if nn_ > 16 else 0.5)
                 return target.make_linear(BlockSparseMatrix.from_dense(w, block), torch.randn(nn_))
         times = _measure_candidate(make, n, k)
         nnzb = 0
-        if fmt != "dense":
+        if fmt == "nm":
+            nnzb = n * (k // block[1]) * block[0]
+        elif fmt != "dense":
             nnzb = BlockSparseMatrix.from_dense(random_block_weight(n, k, block, CAL_DENSITY), block).nnzb
         fl = flops_expr(fmt, n, k, nnzb, block or (1, 1))
         by = bytes_expr(fmt, n, k, nnzb, block or (1, 1))

@@ -4,7 +4,8 @@ For a linear ``Y = X · Wᵀ + b`` with X: (M, K), W: (N, K), each candidate
 format gets sympy expressions in the batch/token dim ``M``:
 
 * FLOPs: dense ``2·M·N·K``; sparse ``2·M·nnzb·br·bc`` (fill-in zeros count,
-  the kernel multiplies them too).
+  the kernel multiplies them too); N:M ``2·M·S`` with ``S = N·ceil(K/m)·n``
+  stored slots (passed as ``nnzb``, the block argument is ``(n, m)``).
 * bytes: weights (values + indices + indptr) + X + Y, fp32.
 
 Latency (ms) is a roofline with calibrated constants per kernel and regime:
@@ -30,9 +31,11 @@ GEMM_MIN_M = 8
 
 
 def candidate_key(fmt: str, block: Optional[tuple] = None) -> str:
-    """``"dense"``, ``"csr_1x1"`` or ``"bsr_8x1"``."""
+    """``"dense"``, ``"csr_1x1"``, ``"bsr_8x1"`` or ``"nm_2:4"`` (``block = (n, m)`` for N:M)."""
     if fmt == "dense":
         return "dense"
+    if fmt == "nm":
+        return "nm_%d:%d" % (block[0], block[1])
     return "%s_%dx%d" % (fmt, block[0], block[1])
 
 
@@ -40,6 +43,8 @@ def flops_expr(fmt: str, n: int, k: int, nnzb: int = 0, block: tuple = (1, 1)) -
     """Floating-point operations of one call, as an expression in :data:`M`."""
     if fmt == "dense":
         return 2 * M * n * k
+    if fmt == "nm":  # nnzb = stored slots N·ceil(K/m)·n
+        return 2 * M * nnzb
     return 2 * M * nnzb * block[0] * block[1]
 
 
@@ -48,6 +53,8 @@ def bytes_expr(fmt: str, n: int, k: int, nnzb: int = 0, block: tuple = (1, 1)) -
     act = 4 * M * k + 4 * M * n
     if fmt == "dense":
         return 4 * n * k + act
+    if fmt == "nm":  # fp32 value + int16 column per slot; X^T tiles written and read once more
+        return 6 * nnzb + act + 8 * M * k
     br, bc = block
     return 4 * nnzb * br * bc + 4 * nnzb + 4 * (n // br + 1) + act
 
