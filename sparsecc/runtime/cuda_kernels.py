@@ -14,12 +14,17 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsecc.errors import InputDtypeError, InputShapeError, TargetUnavailableError, UnsupportedOpError
+from sparsecc.errors import (
+    InputDtypeError,
+    InputShapeError,
+    TargetUnavailableError,
+    UnsupportedOpError,
+)
 from sparsecc.formats import BlockSparseMatrix
 
 __all__ = ["CudaBuildArtifact", "CudaKernel", "CudaSparseLinear", "get_cuda_linear_kernel"]
 
-_CACHE: dict[tuple, "CudaKernel"] = {}
+_CACHE: dict[tuple, CudaKernel] = {}
 _LOCK = threading.Lock()
 
 

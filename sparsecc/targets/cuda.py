@@ -58,9 +58,8 @@ from sparsecc.targets.base import CompileTarget
 
 __all__ = [
     "ARCHS",
-    "CudaTarget",
-    "roofline_cost_model",
     "GEMM_MIN_M",
+    "CudaTarget",
     "GpuParams",
     "build",
     "cuda_device_available",
@@ -70,6 +69,7 @@ __all__ = [
     "kernel_source",
     "nvcc_compile",
     "regime_for",
+    "roofline_cost_model",
     "schedule_linear",
 ]
 
@@ -242,7 +242,7 @@ def build(mod_or_sch, target=None, device_code: bool = False):
         return tvm.compile(mod, target=target)
     except KernelBuildError:
         raise
-    except Exception as e:  # noqa: BLE001 - re-raised with context
+    except Exception as e:
         raise KernelBuildError(f"TVM build failed for target {target}: {e}") from e
     finally:
         if device_code and old is None:
@@ -299,7 +299,7 @@ def nvcc_compile(source: str, arch: str = "sm_80", out_dir: str | None = None, t
     cu, cubin = out / "kernel.cu", out / "kernel.cubin"
     cu.write_text(source)
     proc = subprocess.run([nvcc, f"-arch={arch}", "-cubin", "-O3", "-o", str(cubin), str(cu)],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0:
         raise KernelBuildError(f"nvcc -arch={arch} failed on {cu}:\n{proc.stdout}{proc.stderr}")
     return cubin
@@ -326,7 +326,7 @@ def roofline_cost_model(arch: str = "sm_80"):
     Uncalibrated: it decides dense vs sparse only where the difference is large (e.g. density 0.1
     blocks: bandwidth-bound, sparse wins at small M; density 0.5 CSR: dense wins).
     """
-    from sparsecc.formats import BLOCK_SHAPES
+    from sparsecc.formats import BLOCK_SHAPES, NM_PATTERNS
     from sparsecc.tune.cost_model import CostModel, KernelCalibration, candidate_key
 
     known = sorted(ROOFLINE, key=lambda a: int(a[3:]))
@@ -334,8 +334,10 @@ def roofline_cost_model(arch: str = "sm_80"):
     base = [a for a in known if int(a[3:]) <= num]
     peak_tf, bw = ROOFLINE[base[-1] if base else known[0]]
     model = CostModel(source=f"roofline of {arch} (datasheet peaks x assumed efficiencies, not measured)")
-    for fmt, block in [("dense", None)] + [("csr" if b == (1, 1) else "bsr", b) for b in BLOCK_SHAPES]:
-        ev, em, eb, oh = EFFICIENCY[fmt]
+    cands = [("dense", None)] + [("csr" if b == (1, 1) else "bsr", b) for b in BLOCK_SHAPES]
+    cands += [("nm", p) for p in NM_PATTERNS]  # run on the CSR kernel (see CudaTarget.make_linear)
+    for fmt, block in cands:
+        ev, em, eb, oh = EFFICIENCY["csr" if fmt == "nm" else fmt]
         model.kernels[candidate_key(fmt, block)] = KernelCalibration(
             gflops_gemv=peak_tf * 1e3 * ev, gflops_gemm=peak_tf * 1e3 * em, gbps=bw * eb, overhead_ms=oh)
     return model
@@ -399,9 +401,17 @@ class CudaTarget(CompileTarget):
         return cuda_device_available() and torch.cuda.device_count() > self.device_index
 
     def make_linear(self, matrix, bias=None, activation=None):
-        """:class:`~sparsecc.runtime.cuda_kernels.CudaSparseLinear` computing ``act(X · Wᵀ + b)``, W: (N, K)."""
+        """:class:`~sparsecc.runtime.cuda_kernels.CudaSparseLinear` computing ``act(X · Wᵀ + b)``, W: (N, K).
+
+        An N:M matrix (:class:`~sparsecc.formats.NMSparseMatrix`) runs on the CSR kernel: every row
+        holds the same number of nonzeros, so the warps are balanced (no dedicated N:M kernel and no
+        sparse tensor cores on this target yet).
+        """
+        from sparsecc.formats import BlockSparseMatrix, NMSparseMatrix
         from sparsecc.runtime.cuda_kernels import CudaSparseLinear
 
+        if isinstance(matrix, NMSparseMatrix):
+            matrix = BlockSparseMatrix.from_dense(matrix.to_dense(), (1, 1))
         return CudaSparseLinear(matrix, bias, activation=activation, arch=self.arch, device=self.device,
                                 build_only=self.build_only)
 

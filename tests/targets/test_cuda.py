@@ -23,11 +23,10 @@ from sparsecc.errors import KernelBuildError, TargetError, TargetUnavailableErro
 from sparsecc.formats import BlockSparseMatrix
 
 tvm = pytest.importorskip("tvm")
-import tvm.s_tir  # noqa: E402
 
-from sparsecc.codegen.linear_cuda import bsr_linear_gpu  # noqa: E402
-from sparsecc.targets import cuda  # noqa: E402
-from sparsecc.targets.base import resolve_target  # noqa: E402
+from sparsecc.codegen.linear_cuda import bsr_linear_gpu
+from sparsecc.targets import cuda
+from sparsecc.targets.base import resolve_target
 
 HAS_GPU = cuda.cuda_device_available()
 NVCC = cuda.find_nvcc()
@@ -141,7 +140,7 @@ def kernel_body(src: str) -> str:
 @pytest.mark.parametrize("regime", ["gemv", "gemm"])
 @pytest.mark.parametrize("block", BLOCKS)
 def test_cuda_source_structure(block, regime):
-    lib, src = built(block, regime)
+    _, src = built(block, regime)
     body = kernel_body(src)
     # one kernel, launched with the thread layout of the rule
     assert len(re.findall(r"__global__ void __launch_bounds__\((\d+)\) main_kernel\(", body)) == 2  # decl + def
@@ -169,10 +168,10 @@ def test_cuda_host_code_has_no_loops(block):
     lib, _ = built(block, "gemm")
     host_ir = lib.mod.inspect_source("ll")
     assert "main_kernel" in host_ir
-    assert not re.search(r"^for_(begin|body)", host_ir, re.M)
+    assert not re.search(r"^for_(begin|body)", host_ir, re.MULTILINE)
     # control: a CPU build of the same template has its loops in the host code
     cpu_ir = tvm.compile(bsr_linear_gpu(block, k=16), target="llvm").mod.inspect_source("ll")
-    assert re.search(r"^for_(begin|body)", cpu_ir, re.M)
+    assert re.search(r"^for_(begin|body)", cpu_ir, re.MULTILINE)
 
 
 def test_cuda_source_sizes_follow_k_and_arch():
@@ -227,6 +226,23 @@ def test_roofline_cost_model_choices():
     est = estimate_candidates(cost, (n, k), 128, int(0.5 * n * k), 0.5, fills, pattern="unstructured")
     assert min(est, key=est.get) == "dense"  # CSR at density 0.5, M = 128: cuBLAS wins
     assert cuda.roofline_cost_model("sm_89").kernels["dense"].gbps < cost.kernels["dense"].gbps
+
+
+def test_nm_weights_run_on_the_csr_kernel():
+    from sparsecc.formats import NMSparseMatrix
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 16, generator=g)
+    keep = torch.zeros(32, 4, 4, dtype=torch.bool)
+    keep[..., :2] = True  # 2:4 along K
+    w = w * keep[:, :, torch.randperm(4, generator=g)].reshape(32, 16)
+    nm = NMSparseMatrix.from_dense(w, 2, 4)
+    mod = cuda.CudaTarget("sm_80", build_only=True).make_linear(nm, None)
+    assert mod.block == (1, 1) and mod.format == "csr"
+    dense = BlockSparseMatrix(mod.shape, mod.block, mod.data, mod.indices, mod.indptr).to_dense()
+    assert torch.equal(dense, w)
+    assert torch.equal(mod.indptr[1:] - mod.indptr[:-1], torch.full((32,), 8, dtype=torch.int32))  # balanced
+    assert cuda.roofline_cost_model("sm_80").has("nm", (2, 4))
 
 
 # -- compile without a GPU -------------------------------------------------------------
