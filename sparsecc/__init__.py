@@ -11,8 +11,17 @@ from .errors import (AccuracyBudgetError, DataError, DatasetError, InvalidArgume
                      PassError, SparseccError, TargetError, UnknownLayerError, UnsupportedOpError)
 from .runtime.compiled import CompiledModule
 
+
+def load(path):
+    """Load a host artifact folder written by ``cm.export(path)`` (see :func:`sparsecc.runtime.export.load`)."""
+    from .runtime.export import load as _load
+
+    return _load(path)
+
+from . import tune  # callable: sparsecc.tune(model, example_inputs, work_dir=...)
+
 __version__ = "0.1.0"
 
-__all__ = ["compile", "prune", "sparsify", "SparsifyResult", "CompiledModule", "SparseccError", "CaptureError", "InputDtypeError", "InputShapeError",
+__all__ = ["compile", "prune", "load", "tune", "sparsify", "SparsifyResult", "CompiledModule", "SparseccError", "CaptureError", "InputDtypeError", "InputShapeError",
            "InvalidSparsityError", "KernelBuildError", "AccuracyBudgetError", "DataError", "DatasetError", "InvalidArgumentError", "TrainingError", "PassError", "TargetError", "UnknownLayerError",
            "UnsupportedOpError", "__version__"]

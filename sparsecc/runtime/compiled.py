@@ -98,5 +98,23 @@ class CompiledModule:
             f"target {self.target.describe()}; compiled in {self.compile_seconds:.1f} s")
         return "\n".join(lines)
 
+    def export(self, path, *, overwrite: bool = False, example_inputs=None):
+        """Write a deployment folder: Relax VM ``model.so`` for the target, ``params.bin``, ``manifest.json``.
+
+        For ``"x86"`` the artifact runs on this host (``sparsecc.load(path)`` returns a callable); for ARM it
+        is cross-compiled for aarch64 (copy it to the board with the aarch64 TVM runtime, or run it with
+        :func:`sparsecc.runtime.export.run_artifact_under_qemu`). Shapes are fixed to the example inputs.
+        See :mod:`sparsecc.runtime.export`.
+
+        Raises
+        ------
+        ArtifactError
+            ``path`` is a non-empty folder and ``overwrite`` is False, or a file.
+        UnsupportedOpError, ToolchainError
+        """
+        from .export import export_compiled
+
+        return export_compiled(self, path, overwrite=overwrite, example_inputs=example_inputs)
+
     def __repr__(self) -> str:
         return f"CompiledModule(target={self.target.name!r}, layers={len(self.layers)})"
