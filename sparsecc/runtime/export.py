@@ -36,7 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparsecc.errors import ArtifactError, InputDtypeError, InputShapeError, UnsupportedOpError
+from sparsecc.errors import (
+    ArtifactError,
+    InputDtypeError,
+    InputShapeError,
+    UnsupportedOpError,
+)
 
 __all__ = ["ExportedModule", "export_compiled", "load", "run_artifact_under_qemu"]
 
@@ -117,15 +122,15 @@ def _export_view(gm: torch.fx.GraphModule):
         mod = gm.get_submodule(node.target)
         kind = _kernel_kind(mod)
         if kind is None:
+            if type(mod).__module__.startswith("sparsecc.runtime"):
+                raise UnsupportedOpError(f"layer {node.target}: {type(mod).__name__} kernels have no export path "
+                                         "yet (exported: SparseLinear, SparseConv2d)")
             continue
         lid = next(_IDS)
         layers[lid] = mod
         name = f"sparsecc_export_{lid}"
         view.add_submodule(name, _LinearCall(lid) if kind == "linear" else _ConvCall(lid))
         node.target = name
-    other = [n for n in view.graph.nodes if n.op == "call_module" and _kernel_kind(view.get_submodule(n.target))]
-    if other:
-        raise UnsupportedOpError(f"cannot export kernel modules {[n.target for n in other]}")
     view.recompile()
     return view, layers
 
@@ -152,12 +157,12 @@ class _Converter:
 
     @staticmethod
     def _const(t: torch.Tensor):
-        import tvm.relax as relax
+        from tvm import relax
 
         return relax.const(np.ascontiguousarray(t.detach().cpu().numpy()))
 
     def linear(self, node, importer):
-        import tvm.relax as relax
+        from tvm import relax
 
         from sparsecc.runtime.kernels import kernel_name
         from sparsecc.targets import arm, x86
@@ -194,7 +199,7 @@ class _Converter:
         return bb.emit(relax.op.reshape(y, (*lead, n)))
 
     def conv(self, node, importer):
-        import tvm.relax as relax
+        from tvm import relax
 
         from sparsecc.targets import x86_conv
 
@@ -227,7 +232,7 @@ class _Converter:
             if hwp != hw:
                 y = bb.emit(relax.op.strided_slice(y, axes=[2], begin=[0], end=[hw]))
             return bb.emit(relax.op.reshape(y, (n, c_out, h, w)))
-        off, pb, m, mp, oh2, ow2, hp, wp = mod._geometry(n, h, w)
+        off, pb, m, mp, _, _, hp, wp = mod._geometry(n, h, w)
         ph, pw = mod.padding
         xh = bb.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
         if ph or pw:
@@ -305,7 +310,6 @@ def export_compiled(cm, path, *, overwrite: bool = False, example_inputs=None) -
         ARM: the cross toolchain cannot be fetched or the link failed.
     """
     import tvm
-    from tvm import relax
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.torch import from_exported_program
 
@@ -328,7 +332,7 @@ def export_compiled(cm, path, *, overwrite: bool = False, example_inputs=None) -
         conv = _Converter(layers, tvm_target, arm)
         try:
             mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=conv.convert_map())
-        except Exception as e:  # noqa: BLE001 - an op TVM's importer does not know
+        except Exception as e:
             raise UnsupportedOpError(f"TVM could not import the compiled graph for export: {e}") from e
     finally:
         for k in layers:
@@ -435,7 +439,7 @@ class ExportedModule:
         self.path, self.manifest = path, manifest
         try:
             lib = tvm.runtime.load_module(str(path / "model.so"))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise ArtifactError(f"{path / 'model.so'} cannot be loaded: {e}") from e
         self._vm = relax.VirtualMachine(lib, tvm.cpu())
         self._params = [tvm.runtime.tensor(a) for a in read_tensors(path / "params.bin")]

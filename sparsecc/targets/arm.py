@@ -157,7 +157,7 @@ def export_library(lib, path) -> Path:
             lib.export_library(str(tmp), fcompile=tc.fcompile())
         except ToolchainError:
             raise
-        except Exception as e:  # noqa: BLE001 - TVM wraps the compiler's error
+        except Exception as e:
             raise ToolchainError(f"exporting the aarch64 library {path} failed: {e}") from e
     return path
 
@@ -218,7 +218,7 @@ def check_buildable(device: str = "arm") -> None:
     """Raise :class:`KernelBuildError` if TVM's LLVM has no AArch64 backend."""
     try:
         tvm.target.Target(arm_target(device))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise KernelBuildError(f"TVM cannot target aarch64: {e}") from e
 
 
@@ -244,7 +244,7 @@ def static_cost_model(device: str = "arm"):
     """
     from sparsecc.tune.cost_model import CostModel, KernelCalibration
 
-    name, dev = device_for(device)
+    _, dev = device_for(device)
     kernels = {}
     for key, (eff, bw) in STATIC_EFFICIENCY.items():
         gemm = eff * dev.peak_gflops
@@ -254,7 +254,7 @@ def static_cost_model(device: str = "arm"):
                                      f"peak, {dev.gbps:.0f} GB/s), not measured")
 
 
-from sparsecc.targets.base import CompileTarget  # noqa: E402 - base does not import this module at load time
+from sparsecc.targets.base import CompileTarget
 
 
 class ArmTarget(CompileTarget):

@@ -1,0 +1,151 @@
+"""cm.export(path): host artifacts loaded with sparsecc.load, aarch64 artifacts run under qemu-aarch64.
+
+Each export builds one Relax module (a few seconds); models are tiny and shapes static.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sparsecc
+from sparsecc.errors import ArtifactError, InputShapeError, ToolchainError, UnsupportedOpError
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.GELU(), nn.Linear(128, 8)).eval()
+
+
+def _small_resnet():
+    from sparsecc.zoo import ResNetCNN, randomize_batchnorm
+
+    torch.manual_seed(0)
+    return randomize_batchnorm(ResNetCNN("basic", (1, 1), (16, 32), num_classes=10, stem="3x3")).eval()
+
+
+@pytest.fixture(scope="module")
+def host_export(tmp_path_factory):
+    model = _mlp()
+    x = torch.randn(2, 5, 64)  # leading dims: M = 10 rows, not a multiple of the gemm tile (8)
+    cm = sparsecc.compile(model, x, sparsity=0.8, pattern="block", block_shape=(8, 1), measure=False)
+    path = tmp_path_factory.mktemp("host") / "artifact"
+    cm.export(path)
+    return model, cm, x, path
+
+
+def test_host_export_loads_and_matches(host_export):
+    model, cm, x, path = host_export
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.so", "params.bin"]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["inputs"] == [{"shape": [2, 5, 64], "dtype": "float32"}]
+    assert manifest["versions"]["sparsecc"] == sparsecc.__version__
+    assert any(layer["format"] == "bsr" for layer in manifest["layers"])
+    lm = sparsecc.load(path)
+    ref = sparsecc.prune(model, 0.8, block_shape=(8, 1))(x)
+    x2 = torch.randn(2, 5, 64)
+    torch.testing.assert_close(lm(x), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lm(x2), cm(x2), rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputShapeError, match=r"\(2, 5, 64\)"):
+        lm(torch.randn(3, 5, 64))
+
+
+def test_export_never_overwrites_a_user_folder(host_export, tmp_path):
+    _, cm, _, _ = host_export
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    with pytest.raises(ArtifactError, match="not empty"):
+        cm.export(user)
+    assert (user / "notes.txt").read_text() == "keep me"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ArtifactError, match="not a folder"):
+        cm.export(tmp_path / "afile")
+    cm.export(user, overwrite=True)
+    assert not (user / "notes.txt").exists() and (user / "model.so").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cm.export(empty)  # an empty folder is fine without overwrite
+    assert (empty / "manifest.json").is_file()
+
+
+def test_corrupt_or_missing_artifact_files_are_named(host_export, tmp_path):
+    import shutil
+
+    _, _, _, path = host_export
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    with open(bad / "params.bin", "r+b") as f:
+        f.seek(20)
+        f.write(b"\xff\xff")
+    with pytest.raises(ArtifactError, match="params.bin is corrupt"):
+        sparsecc.load(bad)
+    (bad / "model.so").unlink()
+    with pytest.raises(ArtifactError, match="model.so is missing"):
+        sparsecc.load(bad)
+    (bad / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="manifest.json is corrupt"):
+        sparsecc.load(bad)
+    with pytest.raises(ArtifactError, match="not a sparsecc export folder"):
+        sparsecc.load(tmp_path / "nowhere")
+
+
+@pytest.fixture(scope="module")
+def toolchain():
+    from sparsecc.targets.toolchain import aarch64_toolchain
+
+    try:
+        return aarch64_toolchain()
+    except ToolchainError as e:
+        pytest.skip(f"aarch64 toolchain cannot be fetched here: {e}")
+
+
+def test_arm_residual_cnn_at_80_percent_runs_under_qemu(toolchain, tmp_path):
+    """The must-show at CI size: a residual CNN (3x3 and 1x1 convs, BN folded) at 80% sparsity, 32x32."""
+    from sparsecc.runtime.export import run_artifact_under_qemu
+
+    model = _small_resnet()
+    x = torch.randn(1, 3, 32, 32)
+    cm = sparsecc.compile(model, x, target="arm:cortex-a76", sparsity=0.8, pattern="block", block_shape=(16, 1))
+    convs = [a for a in cm.layers if a.kind == "conv2d"]
+    assert sum(a.format == "bsr" for a in convs) >= 4  # the sparse convs are on the aarch64 kernels
+    path = cm.export(tmp_path / "arm")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["target"]["arch"] == "aarch64" and "cortex-a76" in manifest["target"]["tvm"]
+    with pytest.raises(ArtifactError, match="aarch64"):
+        sparsecc.load(path)  # not loadable on an x86 host
+    ref = sparsecc.prune(model, 0.8, block_shape=(16, 1))(x)
+    y, _ = run_artifact_under_qemu(path, x)
+    assert y.shape == ref.shape
+    assert float((y - ref).abs().max()) <= 1e-3 * float(ref.abs().max())
+
+
+def test_arm_linear_model_under_qemu(toolchain, tmp_path):
+    """Sparse linears with fused ReLU/GELU and a 3-d input whose M is not a multiple of the NEON tile."""
+    from sparsecc.runtime.export import run_artifact_under_qemu
+
+    model = _mlp()
+    x = torch.randn(3, 3, 64)
+    cm = sparsecc.compile(model, x, target="arm", sparsity=0.7, pattern="block", block_shape=(8, 1))
+    path = cm.export(tmp_path / "mlp")
+    y, _ = run_artifact_under_qemu(path, x)
+    torch.testing.assert_close(y, sparsecc.prune(model, 0.7, block_shape=(8, 1))(x), rtol=1e-4, atol=1e-5)
+
+
+def test_export_refuses_kernels_without_an_export_path(tmp_path):
+    class Opaque(nn.Module):  # a module of sparsecc.runtime that export does not know
+        pass
+
+    Opaque.__module__ = "sparsecc.runtime.fake"
+    from sparsecc.runtime.export import _export_view
+
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4)))
+    gm.add_submodule("k", Opaque())
+    node = next(n for n in gm.graph.nodes if n.op == "call_module")
+    node.target = "k"
+    gm.recompile()
+    with pytest.raises(UnsupportedOpError, match="Opaque kernels have no export path"):
+        _export_view(gm)
