@@ -289,6 +289,11 @@ def main() -> None:
     m.add_argument("--keep-freed-memory", action="store_true",
                    help="glibc keeps freed memory (sparsecc.runtime.memory), for every model timed")
     m.add_argument("--reuse", action="store_true", help="reuse the student distilled by an earlier identical run")
+    m.add_argument("--reconstruct", action="store_true",
+                   help="one-shot layer-wise pruning with least-squares reconstruction, then distillation "
+                        "with fixed masks (default: gradual pruning during distillation)")
+    m.add_argument("--calib", type=int, default=8, help="calibration batches of --reconstruct")
+    m.add_argument("--warmup", type=int, default=0, help="linear lr warm-up steps")
     m.set_defaults(fn=minilm)
     args = p.parse_args()
     args.fn(args)

@@ -133,7 +133,8 @@ def run(args) -> None:
 
     from sparsecc.runtime.kernels import cache_root
 
-    saved = cache_root() / "models" / f"minilm-distilled-{args.sparsity}-{args.pattern}-{args.block}-{args.method}-{args.steps}.pt"
+    tag = f"{args.sparsity}-{args.pattern}-{args.block}-{args.method}-{args.steps}" + ("-rec" if args.reconstruct else "")
+    saved = cache_root() / "models" / f"minilm-distilled-{tag}.pt"
     # no recovery: the same sparsity, one-shot magnitude
     sp0 = sparsecc.sparsify(teacher, ex, target="x86", sparsity=args.sparsity, pattern=args.pattern,
                             block_shape=block, schedule="oneshot", progress=False)
@@ -146,9 +147,26 @@ def run(args) -> None:
         seconds, pattern = float("nan"), "(reused)"
         print(f"reusing the distilled student {saved}")
     else:
+        schedule = dict(schedule="oneshot", reconstruct=True, calib_batches=args.calib) if args.reconstruct else \
+            dict(schedule="gradual")
+        optimizer = None
+        if args.warmup:
+            def optimizer(params):  # Adam with a linear warm-up (sparsify steps the optimizer once per batch)
+                opt = torch.optim.Adam(params, lr=args.lr)
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / args.warmup))
+                step = opt.step
+
+                def stepped(*a, **k):
+                    out = step(*a, **k)
+                    sched.step()
+                    return out
+
+                opt.step = stepped
+                return opt
         sp = sparsecc.sparsify(student0, ex, target="x86", sparsity=args.sparsity, pattern=args.pattern,
-                               block_shape=block, method=args.method, schedule="gradual", data=batches,
-                               loss_fn=loss, eval_fn=eval_fn, finetune_steps=args.steps, lr=args.lr, progress=True)
+                               block_shape=block, method=args.method, data=batches, loss_fn=loss, eval_fn=eval_fn,
+                               finetune_steps=args.steps, lr=args.lr, optimizer=optimizer, progress=True,
+                               **schedule)
         student = Embedder(sp.model.bert).eval()
         print(sp.report(), flush=True)
         seconds, pattern = sp.seconds, sp.layers[0].pattern
@@ -180,6 +198,7 @@ def run(args) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "accuracy_minilm.json").write_text(json.dumps({
         "sparsity": sparsity, "pattern": pattern, "min_cosine": min_cos, "method": args.method, "steps": args.steps,
+        "reconstruct": args.reconstruct, "warmup": args.warmup,
         "lr": args.lr, "batch": args.batch, "max_len": args.max_len, "heldout_cosine": cos,
         "oneshot_cosine": cos0, "latency": lat, "train_sentences": len(train_s), "heldout_sentences": len(held_s),
         "seconds": seconds, "command": "python benchmarks/accuracy.py minilm " + " ".join(sys.argv[2:])}, indent=1))

@@ -19,6 +19,7 @@ from .patterns import (UNSTRUCTURED, Pattern, as_matrix, check_sparsity_value, f
                        parse_pattern)
 from .rigl import erk_densities, rigl_update
 from .schedule import REGULARIZERS, cubic_sparsity, regularization_penalty, rigl_drop_fraction
+from .reconstruct import activation_scores, collect_statistics, solve_kept
 from .scores import SCORES, ImportanceScore
 from .select import Option, select_for_sparsity, select_under_budget
 from .sensitivity import candidate_key, model_fingerprint, sensitivity_analysis
@@ -231,6 +232,21 @@ def _forward_loss(model, inputs, target, loss_fn, where: str) -> torch.Tensor:
 # the pruning engine
 
 
+def _execution_order(model: nn.Module, names: list, inputs, call) -> list:
+    """``names`` in the order their modules first run on ``inputs`` (never-run ones last)."""
+    order, hooks = [], []
+    for n in names:
+        hooks.append(model.get_submodule(n).register_forward_hook(
+            lambda m, i, o, n=n: order.append(n) if n not in order else None))
+    try:
+        with torch.no_grad():
+            call(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order + [n for n in names if n not in order]
+
+
 class _Engine:
     """Masks, scores and the fine-tuning loop on a working copy of the model."""
 
@@ -278,6 +294,44 @@ class _Engine:
             sc[self.masks[n].mask == 0] = -float("inf")
             keep = from_matrix(mask_from_scores(as_matrix(sc), d, pattern), w.shape)
             set_mask(mod, keep & (self.masks[n].mask > 0) if pattern.kind != "n:m" else keep)
+
+    def prune_layerwise(self, densities: dict, reference: nn.Module, n_batches: int, refit: bool,
+                        damp: float) -> None:
+        """Prune layer by layer in execution order; with ``refit``, refit each by least squares to the dense outputs.
+
+        See :mod:`sparsecc.sparsify.reconstruct`. Calibration inputs are the next
+        ``n_batches`` data batches (the same ones for every layer); the score is the
+        engine's, or the activation-aware one for ``method="activation"``.
+        """
+        if self.batches is None:
+            raise DataError("layer-wise pruning (reconstruct=True or method='activation') needs data= "
+                            "(calibration inputs)")
+        calib = [self.batches.next()[0] for _ in range(max(1, n_batches))]
+
+        def call(model, inputs):
+            args, kwargs = normalize_inputs(inputs)
+            return model(*args, **kwargs)
+
+        order = _execution_order(self.model, [n for n in densities], calib[0], call)
+        was = self.model.training
+        self.model.eval()
+        from tqdm.auto import tqdm
+
+        for n in tqdm(order, desc="prune + reconstruct", disable=not self.o["progress"], leave=False):
+            mod = self.layers[n]
+            stats = collect_statistics(self.model, reference, n, calib, call)
+            w = original_weight(mod)
+            wm = as_matrix(w.detach())
+            if self.score.name == "activation":
+                sc = activation_scores(wm, stats)
+            else:
+                sc = as_matrix(self.score.score(n, w.detach()).to(torch.float32))
+            keep = mask_from_scores(sc, densities[n], self.plan[n][0])
+            if refit:
+                with torch.no_grad():
+                    w.copy_(from_matrix(solve_kept(wm, keep, stats, damp), w.shape))
+            set_mask(mod, from_matrix(keep, w.shape))
+        self.model.train(was)
 
     def global_densities(self, density: float) -> dict:
         """Per-layer densities of one score threshold over all layers keeping ``density`` of their weights."""
@@ -414,7 +468,7 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
              calib_batches: int = 4, prune_events: int = 10, prune_fraction: float = 0.7,
              rigl_alpha: float = 0.3, rigl_every: Optional[int] = None, layers: Optional[list] = None,
              search_rounds: int = 3, cache_dir: Optional[Union[str, Path]] = None, progress: bool = True,
-             seed: int = 0) -> SparsifyResult:
+             reconstruct: bool = False, damp: float = 0.01, seed: int = 0) -> SparsifyResult:
     """Prune a copy of ``model`` and recover its accuracy; choose per-layer pattern and density.
 
     Parameters
@@ -437,8 +491,10 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
         target's fastest block shape, per layer.
     block_shape : (rows, cols), optional
         For ``pattern="block"``; default the target's choice.
-    method : {"magnitude", "impact", "movement"}
-        Importance score (see :mod:`sparsecc.sparsify.scores`).
+    method : {"magnitude", "impact", "movement", "activation"}
+        Importance score (see :mod:`sparsecc.sparsify.scores`). "activation" (Wanda) needs
+        each layer's inputs, so it prunes layer by layer (``schedule="oneshot"``, uniform
+        allocation).
     schedule : {"oneshot", "gradual", "rigl"}
         One-shot pruning then fine-tuning; the cubic gradual schedule of Zhu & Gupta (2017)
         during fine-tuning; or RigL dynamic sparse training at constant density (Evci et
@@ -482,6 +538,15 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
         Where sensitivity tables are cached (default ``$SPARSECC_CACHE_DIR/sensitivity``).
     progress : bool
         Progress bars for sensitivity sweeps and fine-tuning.
+    reconstruct : bool
+        One-shot only: prune layer by layer in execution order and refit each layer's
+        kept weights by least squares so that, on ``calib_batches`` batches of ``data``,
+        it reproduces the dense model's output from its (already pruned) inputs
+        (Optimal Brain Compression / SparseGPT, Frantar & Alistarh 2022, 2023; see
+        :mod:`sparsecc.sparsify.reconstruct`). Fine-tuning, if any, starts from there.
+    damp : float
+        Dampening of the reconstruction's least squares, a fraction of the mean diagonal
+        of the layer's input Gram matrix.
     seed : int
         Seeds torch's RNG for reproducible fine-tuning.
 
@@ -533,6 +598,18 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
         allocation = "sensitivity" if (pattern == "auto" or accuracy_budget is not None) else "uniform"
     if allocation not in ("uniform", "global", "sensitivity"):
         raise InvalidSparsityError(f"allocation must be 'uniform', 'global' or 'sensitivity', got {allocation!r}")
+    layerwise = bool(reconstruct) or SCORES[method].needs_inputs
+    if layerwise and schedule != "oneshot":
+        raise InvalidSparsityError(f"{'reconstruct=True' if reconstruct else 'method=' + repr(method)} prunes once, "
+                                   f"layer by layer: use schedule='oneshot' (got {schedule!r})")
+    if layerwise and allocation != "uniform":
+        raise InvalidSparsityError(f"{'reconstruct=True' if reconstruct else 'method=' + repr(method)} needs "
+                                   f"allocation='uniform' and an explicit pattern (got allocation={allocation!r})")
+    if layerwise and data is None:
+        raise DataError("layer-wise pruning (reconstruct=True or method='activation') needs data= "
+                        "(calibration inputs)")
+    if not (damp > 0):
+        raise InvalidSparsityError(f"damp must be > 0, got {damp!r}")
     if allocation == "sensitivity" and eval_fn is None:
         raise InvalidSparsityError("per-layer choice by sensitivity (pattern='auto' or a budget) needs eval_fn; "
                                    "give eval_fn or an explicit pattern")
@@ -662,7 +739,9 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
         torch.manual_seed(seed)
         eng = _Engine(work, list(plan), plan, SCORES[method](), batches, loss_fn, opts)
         eng.calibrate(calib_batches)
-        if schedule != "gradual":
+        if layerwise:
+            eng.prune_layerwise({n: d for n, (p, d) in plan.items()}, base, calib_batches, bool(reconstruct), damp)
+        elif schedule != "gradual":
             eng.prune_to_density({n: d for n, (p, d) in plan.items()})
         if finetune_steps:
             eng.finetune(finetune_steps, schedule)

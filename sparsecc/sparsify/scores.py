@@ -18,6 +18,8 @@ class ImportanceScore:
     name = "score"
     #: Whether :meth:`accumulate` must be fed gradients before :meth:`score`.
     needs_grad = False
+    #: Whether the score needs each layer's input statistics (layer-wise pruning only).
+    needs_inputs = False
 
     def __init__(self):
         self.acc: dict[str, torch.Tensor] = {}
@@ -97,5 +99,26 @@ class MovementScore(ImportanceScore):
         return self.acc[name]
 
 
+class ActivationScore(ImportanceScore):
+    """Activation-aware ``|w_ij|² · ||X_j||²``: a weight matters as much as the inputs it multiplies.
+
+    Needs the layer's input statistics, so it only scores inside layer-wise pruning
+    (``sparsify(..., schedule="oneshot", method="activation")``, which collects them
+    per layer on calibration batches; see :mod:`sparsecc.sparsify.reconstruct`).
+
+    Source: Sun et al., "A Simple and Effective Pruning Approach for Large Language
+    Models" (Wanda, ICLR 2024); squared here, the diagonal of the OBS saliency with
+    the layer Hessian ``XᵀX`` (Hassibi & Stork 1993; Frantar & Alistarh 2022).
+    """
+
+    name = "activation"
+    needs_inputs = True
+
+    def score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(f"the activation score of layer {name!r} needs input statistics: it is only "
+                           "available in layer-wise one-shot pruning")
+
+
 #: Method names accepted by :func:`sparsecc.sparsify`.
-SCORES = {"magnitude": MagnitudeScore, "impact": ImpactScore, "movement": MovementScore}
+SCORES = {"magnitude": MagnitudeScore, "impact": ImpactScore, "movement": MovementScore,
+          "activation": ActivationScore}

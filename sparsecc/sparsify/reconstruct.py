@@ -1,0 +1,166 @@
+"""Layer-wise reconstruction: prune one layer at a time and refit its kept weights by least squares.
+
+For a layer with weight ``W: (C_out, K)`` (a conv in the :func:`as_matrix`
+layout, ``K = kh·kw·C_in``), let ``X_d: (T, K)`` be its inputs in the dense
+reference model and ``X_p: (T, K)`` its inputs in the model being pruned (whose
+earlier layers are already pruned), over ``T`` calibration tokens or pixels.
+For each output row ``r`` with kept input columns ``S_r`` the kept weights solve
+
+    min_w  || X_d · W[r]ᵀ  -  X_p[:, S_r] · wᵀ ||²
+
+so the pruned layer reproduces the *dense* model's output from the inputs it
+actually gets, which also corrects the error of the layers before it:
+
+    w = W[r] · C[:, S_r] · (H[S_r, S_r] + λ·I)⁻¹,   H = X_pᵀ X_p,  C = X_dᵀ X_p
+
+with a dampening ``λ = damp · mean(diag H)``. Rows with the same kept set (all
+rows of a block row) share one factorization.
+
+Which weights to keep can come from any score; :func:`activation_scores` gives
+the activation-aware one, ``|W[r, j]|² · ||X_p[:, j]||²``.
+
+Sources: the least-squares layer reconstruction with sequential, already-pruned
+inputs is that of Frantar & Alistarh, "Optimal Brain Compression" (NeurIPS 2022)
+and "SparseGPT" (ICML 2023); the activation-aware score is Sun et al., "A Simple
+and Effective Pruning Approach for Large Language Models" (Wanda, ICLR 2024).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InvalidSparsityError
+
+__all__ = ["InputStatistics", "activation_scores", "collect_statistics", "solve_kept"]
+
+
+class InputStatistics:
+    """Running ``H = X_pᵀ X_p`` and ``C = X_dᵀ X_p`` (float64, ``(K, K)``) of one layer's inputs.
+
+    ``K`` is in the :func:`~sparsecc.sparsify.patterns.as_matrix` order: a conv's
+    patches are unfolded and permuted to (kh, kw, C_in).
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        k = _in_features(module)
+        self.H = torch.zeros(k, k, dtype=torch.float64)
+        self.C = torch.zeros(k, k, dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, x_pruned: torch.Tensor, x_dense: torch.Tensor) -> None:
+        """Add one batch of the layer's inputs (as the module receives them)."""
+        xp = _patches(self.module, x_pruned)
+        xd = _patches(self.module, x_dense)
+        if xp.shape != xd.shape:
+            raise InvalidSparsityError(f"reconstruction: inputs of shapes {tuple(xp.shape)} and {tuple(xd.shape)} "
+                                       f"differ between the model and its dense reference")
+        self.H.addmm_(xp.T, xp)
+        self.C.addmm_(xd.T, xp)
+        self.rows += xp.shape[0]
+
+
+def _in_features(module: nn.Module) -> int:
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+    return module.in_features
+
+
+def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows of X the layer multiplies: (T, K) float64 in the as_matrix column order."""
+    x = x.detach()
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        if isinstance(module.padding, str):
+            raise InvalidSparsityError(f"reconstruction does not support padding={module.padding!r}")
+        cols = F.unfold(x, (kh, kw), dilation=module.dilation, padding=module.padding, stride=module.stride)
+        b, _, n_pos = cols.shape
+        c_in = module.in_channels
+        # unfold orders K as (C_in, kh, kw); as_matrix as (kh, kw, C_in)
+        cols = cols.reshape(b, c_in, kh * kw, n_pos).permute(0, 3, 2, 1).reshape(b * n_pos, kh * kw * c_in)
+        return cols.double()
+    return x.reshape(-1, x.shape[-1]).double()
+
+
+def collect_statistics(model: nn.Module, reference: nn.Module, name: str, batches: Iterable,
+                       run: Callable[[nn.Module, object], object]) -> InputStatistics:
+    """Inputs of layer ``name`` in ``model`` and in the dense ``reference`` over ``batches``.
+
+    Parameters
+    ----------
+    model, reference : nn.Module
+        Same architecture; ``reference`` is the dense model.
+    name : str
+        Qualified name of a Linear or Conv2d present in both.
+    batches : iterable
+        Calibration inputs, each passed to ``run``.
+    run : callable (module, batch) -> any
+        Runs a model on one batch (no gradients needed).
+    """
+    mod = model.get_submodule(name)
+    ref = reference.get_submodule(name)
+    stats = InputStatistics(mod)
+    seen = {}
+
+    def ref_hook(m, inp, out):
+        seen["dense"] = inp[0]
+
+    def mod_hook(m, inp, out):
+        stats.add(inp[0], seen.pop("dense"))
+
+    h1 = ref.register_forward_hook(ref_hook)
+    h2 = mod.register_forward_hook(mod_hook)
+    try:
+        with torch.no_grad():
+            for b in batches:
+                run(reference, b)
+                run(model, b)
+    finally:
+        h1.remove()
+        h2.remove()
+    return stats
+
+
+def activation_scores(weight_matrix: torch.Tensor, stats: InputStatistics) -> torch.Tensor:
+    """Wanda scores ``|W[r, j]|² · ||X[:, j]||²`` of a weight matrix (C_out, K), shaped like it."""
+    return (weight_matrix.double().pow(2) * stats.H.diagonal().clamp_min(0).unsqueeze(0)).to(torch.float32)
+
+
+def solve_kept(weight_matrix: torch.Tensor, keep: torch.Tensor, stats: InputStatistics,
+               damp: float = 0.01) -> torch.Tensor:
+    """Least-squares kept weights of every row (see the module docstring); pruned entries are 0.
+
+    Parameters
+    ----------
+    weight_matrix : Tensor (C_out, K)
+        The dense weight in the :func:`as_matrix` layout.
+    keep : bool Tensor (C_out, K)
+    stats : InputStatistics
+    damp : float
+        Dampening as a fraction of the mean diagonal of ``H`` (as SparseGPT's ``percdamp``).
+
+    Returns
+    -------
+    Tensor (C_out, K), the dtype of ``weight_matrix``.
+    """
+    if keep.shape != weight_matrix.shape:
+        raise InvalidSparsityError(f"keep-mask {tuple(keep.shape)} does not match weight {tuple(weight_matrix.shape)}")
+    W = weight_matrix.detach().double()
+    H = stats.H
+    lam = damp * float(H.diagonal().mean()) if stats.rows else 1.0
+    Hd = H + lam * torch.eye(H.shape[0], dtype=H.dtype)
+    out = torch.zeros_like(W)
+    uniq, inverse = torch.unique(keep, dim=0, return_inverse=True)
+    for u in range(uniq.shape[0]):
+        rows = (inverse == u).nonzero().flatten()
+        S = uniq[u].nonzero().flatten()
+        if S.numel() == 0:
+            continue
+        A = Hd[S][:, S]
+        B = W[rows] @ stats.C[:, S]  # (rows, |S|)
+        out[rows[:, None], S[None, :]] = torch.linalg.solve(A, B.T).T
+    return out.to(weight_matrix.dtype)
