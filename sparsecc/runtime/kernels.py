@@ -183,8 +183,11 @@ class SparseLinear(torch.nn.Module):
     """
 
     def __init__(self, matrix: BlockSparseMatrix, bias: torch.Tensor | None = None,
-                 activation: str | None = None, target=None, eager: bool = False):
+                 activation: str | None = None, target=None, eager: bool = False, tuned=None):
         super().__init__()
+        # tuned: sparsecc.tune.autotune.TunedKernels of this layer (kernel(regime, m) -> (fn, m_tile)
+        # or None for the hand schedule), from compile(..., tuning_db=...)
+        self.tuned = tuned
         if activation not in (None, "relu", "gelu"):
             raise UnsupportedOpError(f"activation {activation!r} is not supported; expected None, 'relu' or 'gelu'")
         n, k = matrix.shape
@@ -223,7 +226,8 @@ class SparseLinear(torch.nn.Module):
 
     @property
     def kernel_name(self) -> str:
-        return kernel_name(self.block, "gemm", self.bias is not None, self.activation)
+        name = kernel_name(self.block, "gemm", self.bias is not None, self.activation)
+        return name + (f" {self.tuned.tag}" if self.tuned is not None else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.shape
@@ -241,7 +245,8 @@ class SparseLinear(torch.nn.Module):
         if m == 0:
             return x.new_empty(lead + (n,))
         regime = "gemm" if m >= 8 else "gemv"
-        mt = self._m_tile[regime]
+        tuned = self.tuned.kernel(regime, m) if self.tuned is not None else None
+        fn, mt = tuned if tuned is not None else (None, self._m_tile[regime])
         mp = -(-m // mt) * mt  # rows padded to a multiple of the kernel's M tile
         if mp != m:
             xp = _aligned_empty((mp, k))
@@ -253,7 +258,8 @@ class SparseLinear(torch.nn.Module):
         y = torch.empty(mp, n, dtype=torch.float32)
         if y.data_ptr() % _ALIGN:  # torch CPU allocations are 64-byte aligned; never trust it blindly
             y = _aligned_empty((mp, n))
-        fn = self._kernel(regime)
+        if fn is None:
+            fn = self._kernel(regime)
         br = self.block[0]
         y3 = y.view(mp, n // br, br)
         with torch.no_grad():

@@ -106,6 +106,11 @@ class ScheduleParams:
 
     m_tile: int = 1
     m_outer: bool = True  # loop order of the parallel loops: M tiles outside block rows
+    #: block rows per parallel task, run serially innermost (1: no split). With ``m_outer=False``
+    #: a group of block rows meets every M tile while its weights are in cache.
+    row_group: int = 1
+    #: split the nonzero-block loop by this factor and unroll the inner part (1: no split)
+    k_unroll: int = 1
 
 
 def default_params(block: tuple[int, int], regime: str) -> ScheduleParams:
@@ -132,11 +137,29 @@ def template_for(block, regime: str, *, bias: bool, activation, params: Schedule
 # -- schedule rules -----------------------------------------------------------------
 
 def _finish(sch: tvm.s_tir.Schedule, params: ScheduleParams) -> tvm.s_tir.Schedule:
+    if params.k_unroll > 1:
+        k = sch.get_loops(sch.get_sblock("compute"))[0]
+        _, ki = sch.split(k, [None, int(params.k_unroll)])
+        sch.unroll(ki)
     mo, io = sch.get_loops(sch.get_sblock("row"))
+    if params.row_group > 1:
+        io_o, io_i = sch.split(io, [None, int(params.row_group)])
+        outer = (mo, io_o) if params.m_outer else (io_o, mo)
+        sch.reorder(*outer, io_i)
+        sch.parallel(sch.fuse(*outer))  # parallel last (see tvm notes)
+        return sch
     if not params.m_outer:
         sch.reorder(io, mo)
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("row"))))  # parallel last (see tvm notes)
     return sch
+
+
+def _schedule_of(func) -> tvm.s_tir.Schedule:
+    """A new schedule of the template ``func``, or ``func`` itself when it is already a schedule
+    (the tuner applies the rules to the traced schedules MetaSchedule hands it)."""
+    if isinstance(func, tvm.s_tir.Schedule):
+        return func
+    return tvm.s_tir.Schedule(func, enable_check=False)
 
 
 def _vectorize_epilogue(sch, br: int) -> None:
@@ -154,7 +177,7 @@ def rule_bsr_column_blocks(func, target=None, params: ScheduleParams = ScheduleP
     br, bc = _block_of(func)
     if not (br > 1 and bc == 1):
         return None
-    sch = tvm.s_tir.Schedule(func, enable_check=False)
+    sch = _schedule_of(func)
     k, j, mi, ii = sch.get_loops(sch.get_sblock("compute"))
     sch.unroll(mi)
     sch.vectorize(ii)
@@ -168,7 +191,7 @@ def rule_bsr_row_blocks(func, target=None, params: ScheduleParams = SchedulePara
     br, bc = _block_of(func)
     if bc == 1:
         return None
-    sch = tvm.s_tir.Schedule(func, enable_check=False)
+    sch = _schedule_of(func)
     k, j, mi, ii = sch.get_loops(sch.get_sblock("compute"))
     sch.reorder(k, mi, ii, j)
     sch.vectorize(j)
@@ -184,7 +207,7 @@ def rule_csr(func, target=None, params: ScheduleParams = ScheduleParams()):
     br, bc = _block_of(func)
     if (br, bc) != (1, 1):
         return None
-    sch = tvm.s_tir.Schedule(func, enable_check=False)
+    sch = _schedule_of(func)
     k, j, mi, ii = sch.get_loops(sch.get_sblock("compute"))
     sch.unroll(mi)
     return _finish(sch, params)
@@ -194,6 +217,8 @@ RULES = (rule_csr, rule_bsr_column_blocks, rule_bsr_row_blocks)
 
 
 def _block_of(func) -> tuple[int, int]:
+    if isinstance(func, tvm.s_tir.Schedule):
+        func = func.mod["main"]
     blk = func.attrs["sparsecc.block"]
     return int(blk[0]), int(blk[1])
 

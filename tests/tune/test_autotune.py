@@ -1,0 +1,219 @@
+"""MetaSchedule autotuning: tuned kernels are correct, the database reloads, resumes, survives crashes,
+and compile(tuning_db=...) uses it. Small workloads and 2-4 trials each to stay fast on 2 CI cores."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import tvm
+
+import sparsecc
+from sparsecc.errors import TuningError
+from sparsecc.formats import BlockSparseMatrix
+from sparsecc.runtime.kernels import SparseLinear
+from sparsecc.targets import x86
+from sparsecc.tune import autotune, space
+from sparsecc.tune.space import Workload
+
+
+class TwoLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(128, 256)
+        self.down = torch.nn.Linear(256, 128)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class SameShapesOtherNames(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(128, 256)
+        self.second = torch.nn.Linear(256, 128)
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)))
+
+
+def _weight(n, k, block, density, seed=0, empty_rows=True):
+    """Random (N, K) weight with whole blocks zero at ``density`` and (optionally) an empty block row."""
+    g = torch.Generator().manual_seed(seed)
+    br, bc = block
+    keep = torch.rand(n // br, k // bc, generator=g) < density
+    if empty_rows:
+        keep[0] = False  # a block row without nonzeros
+    w = torch.randn(n, k, generator=g) * keep.repeat_interleave(br, 0).repeat_interleave(bc, 1)
+    return w
+
+
+def _run_kernel(fn, m_tile, mat, bias, x, activation):
+    lin = SparseLinear(mat, bias, activation=activation)
+    lin.tuned = _Fixed(fn, m_tile)
+    return lin(x)
+
+
+class _Fixed:
+    """A TunedKernels stand-in that always returns one kernel."""
+
+    tag = "fixed"
+
+    def __init__(self, fn, m_tile):
+        self.out = (fn, m_tile)
+
+    def kernel(self, regime, m):
+        return self.out
+
+
+def _reference(w, bias, x, activation):
+    y = torch.nn.functional.linear(x, w, bias)
+    return torch.relu(y) if activation == "relu" else y
+
+
+@pytest.fixture(scope="module")
+def tuned_dir(tmp_path_factory):
+    """Two workloads (gemv and gemm regime) tuned for 4 trials each; returns (work_dir, results)."""
+    d = tmp_path_factory.mktemp("tunedb")
+    wls = [Workload.for_layer((16, 1), 64, 48, 6, m, True, "relu") for m in (1, 16)]
+    res = autotune.tune_workloads(wls, d, trials=4, progress=False)
+    return d, wls, res
+
+
+def test_workload_key_buckets():
+    wl = Workload.for_layer((16, 1), 1536, 384, 3000, 128, True, "gelu")
+    assert wl.key() == "bsr_16x1|N1536|K384|d0.10|M128|bias|gelu"
+    assert Workload.for_layer((1, 1), 8, 8, 0, 3, False, None).key() == "csr_1x1|N8|K8|d0.05|M1|nobias|none"
+    assert space.m_bucket(24) == 32 and space.m_bucket(7) == 1 and space.m_bucket(8) == 8
+    # every m_tile keeps the accumulator on the stack and divides M; the hand tile comes first
+    assert space.m_tile_choices(Workload.for_layer((16, 1), 64, 64, 4, 16, False, None)) == [8, 4]
+    g = space.grid(Workload.for_layer((16, 1), 64, 64, 4, 16, False, None), 8)
+    assert g[0] == x86.default_params((16, 1), "gemm") and len(set(g)) == len(g) == 24
+
+
+def test_tuned_records_build_correct_kernels(tuned_dir):
+    d, wls, res = tuned_dir
+    assert [r.trials for r in res] == [4, 4]
+    assert all(r.choice in ("tuned", "hand") and r.best_ms > 0 and r.hand_ms > 0 for r in res)
+    assert all(r.ratio <= 1.0 for r in res)  # never slower than the hand schedule (same measurement)
+    db = autotune.open_json_database(d)
+    records = db.get_all_tuning_records()
+    assert len(records) == 8
+    w = _weight(64, 48, (16, 1), 0.3)
+    mat = BlockSparseMatrix.from_dense(w, (16, 1))
+    bias = torch.randn(64)
+    target = x86.host_target()
+    for rec in records[:4] + records[-4:]:
+        mt = int(rec.workload.mod["main"].attrs["sparsecc.m_tile"])
+        sch = space.schedule_from_trace(rec.trace, (16, 1), bias=True, activation="relu", m_tile=mt, k=48)
+        fn = autotune._runnable(x86.build(sch.mod, target))["main"]
+        for m in (1, 13, 16):  # 13: not a multiple of the register tile
+            x = torch.randn(m, 48)
+            torch.testing.assert_close(_run_kernel(fn, mt, mat, bias, x, "relu"), _reference(w, bias, x, "relu"),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_database_reloads_to_same_schedules(tuned_dir):
+    d, wls, res = tuned_dir
+    first = autotune.open_json_database(d)
+    again = autotune.open_json_database(d)  # a fresh load of the same files
+    a = sorted(str(r.trace) for r in first.get_all_tuning_records())
+    b = sorted(str(r.trace) for r in again.get_all_tuning_records())
+    assert a == b and len(a) == 8
+    for r in again.get_all_tuning_records():
+        mt = int(r.workload.mod["main"].attrs["sparsecc.m_tile"])
+        p = space.params_from_trace(r.trace, mt)
+        replayed = space.schedule_from_trace(r.trace, (16, 1), bias=True, activation="relu", m_tile=mt, k=48)
+        # the trace replays to exactly the script the x86 rule makes from the same knob values
+        sch = tvm.s_tir.Schedule(space.generic_template((16, 1), bias=True, activation="relu", m_tile=mt, k=48),
+                                 enable_check=False)
+        space.apply_params(sch, (16, 1), "gemm", p)
+        assert replayed.mod.script() == sch.mod.script()
+
+
+def test_resume_skips_done_workloads(tuned_dir):
+    d, wls, _ = tuned_dir
+    lines = (d / "database_tuning_record.json").read_text().count("\n")
+    res = autotune.tune_workloads(wls, d, trials=4, progress=False)
+    assert all(r.skipped for r in res)
+    assert (d / "database_tuning_record.json").read_text().count("\n") == lines
+    res = autotune.tune_workloads(wls, d, trials=2, progress=False)  # fewer trials: also done
+    assert all(r.skipped for r in res)
+
+
+def test_interrupted_run_leaves_loadable_db(tmp_path, monkeypatch):
+    wls = [Workload.for_layer((8, 1), 32, 32, 4, 1, False, None),
+           Workload.for_layer((8, 1), 32, 64, 4, 1, False, None)]
+    real = autotune._tune_one
+    calls = []
+
+    def crash_on_second(wl, *args, **kwargs):
+        calls.append(wl)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(wl, *args, **kwargs)
+
+    monkeypatch.setattr(autotune, "_tune_one", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        autotune.tune_workloads(wls, tmp_path, trials=2, progress=False)
+    monkeypatch.setattr(autotune, "_tune_one", real)
+    index = json.loads((tmp_path / autotune.INDEX_NAME).read_text())
+    (entries,) = index["entries"].values()
+    assert list(entries) == [wls[0].key()]
+    # a record line cut short by a crash is dropped on load; the complete ones stay
+    with open(tmp_path / "database_tuning_record.json", "a") as f:
+        f.write('[0,[[["SampleCateg')
+    db = autotune.open_json_database(tmp_path)
+    assert len(db.get_all_tuning_records()) == 2
+    res = autotune.tune_workloads(wls, tmp_path, trials=2, progress=False)
+    assert [r.skipped for r in res] == [True, False]
+    assert len(autotune.open_json_database(tmp_path).get_all_tuning_records()) == 4
+
+
+def test_compile_uses_tuning_db_and_other_model_reuses_it(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = TwoLayer()
+    x = torch.randn(16, 128)  # big enough that the cost model picks BSR at 90% sparsity
+    # choose the tuned schedule whenever one was measured, so the test exercises the tuned path
+    monkeypatch.setattr(autotune, "KEEP_HAND_MARGIN", -100.0)
+    summary = sparsecc.tune(model, (x,), sparsity=0.9, pattern="block", block_shape=(16, 1), trials=3,
+                            work_dir=tmp_path, rows=[1, 16], progress=False)
+    rows = summary.rows()
+    assert len(rows) == 4 and all(r["choice"] == "tuned" for r in rows)
+    assert "bsr_16x1|N256|K128|" in str(summary) and "|M16|bias|relu" in str(summary)
+    with pytest.raises(TuningError):
+        sparsecc.compile(model, (x,), tuning_db=tmp_path / "missing")
+
+    cm = sparsecc.compile(model, (x,), sparsity=0.9, pattern="block", block_shape=(16, 1), tuning_db=tmp_path,
+                          measure=False)
+    ref = sparsecc.prune(model, 0.9, block_shape=(16, 1))
+    torch.testing.assert_close(cm(x), ref(x), rtol=1e-5, atol=1e-5)
+    report = cm.report()
+    assert report.count("tuned(M=1,16)") == 2
+    used = [m for m in cm.graph.gm.modules() if isinstance(m, SparseLinear)]
+    assert all(m.tuned is not None and m.tuned.kernel("gemm", 16) is not None for m in used)
+
+    # same shapes and pattern, different class, layer names and weights: the records serve it
+    torch.manual_seed(1)
+    other = SameShapesOtherNames()
+    again = sparsecc.tune(other, (x,), sparsity=0.9, pattern="block", block_shape=(16, 1), trials=3,
+                          work_dir=tmp_path, rows=[1, 16], progress=False)
+    assert all(r["skipped"] for r in again.rows())
+    cm2 = sparsecc.compile(other, (x,), sparsity=0.9, pattern="block", block_shape=(16, 1), tuning_db=tmp_path,
+                           measure=False, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    assert cm2.report().count("tuned(M=1,16)") == 2
+    ref2 = sparsecc.prune(other, 0.9, block_shape=(16, 1))
+    for m in (1, 5, 16, 37):  # gemv and gemm regimes, M not a multiple of the register tile
+        xm = torch.randn(m, 128)
+        torch.testing.assert_close(cm2(xm), ref2(xm), rtol=1e-5, atol=1e-5)
+
+
+def test_tune_rejects_bad_arguments(tmp_path):
+    with pytest.raises(TuningError):
+        autotune.tune_workloads([Workload.for_layer((16, 1), 64, 48, 6, 1, True)], tmp_path, trials=0)
+    with pytest.raises(TuningError):
+        sparsecc.tune(TwoLayer(), (torch.randn(2, 128),), target="cuda", work_dir=tmp_path)
+    (tmp_path / autotune.INDEX_NAME).write_text("{not json")
+    with pytest.raises(TuningError):
+        autotune.TuningDatabase(tmp_path)
