@@ -350,3 +350,63 @@ def run_linear_under_qemu(matrix, x, bias=None, activation=None, *, device: str 
                               k=k if static_k else None)
     outs, t = run_under_qemu(lib, args, repeat=repeat)
     return torch.from_numpy(outs[-1].reshape(mp, n)[:m].copy()), t
+
+
+def nm_params(regime: str, device: str = "arm"):
+    """N:M tiles for NEON: the x86 N:M rules' defaults at 128-bit vectors (gemm: 4 rows of X per vector)."""
+    from sparsecc.targets.x86_nm import default_nm_params
+
+    return default_nm_params(regime, target=arm_target(device))
+
+
+def build_nm_kernel(n: int, m: int, groups: int, regime: str, *, bias: bool, activation=None,
+                    device: str = "arm", params=None) -> Path:
+    """Cross-build one N:M linear kernel (:mod:`sparsecc.codegen.nm`) and return its aarch64 ``.so`` (cached)."""
+    from sparsecc.runtime.nm import nm_kernel_name
+    from sparsecc.targets.x86_nm import schedule_nm
+
+    target = arm_target(device)
+    params = params or nm_params(regime, device)
+    sch = schedule_nm(n, m, groups, regime, bias=bias, activation=activation, target=target, params=params)
+    digest = hashlib.sha256("\n".join([sch.mod.script(), str(target), tvm.__version__]).encode()).hexdigest()[:24]
+    path = kernel_cache_dir() / f"{nm_kernel_name(n, m, regime, bias, activation)}-g{groups}-{digest}.so"
+    if not path.exists():
+        export_library(build(sch, target), path)
+    return path
+
+
+def run_nm_linear_under_qemu(matrix, x, bias=None, activation=None, *, device: str = "arm", repeat: int = 1):
+    """``act(x @ W.T + b)`` for an N:M ``matrix`` (NMSparseMatrix, W: (N, K)) by the aarch64 kernel under qemu.
+
+    Packing and the tiled transpose of X are those of :class:`sparsecc.runtime.nm.NMLinear` (built with NEON
+    tiles, never run on the host here).
+
+    Returns
+    -------
+    y : torch.Tensor
+        (M, N).
+    time_ms : float or None
+    """
+    import torch
+
+    from sparsecc.runtime.nm import NMLinear
+    from sparsecc.targets.qemu import run_under_qemu
+
+    params = {r: nm_params(r, device) for r in ("gemv", "gemm")}
+    mod = NMLinear(matrix, bias, activation, target=arm_target(device), params=params)
+    n_out, k = mod.shape
+    rows = x.shape[0]
+    regime = x86.regime_for(rows)
+    p = mod.params[regime]
+    xt = mod._transpose_x(x.reshape(rows, k).contiguous(), p.m_tile)
+    mp = xt.shape[0] * p.m_tile
+    if p.index == "offset":
+        xt = xt.reshape(xt.shape[0], -1)
+    meta = getattr(mod, mod._meta_names[regime])
+    y4 = torch.zeros(xt.shape[0], p.m_tile, mod.n_padded // mod.r_tile, mod.r_tile)
+    args = [xt, mod.values, meta] + ([mod.bias] if mod.bias is not None else []) + [y4]
+    lib = build_nm_kernel(mod.n, mod.m, mod.groups, regime, bias=mod.bias is not None, activation=activation,
+                          device=device, params=p)
+    outs, t = run_under_qemu(lib, args, repeat=repeat)
+    y = torch.from_numpy(outs[-1].reshape(mp, mod.n_padded)[:rows, :n_out].copy())
+    return y, t

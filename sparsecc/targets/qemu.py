@@ -31,7 +31,8 @@ __all__ = ["build_harness", "read_tensors", "run_under_qemu", "write_tensors"]
 _MAGIC = b"SPCCTEN1"
 # DLDataTypeCode: 0 int, 1 uint, 2 float.
 _DTYPES = {np.dtype("float32"): (2, 32), np.dtype("float64"): (2, 64), np.dtype("int32"): (0, 32),
-           np.dtype("int64"): (0, 64), np.dtype("int8"): (0, 8), np.dtype("uint8"): (1, 8),
+           np.dtype("int64"): (0, 64), np.dtype("int16"): (0, 16), np.dtype("int8"): (0, 8),
+           np.dtype("uint8"): (1, 8), np.dtype("uint16"): (1, 16), np.dtype("uint32"): (1, 32),
            np.dtype("bool"): (1, 1)}
 _CODES = {v: k for k, v in _DTYPES.items()}
 _HARNESS_SRC = Path(__file__).with_name("arm_harness.cc")

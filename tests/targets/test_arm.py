@@ -147,3 +147,43 @@ def test_neon_instructions_in_assembly(toolchain):
     # the ReLU epilogue runs on vectors too (fmax/fmaxnm on .4s)
     counts = neon_instructions(disassemble(build_linear_kernel((16, 1), "gemm", bias=True, activation="relu")))
     assert counts.get("fmaxnm", 0) + counts.get("fmax", 0) > 0, counts
+
+
+def test_nm_kernel_uses_neon(toolchain):
+    from sparsecc.targets.arm import build_nm_kernel, disassemble, neon_instructions
+
+    lib = build_nm_kernel(2, 4, 8, "gemm", bias=True, activation="relu")  # the build of the 2:4 gemm case
+    assert neon_instructions(disassemble(lib)).get("fmla", 0) > 0
+
+
+def _nm_weight(n_out, k, n, m, seed):
+    """Random W (N, K) with at most n nonzeros in every group of m along K (last group may be partial)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n_out, k, generator=g)
+    groups = -(-k // m)
+    keep = torch.zeros(n_out, groups * m, dtype=torch.bool)
+    scores = torch.rand(n_out, groups, m, generator=g)
+    idx = scores.topk(n, dim=-1).indices
+    keep.view(n_out, groups, m).scatter_(-1, idx, True)
+    return w * keep[:, :k]
+
+
+@pytest.mark.parametrize("nm,m_rows,n_out,k,bias,act", [
+    ((2, 4), 1, 24, 32, True, None),        # gemv
+    ((2, 4), 13, 20, 30, True, "relu"),     # gemm, M and N not multiples of the tiles, K not of m
+    ((1, 4), 9, 16, 16, False, "gelu"),
+])
+def test_nm_kernel_under_qemu_matches_torch(toolchain, nm, m_rows, n_out, k, bias, act):
+    from sparsecc.formats import NMSparseMatrix
+    from sparsecc.targets.arm import run_nm_linear_under_qemu
+
+    n, m = nm
+    w = _nm_weight(n_out, k, n, m, seed=k)
+    w[3] = 0  # an empty row
+    b = torch.randn(n_out) if bias else None
+    x = torch.randn(m_rows, k)
+    y, _ = run_nm_linear_under_qemu(NMSparseMatrix.from_dense(w, n, m), x, b, act)
+    torch.testing.assert_close(y, _ref(x, w, b, act), rtol=1e-4, atol=1e-4)
+    # density 0 with the same build
+    y0, _ = run_nm_linear_under_qemu(NMSparseMatrix.from_dense(torch.zeros(n_out, k), n, m), x, b, act)
+    torch.testing.assert_close(y0, _ref(x, torch.zeros(n_out, k), b, act), rtol=1e-4, atol=1e-4)
