@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+# benchmarks/ itself must not be on sys.path: benchmarks/cuda.py would shadow the `cuda` package torch imports
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -49,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--im2col-study", action="store_true", help="also time explicit im2col + linear kernel")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall clock, or this process's CPU time (robust to other jobs at --threads 1)")
     p.add_argument("--out", default=str(RESULTS / "conv"), help="results path without extension")
     return p.parse_args(argv)
 
@@ -81,10 +87,13 @@ def _conv_layers(model):
 def run(args) -> dict:
     """Run the benchmark with parsed ``args`` (see :func:`parse_args`); returns the results dict."""
     torch.set_num_threads(args.threads)
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))  # read when TVM's pool starts (first kernel)
+    clock = time.process_time if getattr(args, "clock", "wall") == "cpu" else time.perf_counter
     block = tuple(int(v) for v in args.block.split("x"))
     model = resnet18_like()
     x = torch.randn(args.batch, 3, args.size, args.size)
     res = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "runs": args.runs,
+           "clock": getattr(args, "clock", "wall"),
            "sparsity": args.sparsity, "block": list(block), "input": list(x.shape),
            "date": time.strftime("%Y-%m-%d %H:%M")}
 
@@ -101,7 +110,7 @@ def run(args) -> dict:
     model_cl = resnet18_like().to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     t = interleaved_ms({"torch dense": lambda: model(x), "torch dense channels_last": lambda: model_cl(x_cl),
-                        "torch pruned": lambda: ref(x), "sparsecc": lambda: cm(x)}, runs=args.runs)
+                        "torch pruned": lambda: ref(x), "sparsecc": lambda: cm(x)}, runs=args.runs, clock=clock)
     res["model_ms"] = t
     res["speedup_vs_dense"] = t["torch dense"] / t["sparsecc"]
     res["speedup_vs_dense_channels_last"] = t["torch dense channels_last"] / t["sparsecc"]
@@ -135,7 +144,7 @@ def run(args) -> dict:
             if args.im2col_study and m.kernel_size != (1, 1):
                 im2col = _explicit_im2col(w_sparse, b, s, p, block)
                 fns["im2col"] = lambda: im2col(xi_cl)
-            tt = interleaved_ms(fns, runs=args.runs)
+            tt = interleaved_ms(fns, runs=args.runs, clock=clock)
             row = {"layer": name, "weight": list(w_dense.shape), "stride": s[0], "input": list(xi.shape),
                    "ms": tt, "ratio_nhwc": tt["nhwc"] / tt["dense"]}
             if "nchw" in tt:
@@ -178,7 +187,7 @@ def _write(res: dict, out: Path) -> None:
     lines = [
         "# Sparse convolution: ResNet-18-like CNN",
         "",
-        f"`python benchmarks/conv.py --threads {res['threads']} --runs {res['runs']}"
+        f"`python benchmarks/conv.py --threads {res['threads']} --runs {res['runs']} --clock {res['clock']}"
         f"{' --im2col-study' if any('ratio_im2col' in r for r in res['layers']) else ''}` ({res['date']}, "
         f"{res['machine']}, {res['threads']} threads; medians of {res['runs']} interleaved runs on a shared, "
         "noisy machine: compare ratios within this run only).",

@@ -21,16 +21,29 @@ Two templates:
   the pixels (``HW`` padded to the vector tile by the caller).
 
 Why implicit im2col and not explicit im2col + the linear kernel, nor a direct
-loop nest: measured on the 2-core Zen 4 VM (AVX-512, 2 threads, 16x1 blocks,
-density 0.2, batch 1; medians of 30 interleaved runs, ``python
-benchmarks/conv.py --im2col-study``), time relative to torch ``F.conv2d`` dense:
-see the "im2col study" table in ``benchmarks/results/conv.md``. The explicit
-variant spends its extra time writing and re-reading the ``(HW, 9·C_in)``
-matrix (9x the activation); the implicit one reads the padded activation in
-place, which stays in L2 for ResNet-sized layers. A direct scheme (loops over
-``dh, dw`` outside the nonzeros) needs one CSR row pointer per ``(dh, dw)``
-and so 9x the row-pointer traffic for the same work; the offset trick gives
-the same addressing with one pointer array.
+loop nest: measured on the 2-core Zen 4 VM (AVX-512, 16x1 blocks, density 0.2,
+batch 1, the ResNet-18-like layers; 1 thread, this process's CPU time because
+other jobs held the cores, medians of 15 interleaved runs; ``python
+benchmarks/conv.py --threads 1 --clock cpu --im2col-study``), time relative to
+torch ``F.conv2d`` dense (fused bias + ReLU in both sparse variants):
+
+    layer (C_out x C_in x k, stride, input)   implicit (this)   explicit im2col + BSR linear
+    64x3x7   s2 224 (stem)                     0.46              2.86
+    64x64x3  s1 56                             0.37              2.04
+    128x64x3 s2 56                             0.48              1.22
+    128x128x3 s1 28                            0.41              1.31
+    256x128x3 s2 28                            0.46              0.77
+    256x256x3 s1 14                            0.38              0.73
+    512x256x3 s2 14                            0.37              0.41
+    512x512x3 s1 7                             0.30              0.40
+
+The explicit variant spends its extra time writing and re-reading the
+``(HW, kh·kw·C_in)`` matrix (9x or 49x the activation, worst at high
+resolution); the implicit one reads the padded activation in place. A direct
+scheme (loops over ``dh, dw`` outside the nonzeros) needs one row pointer per
+``(dh, dw)`` and so kh·kw times the row-pointer traffic for the same work; the
+offset trick gives the same addressing with one pointer array (not built, so
+not measured).
 
 Loop structure (unscheduled; identical to the linear template so the x86 rules
 of :mod:`sparsecc.targets.x86` apply)::
