@@ -56,12 +56,17 @@ from sparsecc.errors import UnsupportedOpError
 
 __all__ = ["INDEX_MODES", "column_dtype", "nm_linear"]
 
-INDEX_MODES = ("column", "packed")
+INDEX_MODES = ("offset", "column", "packed")
 
 
 def column_dtype(kp: int) -> str:
     """Integer dtype of the "column" index for a padded K of ``kp``: int16 up to 32767, else int32."""
     return "int16" if kp <= 32767 else "int32"
+
+
+def offset_dtype(kp: int, mt: int) -> str:
+    """Integer dtype of the "offset" index (``column · mt``): uint16 up to 65535, else int32."""
+    return "uint16" if kp * mt <= 65535 else "int32"
 
 
 def _meta_dtype(n: int, bits: int) -> str:
@@ -105,20 +110,29 @@ def nm_linear(n: int, m: int, groups: int, *, bias: bool = False, activation: st
     mask = (1 << bits) - 1
     act = _activation(activation)
     GN, KP = G * n, G * m  # noqa: N806
-    packed = index == "packed"
+    packed, offset = index == "packed", index == "offset"
     p_shape = (G, rt) if packed else (GN, rt)
-    pdt = _meta_dtype(n, bits) if packed else column_dtype(KP)
+    pdt = _meta_dtype(n, bits) if packed else offset_dtype(KP, mt) if offset else column_dtype(KP)
+    xt_shape = (KP * mt,) if offset else (KP, mt)
 
     def col(P, vro, vg, vs, vr):
         if packed:
             return vg * m + T.bitwise_and(T.shift_right(T.Cast("int32", P[vro, vg, vr]), vs * bits), mask)
         return T.Cast("int32", P[vro, vg * n + vs, vr])
 
+    def x_at(XT, P, vmo, vro, vg, vs, vr, vmi):
+        if offset:  # P holds column * mt: the flat offset of the X^T row, no index arithmetic
+            return XT[vmo, T.Cast("int32", P[vro, vg * n + vs, vr]) + vmi]
+        return XT[vmo, col(P, vro, vg, vs, vr), vmi]
+
+    def xt_all(XT, vmo):
+        return XT[vmo, 0:KP * mt] if offset else XT[vmo, 0:KP, 0:mt]
+
     def bias_val(B, vro, vr):
         return T.float32(0) if B is None else B[vro, vr]
 
     def row_reads(XT, V, P, B, vmo, vro):
-        regions = [XT[vmo, 0:KP, 0:mt], V[vro, 0:GN, 0:rt], P[vro, 0:p_shape[0], 0:rt]]
+        regions = [xt_all(XT, vmo), V[vro, 0:GN, 0:rt], P[vro, 0:p_shape[0], 0:rt]]
         return regions if B is None else regions + [B[vro, 0:rt]]
 
     @T.macro
@@ -136,7 +150,7 @@ def nm_linear(n: int, m: int, groups: int, *, bias: bool = False, activation: st
                 for g, s, r, mi in T.grid(G, n, rt, mt):
                     with T.sblock("compute"):
                         vg, vs, vr, vmi = T.axis.remap("RRSS", [g, s, r, mi])
-                        C[vr, vmi] = C[vr, vmi] + XT[vmo, col(P, vro, vg, vs, vr), vmi] * V[vro, vg * n + vs, vr]
+                        C[vr, vmi] = C[vr, vmi] + x_at(XT, P, vmo, vro, vg, vs, vr, vmi) * V[vro, vg * n + vs, vr]
                 for mi, r in T.grid(mt, rt):
                     with T.sblock("epilogue"):
                         vmi, vr = T.axis.remap("SS", [mi, r])
@@ -151,7 +165,7 @@ def nm_linear(n: int, m: int, groups: int, *, bias: bool = False, activation: st
             T.func_attr(attrs)
             MT = T.int32()
             NR = T.int32()
-            XT = T.match_buffer(xt_h, (MT, KP, mt), "float32")
+            XT = T.match_buffer(xt_h, (MT, *xt_shape), "float32")
             V = T.match_buffer(v_h, (NR, GN, rt), "float32")
             P = T.match_buffer(p_h, (NR, p_shape[0], rt), pdt)
             B = T.match_buffer(b_h, (NR, rt), "float32")
@@ -165,7 +179,7 @@ def nm_linear(n: int, m: int, groups: int, *, bias: bool = False, activation: st
             T.func_attr(attrs)
             MT = T.int32()
             NR = T.int32()
-            XT = T.match_buffer(xt_h, (MT, KP, mt), "float32")
+            XT = T.match_buffer(xt_h, (MT, *xt_shape), "float32")
             V = T.match_buffer(v_h, (NR, GN, rt), "float32")
             P = T.match_buffer(p_h, (NR, p_shape[0], rt), pdt)
             Y = T.match_buffer(y_h, (MT, mt, NR, rt), "float32")

@@ -61,19 +61,22 @@ def get_nm_kernel(n: int, m: int, groups: int, regime: str, bias: bool, activati
         return fn
 
 
-def pack_nm(matrix: NMSparseMatrix, r_tile: int, index: str = "column") -> tuple[torch.Tensor, torch.Tensor]:
+def pack_nm(matrix: NMSparseMatrix, r_tile: int, index: str = "column", m_tile: int = 1) -> tuple[torch.Tensor,
+                                                                                                   torch.Tensor]:
     """Kernel layout of ``matrix``, N padded to a multiple of ``rt``.
 
     Returns
     -------
     V : Tensor (NR, G·n, rt) float32
     P : Tensor (NR, G·n, rt) int16/int32 columns (``index="column"``) or
-        (NR, G, rt) packed positions (``index="packed"``).
+        (NR, G, rt) packed positions (``index="packed"``), or (NR, G·n, rt)
+        uint16/int32 ``column · m_tile`` (``index="offset"``: the flat offset of
+        the X^T row in an ``m_tile`` tile, so it depends on ``m_tile``).
 
     Padded rows hold zero values and column 0 (they produce zeros that the
     caller slices off).
     """
-    from sparsecc.codegen.nm import column_dtype
+    from sparsecc.codegen.nm import column_dtype, offset_dtype
 
     rows = matrix.shape[0]
     rt = int(r_tile)
@@ -88,8 +91,13 @@ def pack_nm(matrix: NMSparseMatrix, r_tile: int, index: str = "column") -> tuple
         cdt = torch.int16 if column_dtype(g * matrix.m) == "int16" else torch.int32
         p = torch.zeros(nr * rt, gn, dtype=cdt)
         p[:rows] = matrix.columns().to(cdt)
+    elif index == "offset":
+        odt = torch.uint16 if offset_dtype(g * matrix.m, m_tile) == "uint16" else torch.int32
+        p = torch.zeros(nr * rt, gn, dtype=torch.int32)
+        p[:rows] = (matrix.columns() * m_tile).to(torch.int32)
+        p = p.to(odt)
     else:
-        raise UnsupportedOpError(f"index mode {index!r} is not supported; expected 'column' or 'packed'")
+        raise UnsupportedOpError(f"index mode {index!r} is not supported; expected 'offset', 'column' or 'packed'")
     v = v.view(nr, rt, gn).permute(0, 2, 1).contiguous()
     p = p.view(nr, rt, p.shape[1]).permute(0, 2, 1).contiguous()
     return v, p
@@ -147,13 +155,22 @@ class NMLinear(torch.nn.Module):
         self.target = target or x86.host_target()
         self.params = dict(params) if params else {r: x86_nm.default_nm_params(r, target=self.target)
                                                    for r in ("gemv", "gemm")}
-        layouts = {(p.r_tile, p.index) for p in self.params.values()}
-        if len(layouts) != 1:
-            raise UnsupportedOpError(f"both regimes must share r_tile and index (one weight layout), got {layouts}")
-        self.r_tile, self.index = layouts.pop()
-        v, p = pack_nm(matrix, self.r_tile, self.index)
+        rts = {p.r_tile for p in self.params.values()}
+        if len(rts) != 1:
+            raise UnsupportedOpError(f"both regimes must share r_tile (one value layout), got {sorted(rts)}")
+        self.r_tile = rts.pop()
+        # one index tensor per distinct (index mode, m_tile of an "offset" index); values are shared
+        idx_keys = {r: (p.index, p.m_tile if p.index == "offset" else 1) for r, p in self.params.items()}
+        self._meta_names = {}
+        v = None
+        for regime in ("gemv", "gemm"):
+            mode, mt = idx_keys[regime]
+            name = f"meta_{mode}_{mt}"
+            if not hasattr(self, name):
+                v, p = pack_nm(matrix, self.r_tile, mode, mt)
+                self.register_buffer(name, _aligned(p))
+            self._meta_names[regime] = name
         self.register_buffer("values", _aligned(v))
-        self.register_buffer("meta", _aligned(p))
         self.n_padded = v.shape[0] * self.r_tile
         if bias is not None:
             if tuple(bias.shape) != (n_out,):
@@ -224,11 +241,14 @@ class NMLinear(torch.nn.Module):
             y = _aligned_empty((mp, self.n_padded))
         fn = self._kernel(regime)
         y4 = y.view(xt.shape[0], mt, -1, self.r_tile)
+        meta = getattr(self, self._meta_names[regime])
+        if self.params[regime].index == "offset":
+            xt = xt.view(xt.shape[0], -1)
         with torch.no_grad():
             if self.bias is not None:
-                fn(xt, self.values, self.meta, self.bias, y4)
+                fn(xt, self.values, meta, self.bias, y4)
             else:
-                fn(xt, self.values, self.meta, y4)
+                fn(xt, self.values, meta, y4)
         y = y[:m]
         if self.n_padded != n_out:
             y = y[:, :n_out].contiguous()
