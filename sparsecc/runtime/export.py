@@ -102,7 +102,7 @@ class _ConvCall(torch.nn.Module):
 
 def _kernel_kind(mod) -> str | None:
     name = type(mod).__name__
-    if name == "SparseLinear":
+    if name in ("SparseLinear", "NMLinear"):
         return "linear"
     if name == "SparseConv2d":
         return "conv"
@@ -170,6 +170,8 @@ class _Converter:
         bb = importer.block_builder
         x = importer.env[node.args[0]]
         mod = self.layers[node.args[1]]
+        if type(mod).__name__ == "NMLinear":
+            return self.nm_linear(bb, x, mod)
         n, k = mod.shape
         br, bc = mod.block
         shape = [int(v) for v in x.ty.shape.values]
@@ -197,6 +199,45 @@ class _Converter:
         if mp != m:
             y = bb.emit(relax.op.strided_slice(y, axes=[0], begin=[0], end=[m]))
         return bb.emit(relax.op.reshape(y, (*lead, n)))
+
+    def nm_linear(self, bb, x, mod):
+        """N:M: X (M, K) -> XT (MT, Kp, mt) tiles (zero-padded), kernel, Y (MT, mt, NR, rt) -> (M, N)."""
+        import tvm.relax as relax
+
+        from sparsecc.runtime.nm import nm_kernel_name
+        from sparsecc.targets import arm, x86, x86_nm
+
+        n_out, k = mod.shape
+        shape = [int(v) for v in x.ty.shape.values]
+        lead = shape[:-1]
+        m = int(np.prod(lead)) if lead else 1
+        regime = x86.regime_for(m)
+        p = arm.nm_params(regime) if self.arm else mod.params[regime]
+        if p.r_tile != mod.r_tile or (p.index == "offset") != (mod.params[regime].index == "offset"):
+            p = mod.params[regime]  # the packed values/meta of the module fix r_tile and the index mode
+        mt, kp = p.m_tile, mod.groups * mod.m
+        mtiles = -(-max(m, 1) // mt)
+        x2 = bb.emit(relax.op.reshape(x, (m, k)))
+        if mtiles * mt != m or kp != k:
+            x2 = bb.emit(relax.op.nn.pad(x2, [0, mtiles * mt - m, 0, kp - k]))
+        xt = bb.emit(relax.op.permute_dims(relax.op.reshape(x2, (mtiles, mt, kp)), [0, 2, 1]))
+        if p.index == "offset":
+            xt = bb.emit(relax.op.reshape(xt, (mtiles, kp * mt)))
+        meta = getattr(mod, mod._meta_names[regime])
+        args = [xt, self._const(mod.values), self._const(meta)]
+        if mod.bias is not None:
+            args.append(self._const(mod.bias))
+        sch = x86_nm.schedule_nm(mod.n, mod.m, mod.groups, regime, bias=mod.bias is not None,
+                                 activation=mod.activation, target=self.target, params=p)
+        name = (f"sparsecc_{nm_kernel_name(mod.n, mod.m, regime, mod.bias is not None, mod.activation)}"
+                f"_g{mod.groups}_mt{mt}_rt{p.r_tile}_{p.index}")
+        gv = self._gvar(bb, name, sch)
+        nr = mod.n_padded // mod.r_tile
+        y = bb.emit(relax.call_tir(gv, args, relax.TensorType((mtiles, mt, nr, mod.r_tile), "float32")))
+        y = bb.emit(relax.op.reshape(y, (mtiles * mt, mod.n_padded)))
+        if mtiles * mt != m or mod.n_padded != n_out:
+            y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, n_out]))
+        return bb.emit(relax.op.reshape(y, (*lead, n_out)))
 
     def conv(self, node, importer):
         from tvm import relax

@@ -226,11 +226,12 @@ def check_buildable(device: str = "arm") -> None:
 
 #: Fraction of the core's FP32 peak each kernel is assumed to reach (gemm regime; gemv gets half), and the
 #: fraction of the core's bandwidth it streams at. Relative orders follow the x86 measurements of
-#: ../shared/notes/tvm-0.27-facts.md (16x1 > 8x1 > 4x4 > 4x1 > 1x8 > 1x4 > CSR); dense assumes a tuned BLAS-class
-#: GEMM. Not measured on ARM hardware.
+#: ../shared/notes/tvm-0.27-facts.md (16x1 > 8x1 > 4x4 > 4x1 > 1x8 > 1x4 > CSR; N:M, vectorized along M, near 8x1);
+#: dense assumes a tuned BLAS-class GEMM. Not measured on ARM hardware.
 STATIC_EFFICIENCY = {
     "dense": (0.60, 0.80), "csr_1x1": (0.06, 0.35), "bsr_1x4": (0.12, 0.55), "bsr_1x8": (0.15, 0.60),
     "bsr_4x1": (0.20, 0.60), "bsr_8x1": (0.28, 0.70), "bsr_16x1": (0.35, 0.75), "bsr_4x4": (0.25, 0.65),
+    "nm_2:4": (0.30, 0.60), "nm_1:4": (0.25, 0.60),
 }
 #: Fixed cost of one kernel call on the board (ms).
 STATIC_OVERHEAD_MS = 0.005

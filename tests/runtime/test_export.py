@@ -5,6 +5,7 @@ Each export builds one Relax module (a few seconds); models are tiny and shapes 
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -149,3 +150,32 @@ def test_export_refuses_kernels_without_an_export_path(tmp_path):
     gm.recompile()
     with pytest.raises(UnsupportedOpError, match="Opaque kernels have no export path"):
         _export_view(gm)
+
+
+def test_arm_nm_linears_under_qemu(toolchain, tmp_path):
+    """2:4 linears exported through the N:M kernels (a cost model that favours N:M forces the format)."""
+    from sparsecc.runtime.export import run_artifact_under_qemu
+    from sparsecc.targets.arm import ArmTarget, static_cost_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 30)).eval()
+    x = torch.randn(3, 3, 64)
+    target = ArmTarget("arm")
+    cost = static_cost_model("arm")
+    c = cost.kernels["nm_2:4"]
+    c.gflops_gemm, c.gflops_gemv, c.gbps = c.gflops_gemm * 10, c.gflops_gemv * 10, c.gbps * 10
+    target._cost_model = cost
+    cm = sparsecc.compile(model, x, target=target, pattern="2:4", sparsity=0.5)
+    assert [a.format for a in cm.layers] == ["nm", "nm"]
+    w = [m.weight for m in model if isinstance(m, nn.Linear)]
+    y, _ = run_artifact_under_qemu(cm.export(tmp_path / "nm"), x)
+    torch.testing.assert_close(y, cm(x), rtol=1e-4, atol=1e-5)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for lin in (ref[0], ref[2]):  # 2:4 by magnitude along K: keep the 2 largest |w| of every 4
+            g = lin.weight.reshape(lin.weight.shape[0], -1, 4)
+            keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.abs().topk(2, dim=-1).indices, True)
+            lin.weight.mul_(keep.reshape(lin.weight.shape))
+    torch.testing.assert_close(y, ref(x), rtol=1e-4, atol=1e-5)
+    assert float((y - model(x)).abs().max()) > 1e-3  # the weights really were pruned to 2:4
+    assert all(float((v == 0).float().mean()) < 0.01 for v in w)  # and the user's model was not
