@@ -93,7 +93,7 @@ def run(args) -> dict:
     model = resnet18_like()
     x = torch.randn(args.batch, 3, args.size, args.size)
     res = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "runs": args.runs,
-           "clock": getattr(args, "clock", "wall"),
+           "clock": getattr(args, "clock", "wall"), "load_average_1min": os.getloadavg()[0],
            "sparsity": args.sparsity, "block": list(block), "input": list(x.shape),
            "date": time.strftime("%Y-%m-%d %H:%M")}
 
@@ -190,7 +190,8 @@ def _write(res: dict, out: Path) -> None:
         f"`python benchmarks/conv.py --threads {res['threads']} --runs {res['runs']} --clock {res['clock']}"
         f"{' --im2col-study' if any('ratio_im2col' in r for r in res['layers']) else ''}` ({res['date']}, "
         f"{res['machine']}, {res['threads']} threads; medians of {res['runs']} interleaved runs on a shared, "
-        "noisy machine: compare ratios within this run only).",
+        f"noisy machine: compare ratios within this run only; 1-min load average at start "
+        f"{res.get('load_average_1min', float('nan')):.1f} on {os.cpu_count()} cores).",
         "",
         f"Input {tuple(res['input'])}, {res['sparsity']:.0%} sparsity in {res['block'][0]}x{res['block'][1]} blocks "
         f"of every conv's (C_out, kh·kw·C_in) matrix; BN folded; compile {res['compile_s']:.1f} s.",
