@@ -54,7 +54,7 @@ from tvm.script import tirx as T
 from sparsecc.codegen.linear import _activation
 from sparsecc.errors import UnsupportedOpError
 
-__all__ = ["INDEX_MODES", "column_dtype", "nm_linear"]
+__all__ = ["INDEX_MODES", "PERMUTE_INTRINSICS", "column_dtype", "nm_linear", "nm_linear_permute"]
 
 INDEX_MODES = ("offset", "column", "packed")
 
@@ -184,5 +184,121 @@ def nm_linear(n: int, m: int, groups: int, *, bias: bool = False, activation: st
             P = T.match_buffer(p_h, (NR, p_shape[0], rt), pdt)
             Y = T.match_buffer(y_h, (MT, mt, NR, rt), "float32")
             body(XT, V, P, None, Y, MT, NR)
+
+    return func
+
+
+#: LLVM intrinsic of a lane-wise variable permutation ``out[i] = a[idx[i]]`` per vector width (lanes of float32).
+PERMUTE_INTRINSICS = {16: "llvm.x86.avx512.permvar.sf.512", 8: "llvm.x86.avx2.permps"}
+
+
+def nm_linear_permute(n: int, m: int, chunks: int, *, lanes: int = 16, bias: bool = False,
+                      activation: str | None = None, m_tile: int = 8):
+    """N:M template vectorized along N with an in-register permutation of X (x86 AVX2 / AVX-512).
+
+    X keeps its row-major layout. For every chunk of ``L = lanes`` consecutive
+    columns of one row of X (one vector load, ``L / m`` groups), every slot of
+    a tile of ``L`` rows of W picks its X value with one lane-wise permutation
+    (``vpermps``; the slot's index is its column inside the chunk), then one
+    FMA with the ``L`` values of the slot: ``L`` multiply-adds per
+    permutation, the value and index vectors loaded once per ``m_tile`` rows
+    of X. The X vector of a chunk is reused by all ``L / m · n`` slots of its
+    groups. Measured against the X^T template (:func:`nm_linear`) on 3072x768
+    at M = 16, one thread: 0.29 vs 0.61 of torch dense.
+
+    Layouts: ``X (MP, KL)`` (``KL = chunks · L``, K padded with zeros; ``MP`` a
+    multiple of ``m_tile``), ``V (NR, G·n, L)`` float32 and ``P (NR, G·n, L)``
+    uint8 (``G = KL / m``; ``P`` = column of the slot inside its chunk,
+    ``(g mod (L/m))·m + position``), ``B (NR, L)``, ``Y (MP, NR, L)``.
+
+    Parameters
+    ----------
+    n, m : int
+        The pattern; ``m`` must divide ``lanes``.
+    chunks : int
+        ``KL / L``, static.
+    lanes : {8, 16}
+        Vector width in float32 lanes (AVX2: 8, AVX-512: 16).
+    bias, activation
+        As :func:`nm_linear`.
+    m_tile : int
+        Rows of X per tile (accumulators: ``m_tile`` vectors).
+
+    Raises
+    ------
+    UnsupportedOpError
+        Unsupported lanes, ``m`` not dividing ``lanes``, bad sizes or activation.
+    """
+    n, m, CH, L, mt = int(n), int(m), int(chunks), int(lanes), int(m_tile)  # noqa: N806
+    if L not in PERMUTE_INTRINSICS:
+        raise UnsupportedOpError(f"lanes must be one of {sorted(PERMUTE_INTRINSICS)}, got {L}")
+    if not (0 < n < m) or L % m or CH < 1 or mt < 1:
+        raise UnsupportedOpError(f"permute N:M template needs 0 < n < m, m dividing lanes={L} and positive "
+                                 f"sizes, got {n}:{m}, chunks={CH}, m_tile={mt}")
+    intrin = PERMUTE_INTRINSICS[L]
+    act = _activation(activation)
+    GPC = L // m  # noqa: N806 - groups per chunk
+    GN, KL = CH * GPC * n, CH * L  # noqa: N806
+
+    def bias_val(B, vro, vr):
+        return T.float32(0) if B is None else B[vro, vr]
+
+    def row_reads(X, V, P, B, vmo, vro):
+        regions = [X[vmo * mt:vmo * mt + mt, 0:KL], V[vro, 0:GN, 0:L], P[vro, 0:GN, 0:L]]
+        return regions if B is None else regions + [B[vro, 0:L]]
+
+    @T.macro
+    def body(X, V, P, B, Y, MP, NR):
+        for mo, ro in T.grid(MP // mt, NR):
+            with T.sblock("row"):
+                vmo, vro = T.axis.remap("SS", [mo, ro])
+                T.reads(row_reads(X, V, P, B, vmo, vro))
+                T.writes(Y[vmo * mt:vmo * mt + mt, vro, 0:L])
+                C = T.alloc_buffer((mt, L), "float32")
+                XC = T.alloc_buffer((mt, L), "float32")
+                for mi in T.unroll(mt):
+                    C[mi, T.ramp(0, 1, L)] = T.broadcast(T.float32(0), L)
+                for ch in T.serial(CH):
+                    for mi in T.unroll(mt):
+                        XC[mi, T.ramp(0, 1, L)] = X[vmo * mt + mi, T.ramp(ch * L, 1, L)]
+                    for gs in T.unroll(GPC * n):
+                        for mi in T.unroll(mt):
+                            C[mi, T.ramp(0, 1, L)] = C[mi, T.ramp(0, 1, L)] + T.call_llvm_pure_intrin(
+                                T.llvm_lookup_intrinsic_id(intrin), XC[mi, T.ramp(0, 1, L)],
+                                T.Cast(f"int32x{L}", P[vro, ch * GPC * n + gs, T.ramp(0, 1, L)]),
+                                dtype=f"float32x{L}") * V[vro, ch * GPC * n + gs, T.ramp(0, 1, L)]
+                for mi, r in T.grid(mt, L):
+                    with T.sblock("epilogue"):
+                        vmi, vr = T.axis.remap("SS", [mi, r])
+                        Y[vmo * mt + vmi, vro, vr] = act(C[vmi, vr] + bias_val(B, vro, vr))
+
+    attrs = {"global_symbol": "main", "tir.noalias": True, "sparsecc.nm": [n, m], "sparsecc.m_tile": mt,
+             "sparsecc.r_tile": L, "sparsecc.index": "permute"}
+    if bias:
+
+        @T.prim_func(s_tir=True)
+        def func(x_h: T.handle, v_h: T.handle, p_h: T.handle, b_h: T.handle, y_h: T.handle):
+            T.func_attr(attrs)
+            MP = T.int32()
+            NR = T.int32()
+            X = T.match_buffer(x_h, (MP, KL), "float32")
+            V = T.match_buffer(v_h, (NR, GN, L), "float32")
+            P = T.match_buffer(p_h, (NR, GN, L), "uint8")
+            B = T.match_buffer(b_h, (NR, L), "float32")
+            Y = T.match_buffer(y_h, (MP, NR, L), "float32")
+            body(X, V, P, B, Y, MP, NR)
+
+    else:
+
+        @T.prim_func(s_tir=True)
+        def func(x_h: T.handle, v_h: T.handle, p_h: T.handle, y_h: T.handle):
+            T.func_attr(attrs)
+            MP = T.int32()
+            NR = T.int32()
+            X = T.match_buffer(x_h, (MP, KL), "float32")
+            V = T.match_buffer(v_h, (NR, GN, L), "float32")
+            P = T.match_buffer(p_h, (NR, GN, L), "uint8")
+            Y = T.match_buffer(y_h, (MP, NR, L), "float32")
+            body(X, V, P, None, Y, MP, NR)
 
     return func

@@ -71,7 +71,9 @@ def pack_nm(matrix: NMSparseMatrix, r_tile: int, index: str = "column", m_tile: 
     P : Tensor (NR, G·n, rt) int16/int32 columns (``index="column"``) or
         (NR, G, rt) packed positions (``index="packed"``), or (NR, G·n, rt)
         uint16/int32 ``column · m_tile`` (``index="offset"``: the flat offset of
-        the X^T row in an ``m_tile`` tile, so it depends on ``m_tile``).
+        the X^T row in an ``m_tile`` tile, so it depends on ``m_tile``), or
+        (NR, G'·n, rt) uint8 column inside its chunk of ``rt`` columns
+        (``index="permute"``, G' = groups padded to whole chunks).
 
     Padded rows hold zero values and column 0 (they produce zeros that the
     caller slices off).
@@ -82,9 +84,17 @@ def pack_nm(matrix: NMSparseMatrix, r_tile: int, index: str = "column", m_tile: 
     rt = int(r_tile)
     nr = -(-rows // rt)
     g, gn = matrix.groups, matrix.groups * matrix.n
+    if index == "permute":  # groups padded to whole chunks of rt columns; P = column inside the chunk
+        gpc = rt // matrix.m
+        g = -(-g // gpc) * gpc
+        gn = g * matrix.n
     v = torch.zeros(nr * rt, gn, dtype=torch.float32)
-    v[:rows] = matrix.values
-    if index == "packed":
+    v[:rows, :matrix.values.shape[1]] = matrix.values
+    if index == "permute":
+        within = (torch.arange(matrix.groups) % gpc).view(1, -1, 1) * matrix.m + matrix.positions()
+        p = torch.zeros(nr * rt, gn, dtype=torch.uint8)
+        p[:rows, :matrix.values.shape[1]] = within.reshape(rows, -1).to(torch.uint8)
+    elif index == "packed":
         p = torch.zeros(nr * rt, g, dtype=matrix.meta.dtype)
         p[:rows] = matrix.meta
     elif index == "column":
@@ -161,6 +171,10 @@ class NMLinear(torch.nn.Module):
         self.r_tile = rts.pop()
         # one index tensor per distinct (index mode, m_tile of an "offset" index); values are shared
         idx_keys = {r: (p.index, p.m_tile if p.index == "offset" else 1) for r, p in self.params.items()}
+        if len({p.index == "permute" for p in self.params.values()}) != 1:
+            raise UnsupportedOpError("both regimes must use the permute template or neither (one value layout)")
+        self.permute = self.params["gemm"].index == "permute"
+        self.k_padded = -(-self.groups * self.m // self.r_tile) * self.r_tile if self.permute else None
         self._meta_names = {}
         v = None
         for regime in ("gemv", "gemm"):
@@ -234,6 +248,8 @@ class NMLinear(torch.nn.Module):
             return x.new_empty(lead + (n_out,))
         regime = "gemm" if m >= 8 else "gemv"
         mt = self.params[regime].m_tile
+        if self.permute:
+            return self._forward_permute(x2, regime, mt).view(lead + (n_out,))
         xt = self._transpose_x(x2, mt)
         mp = xt.shape[0] * mt
         y = torch.empty(mp, self.n_padded, dtype=torch.float32)
@@ -253,6 +269,35 @@ class NMLinear(torch.nn.Module):
         if self.n_padded != n_out:
             y = y[:, :n_out].contiguous()
         return y.view(lead + (n_out,))
+
+    def _forward_permute(self, x2: torch.Tensor, regime: str, mt: int) -> torch.Tensor:
+        """X (M, K) row-major (rows padded to a multiple of ``mt``, K to whole vector chunks) -> Y (M, N)."""
+        m, k = x2.shape
+        kl = self.k_padded
+        mp = -(-m // mt) * mt
+        if mp != m or kl != k:
+            xp = _aligned_empty((mp, kl))
+            xp[:m, :k].copy_(x2)
+            if kl != k:
+                xp[:m, k:].zero_()
+            if mp != m:
+                xp[m:].zero_()
+            x2 = xp
+        else:
+            x2 = _aligned(x2)
+        y = torch.empty(mp, self.n_padded, dtype=torch.float32)
+        if y.data_ptr() % _ALIGN:
+            y = _aligned_empty((mp, self.n_padded))
+        fn = self._kernel(regime)
+        meta = getattr(self, self._meta_names[regime])
+        y3 = y.view(mp, -1, self.r_tile)
+        with torch.no_grad():
+            if self.bias is not None:
+                fn(x2, self.values, meta, self.bias, y3)
+            else:
+                fn(x2, self.values, meta, y3)
+        y = y[:m]
+        return y[:, :self.shape[0]].contiguous() if self.n_padded != self.shape[0] else y
 
     def extra_repr(self) -> str:
         return (f"shape={self.shape}, pattern={self.pattern}, density={self.density:.3f}, "

@@ -5,13 +5,16 @@ template (built with the rule's tiles, see :func:`nm_template_for`) and returns
 a ``tvm.s_tir.Schedule`` or ``None``; tile sizes are plain parameters
 (:class:`NMScheduleParams`) that a tuner can turn into knobs.
 
-Regimes:
+Two templates:
 
-* ``"gemm"`` (M ≥ 8): a register tile of ``r_tile`` rows of W x ``m_tile``
-  rows of X; every stored value is broadcast and multiplies an ``m_tile``
-  vector of X^T (vectorized along M), ``r_tile`` independent accumulators.
-* ``"gemv"`` (M < 8): ``m_tile = 1``; vectorized along the ``r_tile`` rows of
-  W, the X values gathered by position.
+* ``index="permute"`` (default where the CPU has AVX2 or AVX-512):
+  :func:`~sparsecc.codegen.nm.nm_linear_permute`, vectorized along N, X
+  values picked by ``vpermps``. ``"gemm"`` (M ≥ 8): 8 rows of X per tile;
+  ``"gemv"`` (M < 8): 1. Row tiles of W outside M tiles (``rows_outer``), so a
+  tile's values stay in cache while every M tile uses them (M = 128, 3072x768:
+  0.54 vs 0.66 of torch dense with M tiles outside, one thread).
+* ``index="column" | "packed" | "offset"``: :func:`~sparsecc.codegen.nm.nm_linear`
+  over X^T tiles, vectorized along M (any LLVM target; the fallback).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 import tvm
 import tvm.s_tir
 
-from sparsecc.codegen.nm import nm_linear
+from sparsecc.codegen.nm import PERMUTE_INTRINSICS, nm_linear, nm_linear_permute
 from sparsecc.errors import KernelBuildError
 from sparsecc.targets.x86 import REGIMES, target_vector_bits
 
@@ -34,7 +37,10 @@ class NMScheduleParams:
 
     m_tile: int = 16
     r_tile: int = 8
-    index: str = "column"  # "column" (int16 column per slot) or "packed" (the format's bits, decoded in the kernel)
+    #: "permute" (vpermps template, r_tile = vector lanes) or an index mode of the X^T template:
+    #: "column" (int16 column per slot), "offset" (column * m_tile), "packed" (the format's bits)
+    index: str = "column"
+    rows_outer: bool = True  # parallel loop order: W row tiles outside M tiles (permute template)
 
 
 def default_nm_params(regime: str, m: int | None = None, target=None) -> NMScheduleParams:
@@ -44,6 +50,8 @@ def default_nm_params(regime: str, m: int | None = None, target=None) -> NMSched
     below one vector keeps ``m_tile`` at one vector of floats (16 with AVX-512).
     """
     lanes = max(4, target_vector_bits(target) // 32)
+    if lanes in PERMUTE_INTRINSICS:
+        return NMScheduleParams(m_tile=1 if regime == "gemv" else 8, r_tile=lanes, index="permute")
     if regime == "gemv":
         return NMScheduleParams(m_tile=1, r_tile=8)
     return NMScheduleParams(m_tile=lanes, r_tile=8)
@@ -52,6 +60,10 @@ def default_nm_params(regime: str, m: int | None = None, target=None) -> NMSched
 def nm_template_for(n: int, m: int, groups: int, regime: str, *, bias: bool, activation,
                     params: NMScheduleParams | None = None):
     params = params or default_nm_params(regime)
+    if params.index == "permute":
+        chunks = -(-groups * m // params.r_tile)
+        return nm_linear_permute(n, m, chunks, lanes=params.r_tile, bias=bias, activation=activation,
+                                 m_tile=params.m_tile)
     return nm_linear(n, m, groups, bias=bias, activation=activation, m_tile=params.m_tile, r_tile=params.r_tile,
                      index=params.index)
 
@@ -61,9 +73,23 @@ def _finish(sch: tvm.s_tir.Schedule) -> tvm.s_tir.Schedule:
     return sch
 
 
+def rule_nm_permute(func, target=None, rows_outer: bool = True):
+    """Permute template: the compute is written in vectors; vectorize the epilogue along N, parallel tiles."""
+    if str(func.attrs["sparsecc.index"]) != "permute":
+        return None
+    sch = tvm.s_tir.Schedule(func, enable_check=False)
+    emi, er = sch.get_loops(sch.get_sblock("epilogue"))[-2:]
+    sch.vectorize(er)
+    sch.unroll(emi)
+    if rows_outer:
+        mo, ro = sch.get_loops(sch.get_sblock("row"))
+        sch.reorder(ro, mo)
+    return _finish(sch)
+
+
 def rule_nm_gemm(func, target=None):
     """Vectorize along the M tile, unroll slots and the rows of the W tile."""
-    if int(func.attrs["sparsecc.m_tile"]) == 1:
+    if str(func.attrs["sparsecc.index"]) == "permute" or int(func.attrs["sparsecc.m_tile"]) == 1:
         return None
     sch = tvm.s_tir.Schedule(func, enable_check=False)
     g, s, r, mi = sch.get_loops(sch.get_sblock("compute"))
@@ -81,7 +107,7 @@ def rule_nm_gemm(func, target=None):
 
 def rule_nm_gemv(func, target=None):
     """M tile of 1: vectorize along the rows of the W tile (X gathered by position)."""
-    if int(func.attrs["sparsecc.m_tile"]) != 1:
+    if str(func.attrs["sparsecc.index"]) == "permute" or int(func.attrs["sparsecc.m_tile"]) != 1:
         return None
     sch = tvm.s_tir.Schedule(func, enable_check=False)
     g, s, r, mi = sch.get_loops(sch.get_sblock("compute"))
@@ -110,6 +136,9 @@ def schedule_nm(n: int, m: int, groups: int, regime: str, *, bias: bool, activat
         raise KernelBuildError(f"unknown regime {regime!r}; expected one of {REGIMES}")
     params = params or default_nm_params(regime, target=target)
     func = nm_template_for(n, m, groups, regime, bias=bias, activation=activation, params=params)
+    sch = rule_nm_permute(func, target, params.rows_outer)
+    if sch is not None:
+        return sch
     for rule in NM_RULES:
         sch = rule(func, target)
         if sch is not None:

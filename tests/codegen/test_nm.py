@@ -159,20 +159,31 @@ def test_nmlinear_relu_no_bias_bert_width(nm):
         torch.testing.assert_close(mod(x), reference(x, w, None, "relu"), atol=1e-4, rtol=1e-4)
 
 
-def test_nmlinear_density_zero_and_packed_index():
+def test_nmlinear_density_zero():
     from sparsecc.runtime.nm import NMLinear
-    from sparsecc.targets.x86_nm import NMScheduleParams
 
     b = torch.randn(13)
     zero = NMLinear(NMSparseMatrix.from_dense(torch.zeros(13, 22), 2, 4), b)
     x = torch.randn(9, 22)
     torch.testing.assert_close(zero(x), b.expand(9, 13))
-    w = nm_weight(13, 22, 2, 4, seed=4)
-    params = {"gemv": NMScheduleParams(1, 8, "packed"), "gemm": NMScheduleParams(16, 8, "packed")}
-    packed = NMLinear(NMSparseMatrix.from_dense(w, 2, 4), b, params=params)
+
+
+@pytest.mark.parametrize("index", ["column", "packed", "offset", "permute8"])
+def test_nmlinear_other_templates(index):
+    """The X^T template's index modes (the fallback without AVX2) and the AVX2-width permute template."""
+    from sparsecc.runtime.nm import NMLinear
+    from sparsecc.targets.x86_nm import NMScheduleParams
+
+    b = torch.randn(13)
+    w = nm_weight(13, 22, 2, 4, seed=4, zero_rows=[2])
+    if index == "permute8":
+        params = {"gemv": NMScheduleParams(1, 8, "permute"), "gemm": NMScheduleParams(4, 8, "permute")}
+    else:
+        params = {"gemv": NMScheduleParams(1, 8, index), "gemm": NMScheduleParams(16, 8, index)}
+    mod = NMLinear(NMSparseMatrix.from_dense(w, 2, 4), b, params=params)
     for rows in (1, 9):
         x = torch.randn(rows, 22)
-        torch.testing.assert_close(packed(x), F.linear(x, w, b), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(mod(x), F.linear(x, w, b), atol=1e-4, rtol=1e-4)
 
 
 def test_nmlinear_batched_inputs(nm_case):
