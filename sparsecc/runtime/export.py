@@ -202,19 +202,20 @@ class _Converter:
 
     def nm_linear(self, bb, x, mod):
         """N:M: X (M, K) -> XT (MT, Kp, mt) tiles (zero-padded), kernel, Y (MT, mt, NR, rt) -> (M, N)."""
-        import tvm.relax as relax
+        from tvm import relax
 
         from sparsecc.runtime.nm import nm_kernel_name
-        from sparsecc.targets import arm, x86, x86_nm
+        from sparsecc.targets import x86, x86_nm
 
         n_out, k = mod.shape
         shape = [int(v) for v in x.ty.shape.values]
         lead = shape[:-1]
         m = int(np.prod(lead)) if lead else 1
         regime = x86.regime_for(m)
-        p = arm.nm_params(regime) if self.arm else mod.params[regime]
-        if p.r_tile != mod.r_tile or (p.index == "offset") != (mod.params[regime].index == "offset"):
-            p = mod.params[regime]  # the packed values/meta of the module fix r_tile and the index mode
+        p = mod.params[regime]  # the module's packed values/meta fix the tiles (ArmTarget gives NEON ones)
+        if p.index == "permute":
+            raise UnsupportedOpError("N:M layers on the x86 permute template (AVX vpermps) have no export path "
+                                     "yet; export for target='arm' or keep them dense")
         mt, kp = p.m_tile, mod.groups * mod.m
         mtiles = -(-max(m, 1) // mt)
         x2 = bb.emit(relax.op.reshape(x, (m, k)))

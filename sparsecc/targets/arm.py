@@ -284,6 +284,18 @@ class ArmTarget(CompileTarget):
         """The *host* target: the compiled module's kernels run here (see the class docstring)."""
         return super().tvm_target()
 
+    def make_linear(self, matrix, bias=None, activation=None):
+        """Host kernel module of ``matrix``'s format; N:M layers get the NEON tiles (:func:`nm_params`), so
+        their packed values and indices are the ones the exported aarch64 kernel reads."""
+        from sparsecc.formats import NMSparseMatrix
+
+        if isinstance(matrix, NMSparseMatrix):
+            from sparsecc.runtime.nm import NMLinear
+
+            return NMLinear(matrix, bias, activation=activation, target=self.tvm_target(),
+                            params={r: nm_params(r, self.device) for r in ("gemv", "gemm")})
+        return super().make_linear(matrix, bias, activation)
+
     def describe(self) -> str:
         return f"{self.name} ({self.arm_device.description}; host kernels for cm(), aarch64 export)"
 
