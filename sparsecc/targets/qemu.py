@@ -41,7 +41,8 @@ _HARNESS_SRC = Path(__file__).with_name("arm_harness.cc")
 def _as_numpy(t) -> np.ndarray:
     if hasattr(t, "detach"):  # torch tensor
         t = t.detach().cpu().numpy()
-    return np.ascontiguousarray(t)
+    a = np.asarray(t)
+    return a if a.flags.c_contiguous else a.copy(order="C")  # ascontiguousarray would turn 0-d into 1-d
 
 
 def write_tensors(path, tensors) -> None:

@@ -15,7 +15,7 @@ Everything lives under ``<cache_root>/toolchains/aarch64-<version>/``:
 
 The whole folder is built in a temporary sibling and renamed into place, so an
 interrupted fetch never leaves a half-made toolchain; concurrent processes may
-both fetch, one rename wins. About 150 MB on disk after dropping the other
+both fetch, one rename wins. About 210 MB on disk after dropping the other
 qemu targets.
 """
 
