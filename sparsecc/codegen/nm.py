@@ -193,7 +193,7 @@ PERMUTE_INTRINSICS = {16: "llvm.x86.avx512.permvar.sf.512", 8: "llvm.x86.avx2.pe
 
 
 def nm_linear_permute(n: int, m: int, chunks: int, *, lanes: int = 16, bias: bool = False,
-                      activation: str | None = None, m_tile: int = 8):
+                      activation: str | None = None, m_tile: int = 8, k_block: int = 0):
     """N:M template vectorized along N with an in-register permutation of X (x86 AVX2 / AVX-512).
 
     X keeps its row-major layout. For every chunk of ``L = lanes`` consecutive
@@ -223,11 +223,18 @@ def nm_linear_permute(n: int, m: int, chunks: int, *, lanes: int = 16, bias: boo
         As :func:`nm_linear`.
     m_tile : int
         Rows of X per tile (accumulators: ``m_tile`` vectors).
+    k_block : int
+        0: one pass over K per (M tile, row tile), parallel over both. Else
+        chunks of K per pass (must divide ``chunks``): one "row" block per tile
+        of W rows runs every M tile for a block of K before the next (partial
+        sums kept in Y, in cache), so the values of a K block stay in L1 while
+        all M tiles use them (for large K, where a row tile's values exceed L1).
 
     Raises
     ------
     UnsupportedOpError
-        Unsupported lanes, ``m`` not dividing ``lanes``, bad sizes or activation.
+        Unsupported lanes, ``m`` not dividing ``lanes``, ``k_block`` not
+        dividing ``chunks``, bad sizes or activation.
     """
     n, m, CH, L, mt = int(n), int(m), int(chunks), int(lanes), int(m_tile)  # noqa: N806
     if L not in PERMUTE_INTRINSICS:
@@ -235,6 +242,9 @@ def nm_linear_permute(n: int, m: int, chunks: int, *, lanes: int = 16, bias: boo
     if not (0 < n < m) or L % m or CH < 1 or mt < 1:
         raise UnsupportedOpError(f"permute N:M template needs 0 < n < m, m dividing lanes={L} and positive "
                                  f"sizes, got {n}:{m}, chunks={CH}, m_tile={mt}")
+    KB = int(k_block)  # noqa: N806
+    if KB < 0 or (KB and CH % KB):
+        raise UnsupportedOpError(f"k_block={KB} must divide chunks={CH}")
     intrin = PERMUTE_INTRINSICS[L]
     act = _activation(activation)
     GPC = L // m  # noqa: N806 - groups per chunk
@@ -272,8 +282,54 @@ def nm_linear_permute(n: int, m: int, chunks: int, *, lanes: int = 16, bias: boo
                         vmi, vr = T.axis.remap("SS", [mi, r])
                         Y[vmo * mt + vmi, vro, vr] = act(C[vmi, vr] + bias_val(B, vro, vr))
 
+    @T.macro
+    def chunk_fma(X, V, P, C, XC, vro, row0, ch):
+        for mi in T.unroll(mt):
+            XC[mi, T.ramp(0, 1, L)] = X[row0 + mi, T.ramp(ch * L, 1, L)]
+        for gs in T.unroll(GPC * n):
+            for mi in T.unroll(mt):
+                C[mi, T.ramp(0, 1, L)] = C[mi, T.ramp(0, 1, L)] + T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(intrin), XC[mi, T.ramp(0, 1, L)],
+                    T.Cast(f"int32x{L}", P[vro, ch * GPC * n + gs, T.ramp(0, 1, L)]),
+                    dtype=f"float32x{L}") * V[vro, ch * GPC * n + gs, T.ramp(0, 1, L)]
+
+    @T.macro
+    def body_kblocked(X, V, P, B, Y, MP, NR):
+        for ro in T.serial(NR):
+            with T.sblock("row"):
+                vro = T.axis.spatial(NR, ro)
+                T.reads(X[0:MP, 0:KL], V[vro, 0:GN, 0:L], P[vro, 0:GN, 0:L], B[vro, 0:L] if B is not None else [])
+                T.writes(Y[0:MP, vro, 0:L])
+                C = T.alloc_buffer((mt, L), "float32")
+                XC = T.alloc_buffer((mt, L), "float32")
+                for kb in T.serial(CH // KB - 1):  # partial sums of all but the last K block, kept in Y
+                    for mo in T.serial(MP // mt):
+                        for mi in T.unroll(mt):
+                            if kb == 0:
+                                C[mi, T.ramp(0, 1, L)] = T.broadcast(T.float32(0), L)
+                            else:
+                                C[mi, T.ramp(0, 1, L)] = Y[mo * mt + mi, vro, T.ramp(0, 1, L)]
+                        for c in T.serial(KB):
+                            chunk_fma(X, V, P, C, XC, vro, mo * mt, kb * KB + c)
+                        for mi in T.unroll(mt):
+                            Y[mo * mt + mi, vro, T.ramp(0, 1, L)] = C[mi, T.ramp(0, 1, L)]
+                for mo in T.serial(MP // mt):  # the last K block, then bias and activation
+                    for mi in T.unroll(mt):
+                        if CH // KB == 1:
+                            C[mi, T.ramp(0, 1, L)] = T.broadcast(T.float32(0), L)
+                        else:
+                            C[mi, T.ramp(0, 1, L)] = Y[mo * mt + mi, vro, T.ramp(0, 1, L)]
+                    for c in T.serial(KB):
+                        chunk_fma(X, V, P, C, XC, vro, mo * mt, CH - KB + c)
+                    for mi, r in T.grid(mt, L):
+                        with T.sblock("epilogue"):
+                            vmo, vmi, vr = T.axis.remap("SSS", [mo, mi, r])
+                            Y[vmo * mt + vmi, vro, vr] = act(C[vmi, vr] + bias_val(B, vro, vr))
+
+    if KB:
+        body = body_kblocked  # noqa: F811
     attrs = {"global_symbol": "main", "tir.noalias": True, "sparsecc.nm": [n, m], "sparsecc.m_tile": mt,
-             "sparsecc.r_tile": L, "sparsecc.index": "permute"}
+             "sparsecc.r_tile": L, "sparsecc.index": "permute", "sparsecc.k_block": KB}
     if bias:
 
         @T.prim_func(s_tir=True)

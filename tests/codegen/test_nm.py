@@ -168,7 +168,7 @@ def test_nmlinear_density_zero():
     torch.testing.assert_close(zero(x), b.expand(9, 13))
 
 
-@pytest.mark.parametrize("index", ["column", "packed", "offset", "permute8"])
+@pytest.mark.parametrize("index", ["column", "packed", "offset", "permute8", "permute_kblock"])
 def test_nmlinear_other_templates(index):
     """The X^T template's index modes (the fallback without AVX2) and the AVX2-width permute template."""
     from sparsecc.runtime.nm import NMLinear
@@ -178,6 +178,8 @@ def test_nmlinear_other_templates(index):
     w = nm_weight(13, 22, 2, 4, seed=4, zero_rows=[2])
     if index == "permute8":
         params = {"gemv": NMScheduleParams(1, 8, "permute"), "gemm": NMScheduleParams(4, 8, "permute")}
+    elif index == "permute_kblock":  # 3 chunks of 8 columns, k_block 2 -> 1 (the largest divisor of 3 below 2)
+        params = {"gemv": NMScheduleParams(1, 8, "permute"), "gemm": NMScheduleParams(4, 8, "permute", True, 2)}
     else:
         params = {"gemv": NMScheduleParams(1, 8, index), "gemm": NMScheduleParams(16, 8, index)}
     mod = NMLinear(NMSparseMatrix.from_dense(w, 2, 4), b, params=params)
@@ -219,3 +221,26 @@ def test_sparse_linear_batched_inputs():
     mod = SparseLinear(BlockSparseMatrix.from_dense(w, (16, 1)), b)
     for x in (torch.randn(3, 7, 24), torch.randn(7, 3, 24).transpose(0, 1), torch.randn(2, 1, 5, 24)):
         torch.testing.assert_close(mod(x), F.linear(x, w, b), atol=1e-4, rtol=1e-4)
+
+
+def _vector_bits():
+    from sparsecc.targets.x86 import target_vector_bits
+
+    return target_vector_bits()
+
+
+@pytest.mark.parametrize("k_block", [0, 2, 3])
+def test_permute_k_blocks(k_block):
+    """K split into blocks of vector chunks (partial sums kept in Y) gives the same result, gelu epilogue included."""
+    from sparsecc.runtime.nm import NMLinear
+    from sparsecc.targets.x86_nm import NMScheduleParams, effective_k_block
+
+    if _vector_bits() < 512:
+        pytest.skip("16-lane permute kernels need AVX-512")
+    assert effective_k_block(6, 4) == 3 and effective_k_block(6, 6) == 0 and effective_k_block(5, 2) == 1
+    w = nm_weight(32, 90, 2, 4, seed=6, zero_rows=[3], zero_groups=[(5, 0), (5, 22)])  # 96 = 6 chunks of 16
+    b = torch.randn(32)
+    params = {"gemv": NMScheduleParams(1, 16, "permute"), "gemm": NMScheduleParams(4, 16, "permute", True, k_block)}
+    mod = NMLinear(NMSparseMatrix.from_dense(w, 2, 4), b, activation="gelu", params=params)
+    x = torch.randn(2, 9, 90)  # M = 18: padded to a multiple of 4
+    torch.testing.assert_close(mod(x), reference(x, w, b, "gelu"), atol=1e-4, rtol=1e-4)
