@@ -111,6 +111,9 @@ class ScheduleParams:
     row_group: int = 1
     #: split the nonzero-block loop by this factor and unroll the inner part (1: no split)
     k_unroll: int = 1
+    #: run the row loop on TVM's thread pool; False runs it serially (a small kernel, e.g. one token
+    #: through a 384x384 layer, can take less time than waking the pool)
+    parallel: bool = True
 
 
 def default_params(block: tuple[int, int], regime: str) -> ScheduleParams:
@@ -146,11 +149,15 @@ def _finish(sch: tvm.s_tir.Schedule, params: ScheduleParams) -> tvm.s_tir.Schedu
         io_o, io_i = sch.split(io, [None, int(params.row_group)])
         outer = (mo, io_o) if params.m_outer else (io_o, mo)
         sch.reorder(*outer, io_i)
-        sch.parallel(sch.fuse(*outer))  # parallel last (see tvm notes)
+        fused = sch.fuse(*outer)
+        if params.parallel:
+            sch.parallel(fused)  # parallel last (see tvm notes)
         return sch
     if not params.m_outer:
         sch.reorder(io, mo)
-    sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("row"))))  # parallel last (see tvm notes)
+    fused = sch.fuse(*sch.get_loops(sch.get_sblock("row")))
+    if params.parallel:
+        sch.parallel(fused)  # parallel last (see tvm notes)
     return sch
 
 

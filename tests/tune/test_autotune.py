@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 import tvm
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sparsecc
 from sparsecc.errors import TuningError
@@ -89,7 +91,30 @@ def test_workload_key_buckets():
     # every m_tile keeps the accumulator on the stack and divides M; the hand tile comes first
     assert space.m_tile_choices(Workload.for_layer((16, 1), 64, 64, 4, 16, False, None)) == [8, 4]
     g = space.grid(Workload.for_layer((16, 1), 64, 64, 4, 16, False, None), 8)
-    assert g[0] == x86.default_params((16, 1), "gemm") and len(set(g)) == len(g) == 24
+    assert g[0] == x86.default_params((16, 1), "gemm") and len(set(g)) == len(g) == 32
+
+
+@given(st.integers(1, 64), st.integers(1, 64), st.data())
+@settings(max_examples=60, deadline=None)
+def test_density_bucket_covers_the_layer(nb, kb, data):
+    nnzb = data.draw(st.integers(0, nb * kb))
+    d = space.density_bucket(nnzb, nb * kb)
+    assert d >= nnzb / (nb * kb) - 1e-9 and d - nnzb / (nb * kb) < space.DENSITY_STEP + 1e-9
+    assert space.DENSITY_STEP <= d <= 1.0
+    wl = Workload.for_layer((16, 1), 16 * nb, kb, nnzb, 1, False)
+    assert wl.nnzb >= max(1, nnzb) - 1  # the tuned instance has at least as many blocks (up to rounding)
+
+
+@given(st.sampled_from([(16, 1), (1, 1), (1, 8), (4, 4)]), st.sampled_from([1, 16, 128]), st.data())
+@settings(max_examples=12, deadline=None)
+def test_trace_encodes_its_knobs(block, m, data):
+    """Every grid point's trace decodes to its knob values (no build: schedules only)."""
+    wl = Workload.for_layer(block, 64, 32, 20, m, True, None)
+    mt = data.draw(st.sampled_from(space.m_tile_choices(wl)))
+    p = data.draw(st.sampled_from(space.grid(wl, mt)))
+    sch = tvm.s_tir.Schedule(space.workload_func(wl, mt), enable_check=False)
+    space.schedule_point(sch, wl, p)
+    assert space.params_from_trace(sch.trace, mt) == p
 
 
 def test_tuned_records_build_correct_kernels(tuned_dir):
