@@ -177,8 +177,12 @@ def _external(name: str, args) -> dict:
         print(f"\n## {name}: skipped (benchmarks/{name}.py has no run(args))")
         return {"skipped": "no run(args)"}
     sub = args
-    if hasattr(mod, "parse_args"):  # its own options, with our threads and rounds
-        sub = mod.parse_args(["--threads", str(args.threads), "--runs", str(args.runs)])
+    if hasattr(mod, "parse_args"):  # its own options, with our threads and rounds; its files beside ours
+        base = ["--threads", str(args.threads), "--runs", str(args.runs)]
+        try:
+            sub = mod.parse_args(base + ["--out", f"{args.out}_{name}"])
+        except SystemExit:  # no --out option: it writes where it always does
+            sub = mod.parse_args(base)
     print(f"\n## {name} (benchmarks/{name}.py)")
     out = mod.run(sub)
     return out if isinstance(out, dict) else {"result": str(out)}
@@ -208,6 +212,7 @@ def parse_args(argv=None):
                    help="cpu: this process's CPU time (time.process_time), robust to other jobs stealing the "
                         "cores; only meaningful with --threads 1 (spinning pool threads would count)")
     p.add_argument("--out", default=str(RESULTS / "kernels"), help="results path without extension")
+    p.add_argument("--note", default="", help="a line written at the top of the results (e.g. machine load)")
     return p.parse_args(argv)
 
 
@@ -220,7 +225,7 @@ def main(argv=None) -> dict:
     sections = args.section or list(SECTIONS)
     t0 = time.time()
     res = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": args.threads,
-           "clock": args.clock,
+           "clock": args.clock, "note": args.note,
            "runs": args.runs, "command": "python benchmarks/kernels.py " + " ".join(argv if argv else sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M"), "sections": {}}
     log = []
@@ -246,7 +251,7 @@ def main(argv=None) -> dict:
     out.with_suffix(".md").write_text(
         f"# benchmarks/kernels.py ({res['date']}, {args.threads} threads, {args.runs} interleaved rounds)\n\n"
         f"`{res['command']}`; ratios = time / torch dense time in the same rounds (lower is better); "
-        "shared noisy machine.\n" + "".join(log))
+        "shared noisy machine.\n" + (f"\n{args.note}\n" if args.note else "") + "".join(log))
     print(f"\nwrote {out.with_suffix('.md')} and .json in {res['seconds']} s")
     return res
 
