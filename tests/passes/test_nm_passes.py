@@ -81,7 +81,11 @@ def test_compile_pattern_2_4_matches_pruned_torch(mlp):
     formats = {a.name: a.format for a in cm.layers}
     assert formats["fc1"] == formats["fc2"] == "nm", formats  # fc3 (16x64) may stay dense: call overhead
     assert len(kernels) == sum(f == "nm" for f in formats.values())
-    assert "nm" in cm.report()
+    report = cm.report()
+    fc1_row = next(line for line in report.splitlines() if line.startswith("fc1 "))
+    assert "nm 2:4" in fc1_row and "nm_2x4_gemm_bias_relu" in fc1_row
+    est = {a.name: a.est_ms["nm_2:4"] for a in cm.layers}["fc1"]
+    assert f"{est:.3f}" in fc1_row  # the estimate of the chosen candidate is reported
 
 
 def test_compile_nm_argument_errors(mlp):
