@@ -195,9 +195,14 @@ class NMLinear(torch.nn.Module):
         else:
             self.bias = None
         self._kernels: dict[str, object] = {}
+        self._args: dict[str, tuple] = {}
         if eager:
             for regime in ("gemv", "gemm"):
                 self._kernel(regime)
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .float() etc. replace the buffers: forget cached arguments
+        self._args = {}
+        return super()._apply(fn, *args, **kwargs)
 
     def _kernel(self, regime: str):
         fn = self._kernels.get(regime)
@@ -288,15 +293,15 @@ class NMLinear(torch.nn.Module):
         y = torch.empty(mp, self.n_padded, dtype=torch.float32)
         if y.data_ptr() % _ALIGN:
             y = _aligned_empty((mp, self.n_padded))
-        fn = self._kernel(regime)
-        meta = getattr(self, self._meta_names[regime])
-        y3 = y.view(mp, -1, self.r_tile)
-        with torch.no_grad():
-            if self.bias is not None:
-                fn(x2, self.values, meta, self.bias, y3)
-            else:
-                fn(x2, self.values, meta, y3)
-        y = y[:m]
+        fn = self._kernels.get(regime) or self._kernel(regime)
+        args = self._args.get(regime)
+        if args is None:  # (values, meta[, bias]): looked up once, nn.Module attribute access costs µs per call
+            args = (self.values, getattr(self, self._meta_names[regime])) + (
+                (self.bias,) if self.bias is not None else ())
+            self._args[regime] = args
+        fn(x2, *args, y.view(mp, -1, self.r_tile))  # no autograd: the kernel is opaque to torch
+        if mp != m:
+            y = y[:m]
         return y[:, :self.shape[0]].contiguous() if self.n_padded != self.shape[0] else y
 
     def extra_repr(self) -> str:
