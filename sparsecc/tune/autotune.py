@@ -13,8 +13,10 @@ How one workload (:class:`~sparsecc.tune.space.Workload`) is tuned:
    process would spend seconds importing TVM on a 2-core machine, and the
    runner must see a valid sparse structure (:func:`~sparsecc.tune.space.make_args`).
 3. Every trial goes to ``work_dir``'s ``JSONDatabase`` (``database_*.json``).
-4. The best two points of every task and the hand schedule are timed again,
-   interleaved (:func:`compare`); the fastest wins. If the hand schedule wins,
+4. The best three points of every task and the hand schedule are timed again,
+   interleaved (:func:`compare`); the fastest wins (by a margin of
+   :data:`KEEP_HAND_MARGIN`). All measurements call the kernels as the runtime
+   does (:class:`Measurement`). If the hand schedule wins,
    the index says so and compile keeps it. A winning tuned record is copied to
    the ``best/`` JSONDatabase, then the index ``sparsecc_tuning.json`` is
    rewritten atomically: an interrupted run leaves the previous index intact
@@ -79,6 +81,8 @@ BEST_DIR = "best"
 _INDEX_VERSION = 1
 #: A tuned schedule replaces the hand one only when at least this much faster in the final comparison.
 KEEP_HAND_MARGIN = 0.03
+#: Candidates per register tile (best by their tuning measurement) timed again against the hand schedule.
+FINALISTS = 3
 _ARTIFACTS: dict = {}
 _TOKENS = itertools.count()
 
@@ -147,24 +151,22 @@ class _DoneFuture(PyRunnerFuture):
 
 @derived_object
 class InProcessRunner(PyRunner):
-    """Times each built candidate on ``args`` (a valid sparse instance of the workload).
+    """Times each built candidate as the runtime calls it (see :class:`Measurement`).
 
     Parameters
     ----------
-    args : list of tvm.runtime.Tensor
-        Arguments of the kernel, see :func:`sparsecc.tune.space.make_args`.
+    meas : Measurement
+        Arguments of a valid sparse instance of the workload and the burst length.
     repeat : int
-        Measurements per candidate (each the mean over enough calls to last ``min_repeat_ms``).
-    min_repeat_ms : float
+        Bursts per candidate; the fastest is reported (on a shared machine noise only adds time).
     on_result : callable(), optional
         Called once per measured candidate (progress bars).
     """
 
-    def __init__(self, args, repeat: int = 5, min_repeat_ms: float = 5.0, on_result=None) -> None:
+    def __init__(self, meas, repeat: int = 5, on_result=None) -> None:
         super().__init__()
-        self.args = args
+        self.meas = meas
         self.repeat = int(repeat)
-        self.min_repeat_ms = float(min_repeat_ms)
         self.on_result = on_result
 
     def run(self, runner_inputs):
@@ -175,10 +177,9 @@ class InProcessRunner(PyRunner):
                 res = RunnerResult(None, f"no built artifact {ri.artifact_path}")
             else:
                 try:
-                    f = lib.time_evaluator("main", tvm.cpu(0), number=1, repeat=self.repeat,
-                                           min_repeat_ms=int(self.min_repeat_ms))
-                    # the fastest repeat: on a shared machine the noise only ever adds time
-                    res = RunnerResult([min(float(s) for s in f(*self.args).results)], None)
+                    fn = lib["main"]
+                    self.meas.burst_ms(fn)  # warm-up
+                    res = RunnerResult([min(self.meas.burst_ms(fn) for _ in range(self.repeat)) / 1e3], None)
                 except Exception as e:  # noqa: BLE001 - a failing candidate is a failed trial
                     res = RunnerResult(None, f"run failed: {e}")
             if self.on_result is not None:
@@ -436,23 +437,76 @@ def _write_index(work_dir, index: dict) -> None:
 
 # -- measurement ----------------------------------------------------------------------
 
-def _tvm_args(wl: Workload, seed: int = 0) -> list:
-    dev = tvm.cpu(0)
-    return [tvm.runtime.tensor(a, dev) for a in space.make_args(wl, seed)]
+class Measurement:
+    """Times kernels of one workload the way :class:`~sparsecc.runtime.kernels.SparseLinear` calls them.
+
+    Arguments are 64-byte aligned torch tensors of a valid sparse instance
+    (:func:`sparsecc.tune.space.make_args`), and every call gets a freshly
+    allocated output, as at run time. Both matter: ``time_evaluator`` reuses
+    one output buffer, and there a serial schedule of the MiniLM FFN-up layer
+    at M = 128 looked 3% faster than the parallel hand schedule, while through
+    the runtime, where the first touch of a new output page faults (once per
+    thread, so a serial kernel takes all the faults), it was 10% slower.
+    A sample is a burst of ``n`` calls (the same ``n`` for every candidate:
+    the first call of a burst pays the thread-pool wake-up).
+
+    Parameters
+    ----------
+    wl : Workload
+    seed : int
+    sample_ms : float
+        Target burst length, set from one call of the hand schedule.
+    """
+
+    def __init__(self, wl: Workload, seed: int = 0, sample_ms: float = 5.0):
+        import torch
+
+        from sparsecc.runtime.kernels import _aligned
+
+        self.torch = torch
+        arrays = space.make_args(wl, seed)
+        self.ins = [_aligned(torch.from_numpy(a)) for a in arrays[:-1]]
+        self.y_shape = tuple(arrays[-1].shape)
+        self.sample_ms = float(sample_ms)
+        self.n = 1
+
+    def calibrate(self, fn) -> None:
+        """Burst length ``n`` from a few calls of ``fn`` (the hand schedule)."""
+        for _ in range(2):
+            self.call(fn)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            self.call(fn)
+        per_call = (time.perf_counter() - t0) * 1e3 / 3
+        self.n = max(1, min(1000, int(self.sample_ms / max(per_call, 1e-3))))
+
+    def call(self, fn) -> None:
+        from sparsecc.runtime.kernels import _aligned_empty
+
+        y = self.torch.empty(self.y_shape, dtype=self.torch.float32)
+        if y.data_ptr() % 64:
+            y = _aligned_empty(self.y_shape)
+        fn(*self.ins, y)
+
+    def burst_ms(self, fn) -> float:
+        """ms per call over one burst of ``n`` calls."""
+        t0 = time.perf_counter()
+        for _ in range(self.n):
+            self.call(fn)
+        return (time.perf_counter() - t0) * 1e3 / self.n
 
 
-def compare(libs: dict, args: list, rounds: int = 15, min_repeat_ms: float = 5.0) -> dict:
-    """Time of each built kernel in ms, measured in interleaved rounds on the same arguments.
+def compare(fns: dict, meas: Measurement, rounds: int = 21) -> dict:
+    """Time of each kernel in ms, measured in interleaved rounds of :meth:`Measurement.burst_ms`.
 
     The order rotates from round to round (on this machine the first kernel after a pause ran
     slower: TVM's workers sleep at once, ``TVM_THREAD_POOL_SPIN_COUNT=0``).
 
     Parameters
     ----------
-    libs : dict name -> built module (function ``main``)
-    args : list of tvm.runtime.Tensor
+    fns : dict name -> packed function ``main`` of a built kernel
+    meas : Measurement
     rounds : int
-        Each round times every kernel once (mean over calls lasting ``min_repeat_ms``).
 
     Returns
     -------
@@ -461,15 +515,13 @@ def compare(libs: dict, args: list, rounds: int = 15, min_repeat_ms: float = 5.0
         descheduled pool thread takes several times longer: the medians of one kernel timed
         twice differed by up to 2.9x here; the 10th percentiles by at most 1.05x).
     """
-    evals = {k: _runnable(lib).time_evaluator("main", tvm.cpu(0), number=1, repeat=1, min_repeat_ms=int(min_repeat_ms))
-             for k, lib in libs.items()}
-    for f in evals.values():  # warm-up
-        f(*args)
-    times: dict = {k: [] for k in evals}
-    names = list(evals)
+    for f in fns.values():  # warm-up
+        meas.burst_ms(f)
+    times: dict = {k: [] for k in fns}
+    names = list(fns)
     for r in range(int(rounds)):
         for k in names[r % len(names):] + names[:r % len(names)]:  # rotate: no kernel always runs first
-            times[k].append(evals[k](*args).mean * 1e3)
+            times[k].append(meas.burst_ms(fns[k]))
     return {k: sorted(v)[len(v) // 10] for k, v in times.items()}
 
 
@@ -550,8 +602,13 @@ def _tune_one(wl: Workload, target, work_dir: Path, db, best_db, trials: int, de
     m_tiles = space.m_tile_choices(wl)
     sizes = {mt: len(space.grid(wl, mt, seed)) for mt in m_tiles}
     cap = max(1, math.ceil(trials / len(m_tiles)))
-    args = _tvm_args(wl, seed)
     funcs = {mt: space.workload_func(wl, mt) for mt in m_tiles}
+    hand = x86.default_params(tuple(wl.block), wl.regime)
+    hand_sch = tvm.s_tir.Schedule(funcs[hand.m_tile], enable_check=False)  # the runtime's hand kernel
+    space.apply_params(hand_sch, wl.block, wl.regime, hand)
+    fns = {hand: _runnable(x86.build(hand_sch.mod, target))["main"]}
+    meas = Measurement(wl, seed)
+    meas.calibrate(fns[hand])
     with _without_tensor_intrin():
         tasks = [ms.TuneContext(
             mod=_normalize(funcs[mt]), target=target,
@@ -562,35 +619,28 @@ def _tune_one(wl: Workload, target, work_dir: Path, db, best_db, trials: int, de
             num_threads=1, logger=None) for mt in m_tiles]
     ms.tune_tasks(tasks=tasks, task_weights=[1.0] * len(tasks), work_dir=str(work_dir),
                   max_trials_global=int(trials), max_trials_per_task=cap, num_trials_per_iter=per_iter,
-                  builder=InProcessBuilder(), runner=InProcessRunner(args, on_result=on_trial),
+                  builder=InProcessBuilder(), runner=InProcessRunner(meas, on_result=on_trial),
                   database=db, cost_model=ms.cost_model.RandomModel(seed=seed),
                   measure_callbacks=[ms.measure_callback.AddToDatabase()], task_scheduler="round-robin")
     _ARTIFACTS.clear()
     measured = sum(min(cap, sizes[mt]) for mt in m_tiles)
-    hand = x86.default_params(tuple(wl.block), wl.regime)
 
-    # final pick: the best two of every task and the hand schedule, timed again together
+    # final pick: the best three of every task and the hand schedule, timed again together
     cands: dict = {}
-    records: dict = {}
     n_measured = 0
     for mt in m_tiles:
         wkl = db.commit_workload(_normalize(funcs[mt]))
         top = [r for r in db.get_top_k(wkl, 64) if r.run_secs]
         n_measured += len(top)
-        for r in top[:2]:
+        for r in top[:FINALISTS]:
             p = space.params_from_trace(r.trace, mt)
             if p != hand and p not in cands:
                 cands[p] = r
-    libs = {}
-    hand_sch = tvm.s_tir.Schedule(funcs.get(hand.m_tile) or space.workload_func(wl, hand.m_tile),
-                                  enable_check=False)  # the runtime's hand kernel (+ the workload attribute)
-    space.apply_params(hand_sch, wl.block, wl.regime, hand)
-    libs[hand] = x86.build(hand_sch.mod, target)
     for p, r in cands.items():
         s = tvm.s_tir.Schedule(funcs[p.m_tile], enable_check=False)
         r.trace.apply_to_schedule(s, remove_postproc=True)
-        libs[p] = x86.build(s.mod, target)
-    timed = {p: float(v) for p, v in compare(libs, args, rounds=21).items()}
+        fns[p] = _runnable(x86.build(s.mod, target))["main"]
+    timed = {p: float(v) for p, v in compare(fns, meas, rounds=21).items()}
     tuned = [p for p in timed if p != hand]
     best = min(tuned, key=timed.get) if tuned else hand
     if timed[best] > timed[hand] * (1.0 - KEEP_HAND_MARGIN):  # not clearly faster than the hand one: keep it
