@@ -202,7 +202,7 @@ def test_calibrated_cost_model_keeps_dense_where_csr_loses():
     x = torch.randn(128, 768)
     cm = sparsecc.compile(model, (x,), sparsity={"0": 0.5}, pattern="unstructured", measure=False)
     a = {a.name: a for a in cm.layers}["0"]
-    assert a.format == "dense" and a.est_ms["csr_1x1"] > 1.5 * a.est_ms["dense"]
+    assert a.format == "dense" and a.est_ms["csr_1x1"] > a.est_ms["dense"]
     cm = sparsecc.compile(model, (x,), sparsity=0.9, pattern="block", block_shape=(16, 1))
     for a in cm.layers:
         assert a.format == "bsr" and a.format_block == (16, 1)
