@@ -276,7 +276,8 @@ def _write(out: dict, base: Path) -> None:
                      f"{r['reload_same_schedule']} |")
     s = out["summary"]
     lines += ["", f"{s['ratio_le_0.9']} of {s['workloads']} workloads at ≤ 0.9x of the hand schedule; "
-              f"worst ratio {s['max_ratio']:.2f}. Database reload gives the same schedules: {s['reload_same_schedule']}."]
+              f"worst ratio {s['max_ratio']:.2f}. Database reload gives the same schedules: {s['reload_same_schedule']}.",
+              "", "Dense ms is torch `F.linear`, timed after the TVM kernels: values near multiples of 8 ms are torch's OpenMP threads waiting after TVM's pool ran, not the matmul; see benchmarks/linear.py for dense comparisons."]
     if "model" in out:
         m = out["model"]
         lines += ["", "## all-MiniLM-L6-v2, 90% sparsity in 16x1 blocks, `sparsecc.tune` then `compile(tuning_db=...)`",
