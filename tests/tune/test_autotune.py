@@ -246,3 +246,27 @@ def test_tune_rejects_bad_arguments(tmp_path):
     (tmp_path / autotune.INDEX_NAME).write_text("{not json")
     with pytest.raises(TuningError):
         autotune.TuningDatabase(tmp_path)
+
+
+def test_time_budget_stops_and_resumes(tmp_path, monkeypatch):
+    wls = [Workload.for_layer((8, 1), 32, 32, 4, 16, False, None)]
+    assert autotune.tune_workloads(wls, tmp_path, trials=4, time_budget_s=0.0, progress=False) == []
+    assert not (tmp_path / autotune.INDEX_NAME).exists()
+    # the deadline passes inside the workload: fewer trials than asked, marked incomplete, resumed later
+    import time as real_time
+
+    class Clock:  # autotune's monotonic clock: the budget runs out after the first candidates are handed out
+        calls = 0
+        perf_counter = staticmethod(real_time.perf_counter)
+
+        @classmethod
+        def monotonic(cls):
+            cls.calls += 1
+            return 0.0 if cls.calls <= 4 else 1e9
+
+    monkeypatch.setattr(autotune, "time", Clock)
+    (res,) = autotune.tune_workloads(wls, tmp_path, trials=4, time_budget_s=100.0, progress=False)
+    assert not res.complete and 1 <= res.trials < 4
+    monkeypatch.setattr(autotune, "time", real_time)
+    (again,) = autotune.tune_workloads(wls, tmp_path, trials=4, progress=False)
+    assert not again.skipped and again.complete and again.trials >= 4
