@@ -25,9 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-# benchmarks/ itself must not be on sys.path: benchmarks/cuda.py would shadow the `cuda` package torch imports
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 

@@ -35,8 +35,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# benchmarks/ itself must not be on the path: benchmarks/cuda.py would shadow the `cuda` package torch imports
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
@@ -60,7 +58,6 @@ def onnx_dense(w: torch.Tensor, b: torch.Tensor, threads: int):
     """``x -> x @ w.T + b`` as an onnxruntime session (one Gemm node), or None if onnxruntime is missing."""
     if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
         return None
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 

@@ -293,7 +293,6 @@ class NMSparseMatrix:
 
     def positions(self) -> torch.Tensor:
         """Unpacked positions inside the group: int64 (N, G, n)."""
-        rows = self.shape[0]
         shifts = (torch.arange(self.n) * self.bits).to(torch.int64)
         return (self.meta.to(torch.int64).unsqueeze(2) >> shifts) & ((1 << self.bits) - 1)
 

@@ -63,7 +63,6 @@ padded NHWC input, flat), ``pb (M_p,) int32``, ``data (nnzb, br, bc)``, ``off
 
 from __future__ import annotations
 
-import tvm
 from tvm.script import tirx as T
 
 from sparsecc.errors import UnsupportedOpError

@@ -48,7 +48,6 @@ operand scales a contiguous row of the dense one); the N:M pattern is NVIDIA's
 
 from __future__ import annotations
 
-import tvm
 from tvm.script import tirx as T
 
 from sparsecc.codegen.linear import _activation

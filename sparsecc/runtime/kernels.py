@@ -74,7 +74,6 @@ def get_linear_kernel(fmt_block: tuple[int, int], regime: str, bias: bool, activ
     ``M`` must be a multiple of the schedule's ``m_tile`` (see :func:`m_tile_for`).
     ``k`` builds for a static K (one build per distinct K; faster addressing).
     """
-    import tvm
 
     from sparsecc.targets import x86
 

@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import tvm
 import tvm_ffi
 from tvm.ir.utils import derived_object

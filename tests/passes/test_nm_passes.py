@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import sparsecc
 from sparsecc.errors import InvalidSparsityError, UnknownLayerError
-from sparsecc.formats import NMSparseMatrix, is_nm_sparse
+from sparsecc.formats import is_nm_sparse
 from sparsecc.ir import capture, get_annotation
 from sparsecc.passes import ChooseFormat, DetectSparsity, NMPrune, PassContext, PassManager
 from sparsecc.passes.choose_format import candidates, parse_key

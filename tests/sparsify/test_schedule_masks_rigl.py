@@ -45,7 +45,7 @@ def test_masks_stay_applied_through_optimizer_steps():
     model = _tiny()
     layers = prunable_layers(model)
     assert list(layers) == ["0", "3"]
-    masks = attach_masks(layers)
+    attach_masks(layers)
     keep = {n: torch.rand_like(m.weight) > 0.7 for n, m in layers.items()}
     for n, m in layers.items():
         set_mask(m, keep[n])

@@ -11,7 +11,7 @@ W: (N, K) in {768x768, 3072x768, 768x3072}, M in {1, 16, 128}:
 
 Times are medians of ``--runs`` interleaved rounds (every function once per round), each call
 timed with CUDA events after ``--warmup`` calls; ratios are sparsecc / dense (fp32) within the
-same run, lower is better. ``python benchmarks/cuda.py --json out.json`` also writes the table.
+same run, lower is better. ``python benchmarks/gpu.py --json out.json`` also writes the table.
 
 Written without a GPU at hand: never run by its author. It checks every sparsecc kernel against
 ``F.linear`` on the pruned weight before timing it (max abs error printed).
@@ -21,14 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-
-# This file's folder is sys.path[0] when run as a script, and its name would shadow NVIDIA's `cuda`
-# package (torch imports cuda.bindings): drop the folder before importing torch.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +83,7 @@ def main(argv=None) -> int:
     from sparsecc.targets import cuda
 
     if not cuda.cuda_device_available():
-        print("benchmarks/cuda.py needs a CUDA GPU: torch.cuda.is_available() is "
+        print("benchmarks/gpu.py needs a CUDA GPU: torch.cuda.is_available() is "
               f"{torch.cuda.is_available()} (torch {torch.__version__}); nothing was measured.", file=sys.stderr)
         return 2
     from sparsecc.formats import BlockSparseMatrix
