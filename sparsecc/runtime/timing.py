@@ -10,15 +10,19 @@ __all__ = ["interleaved_ms", "measure_ms"]
 
 
 def measure_ms(fn: Callable[..., Any], *args: Any, repeat: int = 30, warmup: int = 3,
-               min_time_ms: float = 0.0) -> float:
-    """Median wall-clock latency of ``fn(*args)`` in milliseconds.
+               min_time_ms: float = 0.0, statistic: str = "median") -> float:
+    """Wall-clock latency of ``fn(*args)`` in milliseconds: the median (or minimum) of ``repeat`` calls.
 
     ``warmup`` calls are discarded; then ``fn`` is timed ``repeat`` times (more
-    while the total stays under ``min_time_ms``) and the median is returned, which
-    is robust to the noise of a shared machine.
+    while the total stays under ``min_time_ms``). The median is robust to the noise
+    of a shared machine; ``statistic="min"`` estimates what the machine can do when
+    the noise is other jobs (used by the cost-model calibration, whose candidates
+    are measured one after another and must not inherit the load of the moment).
     """
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
+    if statistic not in ("median", "min"):
+        raise ValueError(f"statistic must be 'median' or 'min', got {statistic!r}")
     for _ in range(max(0, warmup)):
         fn(*args)
     times: list[float] = []
@@ -31,7 +35,7 @@ def measure_ms(fn: Callable[..., Any], *args: Any, repeat: int = 30, warmup: int
         total += dt
         if len(times) >= 100 * repeat:
             break
-    return statistics.median(times)
+    return min(times) if statistic == "min" else statistics.median(times)
 
 
 def interleaved_ms(fns: dict, *args: Any, runs: int = 30, warmup: int = 1,
