@@ -154,6 +154,30 @@ def m_tile_for(block: tuple[int, int], regime: str) -> int:
     return x86.default_params(tuple(block), regime).m_tile
 
 
+def rows_of(x, k: int) -> tuple:
+    """Check a linear's input x: (..., K) float32 on the CPU; return (leading shape, x as (M, K)).
+
+    The leading dims (batch, sequence, ...) share the weight, so they are folded into
+    the M rows of one kernel call.
+
+    Raises
+    ------
+    InputDtypeError
+        Not a float32 CPU tensor.
+    InputShapeError
+        Last dim is not ``k``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise InputDtypeError(f"expected a float32 tensor, got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise InputDtypeError(f"expected input dtype torch.float32, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise InputShapeError(f"expected input of shape (..., {k}), got {tuple(x.shape)}")
+    if x.device.type != "cpu":
+        raise InputDtypeError(f"expected a CPU tensor, got device {x.device}")
+    return tuple(x.shape[:-1]), x.reshape(-1, k)
+
+
 def _aligned_empty(shape, dtype=torch.float32) -> torch.Tensor:
     numel = 1
     for s in shape:
@@ -230,16 +254,7 @@ class SparseLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.shape
-        if not isinstance(x, torch.Tensor):
-            raise InputDtypeError(f"expected a float32 tensor, got {type(x).__name__}")
-        if x.dtype != torch.float32:
-            raise InputDtypeError(f"expected input dtype torch.float32, got {x.dtype}")
-        if x.dim() < 1 or x.shape[-1] != k:
-            raise InputShapeError(f"expected input of shape (..., {k}), got {tuple(x.shape)}")
-        if x.device.type != "cpu":
-            raise InputDtypeError(f"expected a CPU tensor, got device {x.device}")
-        lead = tuple(x.shape[:-1])
-        x2 = x.reshape(-1, k)
+        lead, x2 = rows_of(x, k)
         m = x2.shape[0]
         if m == 0:
             return x.new_empty(lead + (n,))

@@ -12,9 +12,9 @@ import threading
 
 import torch
 
-from sparsecc.errors import InputDtypeError, InputShapeError, InvalidSparsityError, UnsupportedOpError
+from sparsecc.errors import InputShapeError, InvalidSparsityError, UnsupportedOpError
 from sparsecc.formats import NMSparseMatrix
-from sparsecc.runtime.kernels import _ALIGN, _aligned, _aligned_empty, _target_key, load_or_build
+from sparsecc.runtime.kernels import _ALIGN, _aligned, _aligned_empty, _target_key, load_or_build, rows_of
 
 __all__ = ["NMLinear", "get_nm_kernel", "nm_kernel_name", "pack_nm"]
 
@@ -238,16 +238,7 @@ class NMLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n_out, k = self.shape
-        if not isinstance(x, torch.Tensor):
-            raise InputDtypeError(f"expected a float32 tensor, got {type(x).__name__}")
-        if x.dtype != torch.float32:
-            raise InputDtypeError(f"expected input dtype torch.float32, got {x.dtype}")
-        if x.dim() < 1 or x.shape[-1] != k:
-            raise InputShapeError(f"expected input of shape (..., {k}), got {tuple(x.shape)}")
-        if x.device.type != "cpu":
-            raise InputDtypeError(f"expected a CPU tensor, got device {x.device}")
-        lead = tuple(x.shape[:-1])
-        x2 = x.reshape(-1, k)
+        lead, x2 = rows_of(x, k)
         m = x2.shape[0]
         if m == 0:
             return x.new_empty(lead + (n_out,))
