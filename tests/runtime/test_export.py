@@ -18,7 +18,10 @@ from sparsecc.errors import ArtifactError, InputShapeError, ToolchainError, Unsu
 
 def _mlp():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.GELU(), nn.Linear(128, 8)).eval()
+    # 1024x1024 is large enough that the cost model picks BSR at M = 10 (tiny layers rightly stay dense:
+    # a sparse kernel call costs ~25 us more than torch's)
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 1024),
+                         nn.ReLU(), nn.Linear(1024, 8)).eval()
 
 
 def _small_resnet():

@@ -43,6 +43,8 @@ def test_patch_of_unknown_library_is_refused(tmp_path):
     assert omp_launch.patch_module(str(tmp_path / "missing.so")) is False
 
 
-def test_default_is_tvm_pool(monkeypatch):
+def test_default_is_torch_openmp_pool_and_tvm_opts_out(monkeypatch):
     monkeypatch.delenv("SPARSECC_PARALLEL", raising=False)
+    assert omp_launch.enabled()
+    monkeypatch.setenv("SPARSECC_PARALLEL", "tvm")
     assert not omp_launch.enabled()

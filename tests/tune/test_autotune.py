@@ -23,8 +23,8 @@ from sparsecc.tune.space import Workload
 class TwoLayer(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.up = torch.nn.Linear(128, 256)
-        self.down = torch.nn.Linear(256, 128)
+        self.up = torch.nn.Linear(512, 1024)
+        self.down = torch.nn.Linear(1024, 512)
 
     def forward(self, x):
         return self.down(torch.relu(self.up(x)))
@@ -33,8 +33,8 @@ class TwoLayer(torch.nn.Module):
 class SameShapesOtherNames(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.first = torch.nn.Linear(128, 256)
-        self.second = torch.nn.Linear(256, 128)
+        self.first = torch.nn.Linear(512, 1024)
+        self.second = torch.nn.Linear(1024, 512)
 
     def forward(self, x):
         return self.second(torch.relu(self.first(x)))
@@ -203,14 +203,14 @@ def test_interrupted_run_leaves_loadable_db(tmp_path, monkeypatch):
 def test_compile_uses_tuning_db_and_other_model_reuses_it(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = TwoLayer()
-    x = torch.randn(16, 128)  # big enough that the cost model picks BSR at 90% sparsity
+    x = torch.randn(16, 512)  # big enough that the cost model picks BSR at 90% sparsity (256x128 stayed dense)
     # choose the tuned schedule whenever one was measured, so the test exercises the tuned path
     monkeypatch.setattr(autotune, "KEEP_HAND_MARGIN", -100.0)
     summary = sparsecc.tune(model, (x,), sparsity=0.9, pattern="block", block_shape=(16, 1), trials=3,
                             work_dir=tmp_path, rows=[1, 16], progress=False)
     rows = summary.rows()
     assert len(rows) == 4 and all(r["choice"] == "tuned" for r in rows)
-    assert "bsr_16x1|N256|K128|" in str(summary) and "|M16|bias|relu" in str(summary)
+    assert "bsr_16x1|N1024|K512|" in str(summary) and "|M16|bias|relu" in str(summary)
     with pytest.raises(TuningError):
         sparsecc.compile(model, (x,), tuning_db=tmp_path / "missing")
 
@@ -234,7 +234,7 @@ def test_compile_uses_tuning_db_and_other_model_reuses_it(tmp_path, monkeypatch)
     assert cm2.report().count("tuned(M=1,16)") == 2
     ref2 = sparsecc.prune(other, 0.9, block_shape=(16, 1))
     for m in (1, 5, 16, 37):  # gemv and gemm regimes, M not a multiple of the register tile
-        xm = torch.randn(m, 128)
+        xm = torch.randn(m, 512)
         torch.testing.assert_close(cm2(xm), ref2(xm), rtol=1e-5, atol=1e-5)
 
 
@@ -242,7 +242,7 @@ def test_tune_rejects_bad_arguments(tmp_path):
     with pytest.raises(TuningError):
         autotune.tune_workloads([Workload.for_layer((16, 1), 64, 48, 6, 1, True)], tmp_path, trials=0)
     with pytest.raises(TuningError):
-        sparsecc.tune(TwoLayer(), (torch.randn(2, 128),), target="cuda", work_dir=tmp_path)
+        sparsecc.tune(TwoLayer(), (torch.randn(2, 512),), target="cuda", work_dir=tmp_path)
     (tmp_path / autotune.INDEX_NAME).write_text("{not json")
     with pytest.raises(TuningError):
         autotune.TuningDatabase(tmp_path)
