@@ -198,11 +198,12 @@ class FoldBatchNorm(Pass):
 def _drop_unused_attrs(gm: fx.GraphModule) -> None:
     """Delete buffers/parameters no ``get_attr`` reads any more (folded BN statistics)."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}  # kernel modules own their buffers
     names = [n for n, _ in gm.named_parameters()] + [n for n, _ in gm.named_buffers()]
     for t in names:
-        if t in used:
-            continue
         owner, _, attr = t.rpartition(".")
+        if t in used or any(owner == c or owner.startswith(c + ".") for c in called):
+            continue
         try:
             mod = gm.get_submodule(owner) if owner else gm
         except AttributeError:

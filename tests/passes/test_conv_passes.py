@@ -157,3 +157,39 @@ def test_unknown_conv_layer_in_sparsity_dict():
     m = sparsecc.prune(small_resnet(), {"layer1.0.conv1": 0.5})
     assert abs(float((m.layer1[0].conv1.weight == 0).float().mean()) - 0.5) < 0.01
     assert float((m.layer1[0].conv2.weight == 0).float().mean()) < 0.01
+
+
+def test_dropping_folded_bn_attrs_keeps_kernel_modules_buffers():
+    """Regression: BN folding's clean-up deleted the buffers of linears lowered before it (a ResNet's fc)."""
+    import torch.fx as fx
+
+    from sparsecc.passes.conv import _drop_unused_attrs
+
+    class Kernel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("data", torch.ones(3))
+
+        def forward(self, x):
+            return x * self.data
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.kernel = Kernel()
+            self.register_buffer("stale_running_mean", torch.zeros(3))
+
+        def forward(self, x):
+            return self.kernel(x)
+
+    class Leaf(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return qualname == "kernel" or super().is_leaf_module(m, qualname)
+
+    root = M()
+    gm = fx.GraphModule(root, Leaf().trace(root))
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "output"]
+    _drop_unused_attrs(gm)
+    names = {n for n, _ in gm.named_buffers()}
+    assert names == {"kernel.data"}
+    assert torch.equal(gm(torch.full((3,), 2.0)), torch.full((3,), 2.0))
