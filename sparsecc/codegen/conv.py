@@ -65,6 +65,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from sparsecc.codegen.linear import _activation, _hsum
 from sparsecc.errors import UnsupportedOpError
 
 __all__ = ["CONV_ACTIVATIONS", "bsr_conv1x1_nchw", "bsr_conv_nhwc", "conv_activation"]
@@ -81,20 +82,11 @@ def conv_activation(activation):
     UnsupportedOpError
         Any other activation.
     """
-    if activation is None:
-        return lambda v: v
-    if activation == "relu":
-        return lambda v: T.max(v, T.float32(0))
+    if activation in (None, "relu"):
+        return _activation(activation)  # the linear templates' epilogues
     if activation == "relu6":
         return lambda v: T.min(T.max(v, T.float32(0)), T.float32(6))
     raise UnsupportedOpError(f"conv activation {activation!r} is not supported; expected one of {CONV_ACTIVATIONS}")
-
-
-def _hsum(C, mi, ii, bc):
-    acc = C[mi, ii, 0]
-    for j in range(1, bc):
-        acc = acc + C[mi, ii, j]
-    return acc
 
 
 def bsr_conv_nhwc(block: tuple[int, int], *, bias: bool = False, activation: str | None = None,
