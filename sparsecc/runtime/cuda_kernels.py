@@ -18,9 +18,9 @@ from sparsecc.errors import (
     InputDtypeError,
     InputShapeError,
     TargetUnavailableError,
-    UnsupportedOpError,
 )
 from sparsecc.formats import BlockSparseMatrix
+from sparsecc.runtime.kernels import check_activation
 
 __all__ = ["CudaBuildArtifact", "CudaKernel", "CudaSparseLinear", "get_cuda_linear_kernel"]
 
@@ -121,8 +121,7 @@ class CudaSparseLinear(torch.nn.Module):
     def __init__(self, matrix: BlockSparseMatrix, bias: torch.Tensor | None = None,
                  activation: str | None = None, arch: str = "sm_80", device="cuda", build_only: bool = False):
         super().__init__()
-        if activation not in (None, "relu", "gelu"):
-            raise UnsupportedOpError(f"activation {activation!r} is not supported; expected None, 'relu' or 'gelu'")
+        check_activation(activation)
         n, k = matrix.shape
         br, bc = matrix.block
         self.shape = (n, k)

@@ -78,8 +78,7 @@ def get_linear_kernel(fmt_block: tuple[int, int], regime: str, bias: bool, activ
     from sparsecc.targets import x86
 
     block = (int(fmt_block[0]), int(fmt_block[1]))
-    if activation not in (None, "relu", "gelu"):
-        raise UnsupportedOpError(f"activation {activation!r} is not supported; expected None, 'relu' or 'gelu'")
+    check_activation(activation)
     target = target or x86.host_target()
     key = (block, regime, bool(bias), activation, _target_key(target), params, k)
     fn = _CACHE.get(key)
@@ -154,6 +153,12 @@ def m_tile_for(block: tuple[int, int], regime: str) -> int:
     return x86.default_params(tuple(block), regime).m_tile
 
 
+def check_activation(activation) -> None:
+    """Raise :class:`UnsupportedOpError` unless ``activation`` is an epilogue the linear kernels fuse (None, relu, gelu)."""
+    if activation not in (None, "relu", "gelu"):
+        raise UnsupportedOpError(f"activation {activation!r} is not supported; expected None, 'relu' or 'gelu'")
+
+
 def rows_of(x, k: int) -> tuple:
     """Check a linear's input x: (..., K) float32 on the CPU; return (leading shape, x as (M, K)).
 
@@ -211,8 +216,7 @@ class SparseLinear(torch.nn.Module):
         # tuned: sparsecc.tune.autotune.TunedKernels of this layer (kernel(regime, m) -> (fn, m_tile)
         # or None for the hand schedule), from compile(..., tuning_db=...)
         self.tuned = tuned
-        if activation not in (None, "relu", "gelu"):
-            raise UnsupportedOpError(f"activation {activation!r} is not supported; expected None, 'relu' or 'gelu'")
+        check_activation(activation)
         n, k = matrix.shape
         br, bc = matrix.block
         self.shape = (n, k)

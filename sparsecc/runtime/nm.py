@@ -14,7 +14,8 @@ import torch
 
 from sparsecc.errors import InputShapeError, InvalidSparsityError, UnsupportedOpError
 from sparsecc.formats import NMSparseMatrix
-from sparsecc.runtime.kernels import _ALIGN, _aligned, _aligned_empty, _target_key, load_or_build, rows_of
+from sparsecc.runtime.kernels import (_ALIGN, _aligned, _aligned_empty, _target_key, check_activation, load_or_build,
+                                      rows_of)
 
 __all__ = ["NMLinear", "get_nm_kernel", "nm_kernel_name", "pack_nm"]
 
@@ -43,8 +44,7 @@ def get_nm_kernel(n: int, m: int, groups: int, regime: str, bias: bool, activati
     """
     from sparsecc.targets import x86, x86_nm
 
-    if activation not in (None, "relu", "gelu"):
-        raise UnsupportedOpError(f"activation {activation!r} is not supported; expected None, 'relu' or 'gelu'")
+    check_activation(activation)
     target = target or x86.host_target()
     params = params or x86_nm.default_nm_params(regime, target=target)
     key = (int(n), int(m), int(groups), regime, bool(bias), activation, _target_key(target), params)
@@ -151,8 +151,7 @@ class NMLinear(torch.nn.Module):
 
         if not isinstance(matrix, NMSparseMatrix):
             raise InvalidSparsityError(f"NMLinear needs an NMSparseMatrix, got {type(matrix).__name__}")
-        if activation not in (None, "relu", "gelu"):
-            raise UnsupportedOpError(f"activation {activation!r} is not supported; expected None, 'relu' or 'gelu'")
+        check_activation(activation)
         n_out, k = matrix.shape
         self.shape = (n_out, k)
         self.n, self.m = matrix.n, matrix.m
