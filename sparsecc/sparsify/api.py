@@ -19,7 +19,7 @@ from .patterns import (UNSTRUCTURED, Pattern, as_matrix, check_sparsity_value, f
                        parse_pattern)
 from .rigl import erk_densities, rigl_update
 from .schedule import REGULARIZERS, cubic_sparsity, regularization_penalty, rigl_drop_fraction
-from .reconstruct import activation_scores, collect_statistics, solve_kept
+from .reconstruct import collect_statistics, layer_keep, output_error, solve_kept
 from .scores import SCORES, ImportanceScore
 from .select import Option, select_for_sparsity, select_under_budget
 from .sensitivity import candidate_key, model_fingerprint, sensitivity_analysis
@@ -27,6 +27,7 @@ from .sensitivity import candidate_key, model_fingerprint, sensitivity_analysis
 #: Densities tried per layer by the sensitivity analysis (1.0, dense, is always an option).
 CANDIDATE_DENSITIES = (0.5, 0.3, 0.2, 0.1, 0.05)
 SCHEDULES = ("oneshot", "gradual", "rigl")
+ALLOCATIONS = ("uniform", "global", "sensitivity", "error")
 
 
 @dataclass
@@ -210,6 +211,12 @@ class _Batches:
         return out
 
 
+def _first_batches(data: Iterable, example_inputs, n: int) -> list:
+    """The first ``max(1, n)`` batches of ``data`` (cycling if it has fewer), checked."""
+    it = _Batches(data, example_inputs)
+    return [it.next() for _ in range(max(1, n))]
+
+
 def _forward_loss(model, inputs, target, loss_fn, where: str) -> torch.Tensor:
     args, kwargs = normalize_inputs(inputs)
     try:
@@ -300,8 +307,9 @@ class _Engine:
         """Prune layer by layer in execution order; with ``refit``, refit each by least squares to the dense outputs.
 
         See :mod:`sparsecc.sparsify.reconstruct`. Calibration inputs are the next
-        ``n_batches`` data batches (the same ones for every layer); the score is the
-        engine's, or the activation-aware one for ``method="activation"``.
+        ``n_batches`` data batches (the same ones for every layer); the mask comes from
+        :func:`~sparsecc.sparsify.reconstruct.layer_keep` (the engine's score, Wanda for
+        ``method="activation"``, SparseGPT for ``method="sparsegpt"``).
         """
         if self.batches is None:
             raise DataError("layer-wise pruning (reconstruct=True or method='activation') needs data= "
@@ -322,11 +330,8 @@ class _Engine:
             stats = collect_statistics(self.model, reference, n, calib, call)
             w = original_weight(mod)
             wm = as_matrix(w.detach())
-            if self.score.name == "activation":
-                sc = activation_scores(wm, stats)
-            else:
-                sc = as_matrix(self.score.score(n, w.detach()).to(torch.float32))
-            keep = mask_from_scores(sc, densities[n], self.plan[n][0])
+            sc = None if self.score.needs_inputs else as_matrix(self.score.score(n, w.detach()).to(torch.float32))
+            keep = layer_keep(self.score.name, wm, stats, densities[n], self.plan[n][0], sc, damp)
             if refit:
                 with torch.no_grad():
                     w.copy_(from_matrix(solve_kept(wm, keep, stats, damp), w.shape))
@@ -454,6 +459,35 @@ def _latency_fn(tgt, infos: dict) -> Callable[[str, Optional[Pattern], float], f
     return lat
 
 
+def _error_table(base: nn.Module, layers: dict, cands: Callable, calib: list, score: ImportanceScore,
+                 refit: bool, damp: float, progress: bool) -> dict:
+    """Relative output error of each layer at each candidate, pruned alone in the dense model.
+
+    Returns ``{layer: {candidate_key: error}}`` with the error of
+    :func:`~sparsecc.sparsify.reconstruct.output_error` on the calibration inputs,
+    the mask of the layer-wise method and, with ``refit``, least-squares weights.
+    """
+
+    def call(model, inputs):
+        args, kwargs = normalize_inputs(inputs)
+        return model(*args, **kwargs)
+
+    from tqdm.auto import tqdm
+
+    table = {}
+    for n in tqdm(list(layers), desc="output error per density", disable=not progress, leave=False):
+        stats = collect_statistics(base, base, n, calib, call)
+        wm = as_matrix(layers[n].weight.detach())
+        sc = None if score.needs_inputs else as_matrix(score.score(n, layers[n].weight.detach()).float())
+        row = {}
+        for p, d in cands(n):
+            keep = layer_keep(score.name, wm, stats, d, p, sc, damp)
+            new = solve_kept(wm, keep, stats, damp) if refit else wm * keep
+            row[candidate_key(p, d)] = output_error(wm, new, stats)
+        table[n] = row
+    return table
+
+
 # ----------------------------------------------------------------------------------------------
 # public entry point
 
@@ -491,10 +525,10 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
         target's fastest block shape, per layer.
     block_shape : (rows, cols), optional
         For ``pattern="block"``; default the target's choice.
-    method : {"magnitude", "impact", "movement", "activation"}
-        Importance score (see :mod:`sparsecc.sparsify.scores`). "activation" (Wanda) needs
-        each layer's inputs, so it prunes layer by layer (``schedule="oneshot"``, uniform
-        allocation).
+    method : {"magnitude", "impact", "movement", "activation", "sparsegpt"}
+        Importance score (see :mod:`sparsecc.sparsify.scores`). "activation" (Wanda) and
+        "sparsegpt" (SparseGPT's sequential OBS mask selection) need each layer's inputs, so
+        they prune layer by layer (``schedule="oneshot"``, allocation "uniform" or "error").
     schedule : {"oneshot", "gradual", "rigl"}
         One-shot pruning then fine-tuning; the cubic gradual schedule of Zhu & Gupta (2017)
         during fine-tuning; or RigL dynamic sparse training at constant density (Evci et
@@ -512,14 +546,19 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
     optimizer : callable (params) -> torch.optim.Optimizer, optional
     regularization : {"none", "l1", "group_lasso"}
         Added to the loss during fine-tuning with weight ``reg_strength``.
-    allocation : {"uniform", "global", "sensitivity"}, optional
+    allocation : {"uniform", "global", "sensitivity", "error"}, optional
         How a global sparsity is spread over layers: every layer to it ("uniform", as Zhu &
         Gupta 2017); one score threshold over all layers at every pruning step ("global",
         as in Blalock et al., "What is the State of Neural Network Pruning?", MLSys 2020);
-        or per layer from the sensitivity analysis and the target's latency. Default
+        per layer from the sensitivity analysis and the target's latency ("sensitivity");
+        or, for layer-wise pruning, the per-layer densities (among ``densities`` and dense)
+        minimizing the sum of the layers' relative output errors, each layer pruned alone
+        on ``calib_batches`` batches, at the overall sparsity ("error"; the layer-wise
+        error objective of OBC's non-uniform compression, Frantar & Alistarh 2022). Default
         "sensitivity" when ``pattern="auto"`` or a budget is given, else "uniform".
     densities : tuple of float
-        Per-layer candidate densities of the sensitivity analysis.
+        Per-layer candidate densities of the sensitivity analysis and of
+        ``allocation="error"``.
     layer_densities : {"uniform", "erk"}
         For ``schedule="rigl"`` with uniform allocation: same density per layer, or ERK.
     calib_batches : int
@@ -596,18 +635,24 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
         raise InvalidSparsityError(f"schedule {schedule!r} prunes during fine-tuning: set finetune_steps > 0")
     if allocation is None:
         allocation = "sensitivity" if (pattern == "auto" or accuracy_budget is not None) else "uniform"
-    if allocation not in ("uniform", "global", "sensitivity"):
-        raise InvalidSparsityError(f"allocation must be 'uniform', 'global' or 'sensitivity', got {allocation!r}")
+    if allocation not in ALLOCATIONS:
+        raise InvalidSparsityError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     layerwise = bool(reconstruct) or SCORES[method].needs_inputs
+    what = "reconstruct=True" if reconstruct else "method=" + repr(method)
     if layerwise and schedule != "oneshot":
-        raise InvalidSparsityError(f"{'reconstruct=True' if reconstruct else 'method=' + repr(method)} prunes once, "
-                                   f"layer by layer: use schedule='oneshot' (got {schedule!r})")
-    if layerwise and allocation != "uniform":
-        raise InvalidSparsityError(f"{'reconstruct=True' if reconstruct else 'method=' + repr(method)} needs "
-                                   f"allocation='uniform' and an explicit pattern (got allocation={allocation!r})")
+        raise InvalidSparsityError(f"{what} prunes once, layer by layer: use schedule='oneshot' (got {schedule!r})")
+    if layerwise and allocation not in ("uniform", "error"):
+        raise InvalidSparsityError(f"{what} needs allocation='uniform' or 'error' and an explicit pattern "
+                                   f"(got allocation={allocation!r})")
+    if allocation == "error" and not layerwise:
+        raise InvalidSparsityError("allocation='error' measures each layer's output error on calibration inputs: "
+                                   "it needs layer-wise pruning (reconstruct=True, or method 'activation' or "
+                                   "'sparsegpt')")
+    if allocation == "error" and (sparsity is None or SCORES[method].needs_grad or pattern == "auto"):
+        raise InvalidSparsityError("allocation='error' needs sparsity=, an explicit pattern and a method without "
+                                   f"gradients (got sparsity={sparsity}, pattern={pattern!r}, method={method!r})")
     if layerwise and data is None:
-        raise DataError("layer-wise pruning (reconstruct=True or method='activation') needs data= "
-                        "(calibration inputs)")
+        raise DataError(f"layer-wise pruning ({what}) needs data= (calibration inputs)")
     if not (damp > 0):
         raise InvalidSparsityError(f"damp must be > 0, got {damp!r}")
     if allocation == "sensitivity" and eval_fn is None:
@@ -729,6 +774,10 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
         if not plan and sparsity > 0:
             raise InvalidSparsityError(f"pattern {patterns[0]} fits no prunable layer of the model")
         plans = [plan]
+    elif allocation == "error":
+        calib = [b[0] for b in _first_batches(data, example_inputs, calib_batches)]
+        sens = _error_table(base, all_layers, cands, calib, score, bool(reconstruct), damp, progress)
+        plans = [plan_from(select_for_sparsity({n: options_of(n) for n in names}, sparsity))]
     elif sparsity is not None:
         plans = [plan_from(select_for_sparsity({n: options_of(n) for n in names}, sparsity))]
     else:

@@ -34,8 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidSparsityError
+from .patterns import Pattern, mask_from_scores
 
-__all__ = ["InputStatistics", "activation_scores", "collect_statistics", "solve_kept"]
+__all__ = ["InputStatistics", "activation_scores", "collect_statistics", "layer_keep", "output_error", "solve_kept",
+           "sparsegpt_keep"]
 
 
 class InputStatistics:
@@ -150,9 +152,7 @@ def solve_kept(weight_matrix: torch.Tensor, keep: torch.Tensor, stats: InputStat
     if keep.shape != weight_matrix.shape:
         raise InvalidSparsityError(f"keep-mask {tuple(keep.shape)} does not match weight {tuple(weight_matrix.shape)}")
     W = weight_matrix.detach().double()
-    H = stats.H
-    lam = damp * float(H.diagonal().mean()) if stats.rows else 1.0
-    Hd = H + lam * torch.eye(H.shape[0], dtype=H.dtype)
+    Hd = _damped(stats, damp)
     out = torch.zeros_like(W)
     uniq, inverse = torch.unique(keep, dim=0, return_inverse=True)
     for u in range(uniq.shape[0]):
@@ -164,3 +164,110 @@ def solve_kept(weight_matrix: torch.Tensor, keep: torch.Tensor, stats: InputStat
         B = W[rows] @ stats.C[:, S]  # (rows, |S|)
         out[rows[:, None], S[None, :]] = torch.linalg.solve(A, B.T).T
     return out.to(weight_matrix.dtype)
+
+
+def _damped(stats: InputStatistics, damp: float) -> torch.Tensor:
+    H = stats.H
+    lam = damp * float(H.diagonal().mean()) if stats.rows else 1.0
+    if lam <= 0.0:  # all-zero inputs: any mask is as good; keep the factorizations defined
+        lam = 1.0
+    return H + lam * torch.eye(H.shape[0], dtype=H.dtype)
+
+
+def sparsegpt_keep(weight_matrix: torch.Tensor, stats: InputStatistics, density: float, pattern: Pattern,
+                   damp: float = 0.01, column_block: int = 128) -> torch.Tensor:
+    """Keep-mask chosen by SparseGPT's sequential OBS updates, targeting the dense layer's outputs.
+
+    The weight first moves to the unconstrained least-squares optimum for the
+    dense outputs, ``W* = W·C·H⁻¹`` (see the module docstring), so that the
+    objective becomes ``(w - W*)·H·(w - W*)ᵀ`` per row. Then the columns are
+    processed left to right in blocks of ``column_block``: within a block the
+    mask is chosen from the OBS saliency ``w² / [U]_jj²`` (``U`` the upper
+    Cholesky factor of ``H⁻¹``) at the pattern's granularity, and each pruned
+    weight's error is compensated on the columns not processed yet. Blocks of
+    ``(r, c)`` sum the saliency of their elements; N:M groups lie along K.
+
+    Only the mask is returned: the kept weights are best refit exactly with
+    :func:`solve_kept` (which SparseGPT's sequential update only approximates).
+
+    Parameters
+    ----------
+    weight_matrix : Tensor (C_out, K)
+        The layer's dense weight in the :func:`~sparsecc.sparsify.patterns.as_matrix` layout.
+    stats : InputStatistics
+        The layer's input statistics (``H``, ``C``) from :func:`collect_statistics`.
+    density : float in [0, 1]
+        Fraction of weights kept, in every column block (ignored for N:M).
+    pattern : Pattern
+        Unstructured, block, N:M or channel. Channels are chosen once on whole rows.
+    damp : float
+        Dampening as a fraction of the mean diagonal of ``H`` (SparseGPT's ``percdamp``).
+    column_block : int
+        Columns per mask selection (SparseGPT's ``blocksize``; rounded to the pattern's width).
+
+    Returns
+    -------
+    bool Tensor (C_out, K)
+
+    Raises
+    ------
+    InvalidSparsityError
+        The pattern does not divide the weight.
+
+    Source: Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be
+    Accurately Pruned in One-Shot" (ICML 2023), Algorithm 1 with adaptive mask
+    selection; the dense-output target is that of "Optimal Brain Compression"
+    (NeurIPS 2022) with already-pruned inputs.
+    """
+    if not pattern.fits(tuple(weight_matrix.shape)):
+        raise InvalidSparsityError(f"pattern {pattern} does not divide a weight of shape "
+                                   f"{tuple(weight_matrix.shape)}")
+    rows, K = weight_matrix.shape
+    Hd = _damped(stats, damp)
+    L = torch.linalg.cholesky(Hd)
+    W = torch.cholesky_solve((weight_matrix.detach().double() @ stats.C).T, L).T  # W·C·H⁻¹  (rows, K)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # H⁻¹ = Uᵀ·U
+    width = {"block": pattern.block[1], "n:m": pattern.m}.get(pattern.kind, 1)
+    step = K if pattern.kind == "channel" else max(width, column_block // width * width)
+    keep = torch.zeros(rows, K, dtype=torch.bool)
+    for i1 in range(0, K, step):
+        i2 = min(K, i1 + step)
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        d = U1.diagonal()
+        keep1 = mask_from_scores((W1.pow(2) / d.pow(2).unsqueeze(0)).float(), density, pattern)
+        err = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            e = torch.where(keep1[:, i], torch.zeros_like(w), w) / d[i]
+            W1[:, i:] -= e.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            err[:, i] = e
+        W[:, i2:] -= err @ U[i1:i2, i2:]
+        keep[:, i1:i2] = keep1
+    return keep
+
+
+def layer_keep(method: str, weight_matrix: torch.Tensor, stats: InputStatistics, density: float,
+               pattern: Pattern, score: torch.Tensor = None, damp: float = 0.01) -> torch.Tensor:
+    """Keep-mask (C_out, K) of one layer in layer-wise pruning, by ``method``.
+
+    ``"activation"``: the Wanda score (:func:`activation_scores`); ``"sparsegpt"``:
+    :func:`sparsegpt_keep`; any other method: ``score`` (C_out, K), a
+    weight-only score computed by the caller.
+    """
+    if method == "sparsegpt" and pattern.kind != "channel":
+        return sparsegpt_keep(weight_matrix, stats, density, pattern, damp)
+    if method in ("activation", "sparsegpt"):
+        score = activation_scores(weight_matrix, stats)
+    return mask_from_scores(score, density, pattern)
+
+
+def output_error(weight_matrix: torch.Tensor, new_matrix: torch.Tensor, stats: InputStatistics) -> float:
+    """Relative output error ``‖X·(W - W')ᵀ‖² / ‖X·Wᵀ‖²`` of replacing ``W`` by ``W'`` (both (C_out, K)).
+
+    ``X`` are the inputs summarized by ``stats.H``; 0.0 for a layer whose output is 0.
+    """
+    W = weight_matrix.detach().double()
+    D = W - new_matrix.detach().double()
+    base = float(torch.einsum("ik,kl,il->", W, stats.H, W))
+    return float(torch.einsum("ik,kl,il->", D, stats.H, D)) / base if base > 0 else 0.0

@@ -119,6 +119,20 @@ class ActivationScore(ImportanceScore):
                            "available in layer-wise one-shot pruning")
 
 
+class SparseGPTScore(ActivationScore):
+    """Masks chosen by SparseGPT's sequential OBS updates (:func:`~sparsecc.sparsify.reconstruct.sparsegpt_keep`).
+
+    Not a per-weight score: the mask of a column block depends on the error
+    compensation of the blocks before it. Like :class:`ActivationScore` it needs
+    the layer's input statistics, so it only runs inside layer-wise pruning.
+
+    Source: Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be
+    Accurately Pruned in One-Shot" (ICML 2023).
+    """
+
+    name = "sparsegpt"
+
+
 #: Method names accepted by :func:`sparsecc.sparsify`.
 SCORES = {"magnitude": MagnitudeScore, "impact": ImpactScore, "movement": MovementScore,
-          "activation": ActivationScore}
+          "activation": ActivationScore, "sparsegpt": SparseGPTScore}

@@ -9,8 +9,9 @@ from torch import nn
 
 import sparsecc
 from sparsecc.errors import DataError, InvalidSparsityError
-from sparsecc.sparsify.patterns import as_matrix
-from sparsecc.sparsify.reconstruct import InputStatistics, activation_scores, _patches, solve_kept
+from sparsecc.sparsify.patterns import Pattern, as_matrix, mask_from_scores
+from sparsecc.sparsify.reconstruct import (InputStatistics, _patches, activation_scores, output_error,
+                                           solve_kept, sparsegpt_keep)
 
 
 def _stats(mod, xp, xd=None):
@@ -111,3 +112,107 @@ def test_layerwise_argument_errors():
     with pytest.raises(InvalidSparsityError, match="damp"):
         sparsecc.sparsify(model, data[0][0], sparsity=0.5, pattern="unstructured", reconstruct=True,
                           schedule="oneshot", data=data, damp=0.0, progress=False)
+
+
+# ---- SparseGPT masks, output error, error-based allocation
+
+
+def _identity_stats(k, n=100):
+    s = InputStatistics(nn.Linear(k, 1))
+    s.H = torch.eye(k, dtype=torch.float64) * n
+    s.C = s.H.clone()
+    s.rows = n
+    return s
+
+
+@pytest.mark.parametrize("pattern", [Pattern("unstructured"), Pattern("block", (4, 1)), Pattern("n:m", n=2, m=4)])
+def test_sparsegpt_with_uncorrelated_inputs_is_magnitude_per_column_block(pattern):
+    # H ∝ I: no error compensation, U = I/sqrt(n·(1+damp)), so the saliency is w² up to a constant
+    torch.manual_seed(0)
+    w = torch.randn(8, 24)
+    got = sparsegpt_keep(w, _identity_stats(24), 0.25, pattern, column_block=8)
+    for c in range(0, 24, 8):
+        ref = mask_from_scores(w[:, c:c + 8].pow(2), 0.25, pattern)
+        assert torch.equal(got[:, c:c + 8], ref)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.sampled_from([(1, 1), (2, 1), (4, 1), (2, 2)]), st.sampled_from([0.1, 0.25, 0.5, 0.9]),
+       st.integers(0, 10_000))
+def test_sparsegpt_mask_has_the_pattern_and_density(block, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(16, 8)
+    x = torch.randn(64, 16, generator=g) @ torch.randn(16, 16, generator=g)  # correlated inputs
+    w = torch.randn(8, 16, generator=g)
+    pattern = Pattern("block", block) if block != (1, 1) else Pattern("unstructured")
+    keep = sparsegpt_keep(w, _stats(lin, x), density, pattern, column_block=8)
+    assert keep.shape == w.shape and keep.dtype == torch.bool
+    for c in (slice(0, 8), slice(8, 16)):  # the density holds in every column block
+        assert int(keep[:, c].sum()) == block[0] * block[1] * round(density * 64 / (block[0] * block[1]))
+    nz = keep.reshape(8 // block[0], block[0], 16 // block[1], block[1])
+    assert bool((nz.all(3).all(1) | ~nz.any(3).any(1)).all())  # whole blocks
+
+
+def test_sparsegpt_beats_wanda_on_correlated_inputs():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16)
+    mix = torch.randn(32, 32) * (torch.rand(32) ** 4)  # strongly correlated, uneven columns
+    x = torch.randn(512, 32) @ mix + 0.05 * torch.randn(512, 32)
+    w = torch.randn(16, 32)
+    s = _stats(lin, x)
+    errs = {}
+    for name, keep in (("wanda", mask_from_scores(activation_scores(w, s), 0.25, Pattern("unstructured"))),
+                       ("sparsegpt", sparsegpt_keep(w, s, 0.25, Pattern("unstructured")))):
+        errs[name] = output_error(w, solve_kept(w, keep, s), s)
+    assert errs["sparsegpt"] < 0.9 * errs["wanda"], errs
+
+
+def test_output_error_by_hand():
+    s = InputStatistics(nn.Linear(2, 1))
+    s.H = torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64))
+    s.rows = 1
+    w = torch.tensor([[1.0, 2.0]])  # ‖Xwᵀ‖² = 4·1 + 1·4 = 8
+    assert output_error(w, torch.tensor([[0.0, 2.0]]), s) == pytest.approx(4 / 8)
+    assert output_error(w, torch.tensor([[1.0, 0.0]]), s) == pytest.approx(4 / 8)
+    assert output_error(w, torch.tensor([[0.5, 2.0]]), s) == pytest.approx(1 / 8)
+    assert output_error(torch.zeros(1, 2), torch.zeros(1, 2), s) == 0.0
+
+
+class _TwoLayers(nn.Module):
+    """fc1 sees inputs of rank 1 (one weight per row reproduces it); fc2 sees full-rank ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x[:, :16])) + x[:, 16:])
+
+
+def test_error_allocation_reaches_the_sparsity_with_less_output_error():
+    torch.manual_seed(0)
+    model = _TwoLayers()
+    g = torch.Generator().manual_seed(1)
+    basis = torch.randn(1, 16, generator=g)
+    data = [(torch.cat([torch.randn(64, 1, generator=g) @ basis, torch.randn(64, 32, generator=g)], 1),
+             torch.zeros(64, 8)) for _ in range(12)]
+    kw = dict(sparsity=0.7, pattern="unstructured", schedule="oneshot", data=data[:8], calib_batches=8,
+              method="sparsegpt", reconstruct=True, progress=False, densities=(0.1, 0.2, 0.3, 0.5, 0.7))
+    uni = sparsecc.sparsify(model, data[0][0], **kw)
+    err = sparsecc.sparsify(model, data[0][0], allocation="error", **kw)
+    dens = {n: float((m.weight != 0).float().mean()) for n, m in err.model.named_modules() if isinstance(m, nn.Linear)}
+    total = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    kept = sum(int((m.weight != 0).sum()) for m in err.model.modules() if isinstance(m, nn.Linear))
+    assert kept / total <= 0.3 + 0.01
+    assert dens["fc1"] < 0.3 < dens["fc2"]  # the layer with rank-1 inputs gives up weights to the other
+    assert _err(err.model, model, data[8:]) < 0.7 * _err(uni.model, model, data[8:])
+
+
+def test_error_allocation_argument_errors():
+    model, data = _mlp(), _data()
+    with pytest.raises(InvalidSparsityError, match="layer-wise"):
+        sparsecc.sparsify(model, data[0][0], sparsity=0.5, pattern="unstructured", allocation="error",
+                          schedule="oneshot", data=data, progress=False)
+    with pytest.raises(InvalidSparsityError, match="allocation must be one of"):
+        sparsecc.sparsify(model, data[0][0], sparsity=0.5, pattern="unstructured", allocation="errors",
+                          schedule="oneshot", data=data, progress=False)
