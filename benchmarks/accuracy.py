@@ -294,6 +294,12 @@ def main() -> None:
                         "with fixed masks (default: gradual pruning during distillation)")
     m.add_argument("--calib", type=int, default=8, help="calibration batches of --reconstruct")
     m.add_argument("--warmup", type=int, default=0, help="linear lr warm-up steps")
+    m.add_argument("--decay", choices=["none", "cosine"], default="none",
+                   help="lr after the warm-up: constant, or cosine decay to 0 at the last step")
+    m.add_argument("--allocation", default="uniform", choices=["uniform", "error"],
+                   help="per-layer densities: all equal, or by output error (needs --reconstruct)")
+    m.add_argument("--densities", default="0.05,0.08,0.1,0.13,0.16,0.2,0.25,0.3,0.35,0.4,0.5,0.6",
+                   help="candidate per-layer densities of --allocation error")
     m.set_defaults(fn=minilm)
     args = p.parse_args()
     args.fn(args)

@@ -17,6 +17,7 @@ Run: ``python benchmarks/accuracy.py minilm [--steps 600 --block 16x1]``
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 
@@ -134,6 +135,7 @@ def run(args) -> None:
     from sparsecc.runtime.kernels import cache_root
 
     tag = f"{args.sparsity}-{args.pattern}-{args.block}-{args.method}-{args.steps}" + ("-rec" if args.reconstruct else "")
+    tag += "" if args.allocation == "uniform" else f"-{args.allocation}"
     saved = cache_root() / "models" / f"minilm-distilled-{tag}.pt"
     # no recovery: the same sparsity, one-shot magnitude
     sp0 = sparsecc.sparsify(teacher, ex, target="x86", sparsity=args.sparsity, pattern=args.pattern,
@@ -147,13 +149,20 @@ def run(args) -> None:
         seconds, pattern = float("nan"), "(reused)"
         print(f"reusing the distilled student {saved}")
     else:
-        schedule = dict(schedule="oneshot", reconstruct=True, calib_batches=args.calib) if args.reconstruct else \
+        schedule = dict(schedule="oneshot", reconstruct=True, calib_batches=args.calib, allocation=args.allocation,
+                        densities=tuple(float(d) for d in args.densities.split(","))) if args.reconstruct else \
             dict(schedule="gradual")
         optimizer = None
-        if args.warmup:
-            def optimizer(params):  # Adam with a linear warm-up (sparsify steps the optimizer once per batch)
+        if args.warmup or args.decay != "none":
+            def factor(t: int) -> float:  # linear warm-up, then constant or cosine decay to 0 at the last step
+                warm = min(1.0, (t + 1) / args.warmup) if args.warmup else 1.0
+                if args.decay == "cosine":
+                    return warm * 0.5 * (1.0 + math.cos(math.pi * min(t, args.steps) / max(1, args.steps)))
+                return warm
+
+            def optimizer(params):  # Adam with that schedule (sparsify steps the optimizer once per batch)
                 opt = torch.optim.Adam(params, lr=args.lr)
-                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / args.warmup))
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
                 step = opt.step
 
                 def stepped(*a, **k):
@@ -198,7 +207,9 @@ def run(args) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "accuracy_minilm.json").write_text(json.dumps({
         "sparsity": sparsity, "pattern": pattern, "min_cosine": min_cos, "method": args.method, "steps": args.steps,
-        "reconstruct": args.reconstruct, "warmup": args.warmup,
+        "reconstruct": args.reconstruct, "warmup": args.warmup, "decay": args.decay, "allocation": args.allocation,
+        "layer_density": {n: float((m.weight != 0).float().mean()) for n, m in student.named_modules()
+                          if isinstance(m, nn.Linear)},
         "lr": args.lr, "batch": args.batch, "max_len": args.max_len, "heldout_cosine": cos,
         "oneshot_cosine": cos0, "latency": lat, "train_sentences": len(train_s), "heldout_sentences": len(held_s),
         "seconds": seconds, "command": "python benchmarks/accuracy.py minilm " + " ".join(sys.argv[2:])}, indent=1))
