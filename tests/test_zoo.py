@@ -106,3 +106,11 @@ def test_pretrained_corrupt_cache_is_retrained(tmp_path, monkeypatch):
 def test_pretrained_unknown_name():
     with pytest.raises(ValueError, match="fashion_cnn"):
         zoo.pretrained("resnet50")
+
+
+def test_mean_pool_ignores_padding_and_normalizes():
+    hidden = torch.tensor([[[3.0, 0.0], [1.0, 4.0], [100.0, 100.0]]])  # the third token is padding
+    mask = torch.tensor([[1, 1, 0]])
+    got = zoo.mean_pool(hidden, mask)  # mean (2, 2) -> normalized (0.7071, 0.7071)
+    assert torch.allclose(got, torch.tensor([[2 ** -0.5, 2 ** -0.5]]))
+    assert torch.equal(zoo.mean_pool(torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long)), torch.zeros(1, 3))
