@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
-from pathlib import Path
 
 import torch
 
-from sparsecc import datasets
+from sparsecc import datasets, zoo
 from sparsecc.sparsify.patterns import Pattern, as_matrix
 from sparsecc.sparsify.reconstruct import collect_statistics, layer_keep, output_error, solve_kept
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.minilm_distill, as accuracy.py
 
 METHODS = ("magnitude", "activation", "sparsegpt")
 
@@ -37,9 +33,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    from benchmarks.minilm_distill import load
-
-    model, tok = load()
+    model, tok = zoo.minilm()
     sents = datasets.fortunes_sentences("train")
     random.Random(0).shuffle(sents)
     calib = []
@@ -54,7 +48,7 @@ def main() -> None:
     for layer in (int(v) for v in a.layers.split(",")):
         for sub in ("attention.self.query", "attention.self.key", "attention.self.value",
                     "attention.output.dense", "intermediate.dense", "output.dense"):
-            name = f"bert.encoder.layer.{layer}.{sub}"
+            name = f"encoder.layer.{layer}.{sub}"
             stats = collect_statistics(model, model, name, calib, lambda m, b: m(**b))
             wm = as_matrix(model.get_submodule(name).weight.detach())
             row = []
