@@ -21,6 +21,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) examples/minilm.py
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 bench: $(STAMP)

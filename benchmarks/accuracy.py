@@ -144,7 +144,7 @@ def fashion(args) -> None:
 
 
 def model_store(name: str) -> Path:
-    from sparsecc.runtime.kernels import cache_root
+    from sparsecc.cache import cache_root
 
     return cache_root() / "bench" / f"accuracy_{name}"
 

@@ -45,7 +45,7 @@ from sparsecc.passes.nm import nm_prune_weight  # noqa: E402
 from sparsecc.runtime.kernels import SparseLinear  # noqa: E402
 from sparsecc.runtime.nm import NMLinear  # noqa: E402
 from sparsecc.runtime.timing import interleaved_ms  # noqa: E402
-from sparsecc.tune.calibrate import random_block_weight  # noqa: E402
+from sparsecc.formats import BSR  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BERT = [(768, 768), (3072, 768), (768, 3072)]
@@ -87,10 +87,10 @@ def linear_fns(n: int, k: int, density: float, threads: int, seed: int = 0) -> t
     if ort_fn is not None:
         fns["onnxrt"] = ort_fn
         refs["onnxrt"] = w
-    wc = random_block_weight(n, k, (1, 1), density, seed)
+    wc = BSR.calibration_weight((1, 1), n, k, density, seed)
     fns["csr"], refs["csr"] = SparseLinear(BlockSparseMatrix.from_dense(wc, (1, 1)), b, eager=True), wc
     for blk in BLOCKS:
-        wb = random_block_weight(n, k, blk, density, seed)
+        wb = BSR.calibration_weight(blk, n, k, density, seed)
         name = "%dx%d" % blk
         fns[name], refs[name] = SparseLinear(BlockSparseMatrix.from_dense(wb, blk), b, eager=True), wb
     for nn_, mm in NMS:
@@ -148,7 +148,7 @@ def section_batched(args) -> dict:
         b = torch.randn(n, generator=g)
         wn = nm_prune_weight(w, 2, 4)
         mods = {"2:4": NMLinear(NMSparseMatrix.from_dense(wn, 2, 4), b, eager=True),
-                "16x1": SparseLinear(BlockSparseMatrix.from_dense(random_block_weight(n, k, (16, 1), 0.5), (16, 1)),
+                "16x1": SparseLinear(BlockSparseMatrix.from_dense(BSR.calibration_weight((16, 1), n, k, 0.5), (16, 1)),
                                      b, eager=True)}
         for bsz, seq in ((8, 16), (4, 33)):
             x = torch.randn(bsz, seq, k)

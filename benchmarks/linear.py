@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from sparsecc.formats import BLOCK_SHAPES, BlockSparseMatrix
-from sparsecc.passes.choose_format import estimate_candidates, parse_key
+from sparsecc.formats import BSR, Candidate, candidates
+from sparsecc.runtime import make_linear
+from sparsecc.tune.cost_model import cost_model_for
 from sparsecc.passes.detect import detect_block_shape
 from sparsecc.runtime.timing import measure_ms
 from sparsecc.targets.base import resolve_target
-from sparsecc.tune.calibrate import random_block_weight
 
 
 def time_between(fn, x, op, repeat: int) -> float:
@@ -57,7 +58,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     target = resolve_target("x86")
-    cost = target.cost_model()
+    cost = cost_model_for(target)
     print(f"# target {target.describe()}, {args.threads} threads; cost model: {cost.source}")
     shapes = [(3072, 768)] if args.quick else [(768, 768), (3072, 768), (768, 3072)]
     ms, densities = (1, 16, 128), (0.5, 0.3, 0.1)
@@ -84,13 +85,14 @@ def main():
                 t_dense = timed(lambda t: F.linear(t, w_dense, b))
                 cells = []
                 for blk in blocks:
-                    w = random_block_weight(n, k, blk, density, seed=hash((n, k, m, blk)) & 0xFFFF)
-                    mod = target.make_linear(BlockSparseMatrix.from_dense(w, blk), b)
+                    w = BSR.calibration_weight(blk, n, k, density, seed=hash((n, k, m, blk)) & 0xFFFF)
+                    mod = make_linear(target, BlockSparseMatrix.from_dense(w, blk), b)
                     t = timed(mod)
                     nnz = int(torch.count_nonzero(w))
                     _, fill = detect_block_shape(w)
-                    est = estimate_candidates(cost, (n, k), m, nnz, nnz / w.numel(), fill)
-                    fmt, pblk = parse_key(min(est, key=est.get))
+                    est = cost.estimates(candidates((n, k), "auto", nnz / w.numel()), (n, k), m, nnz, fill)
+                    pick = Candidate.parse(min(est, key=est.get))
+                    fmt, pblk = pick.format, pick.params or None
                     pick = {"dense": "d", "csr": "c"}.get(fmt, "b" if pblk == blk else "b*")
                     cells.append(f"{t / t_dense:5.2f} {pick:<2}")
                 print(f"{n}x{k:<4} {m:>4} {density:>5} {t_dense:>8.3f}  " + "  ".join(f"{c:>8}" for c in cells),

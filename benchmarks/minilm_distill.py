@@ -125,7 +125,7 @@ def run(args) -> None:
     loss = distill_loss(t_distill)
     block = tuple(int(v) for v in args.block.split("x")) if args.block else None
 
-    from sparsecc.runtime.kernels import cache_root
+    from sparsecc.cache import cache_root
 
     tag = f"{args.sparsity}-{args.pattern}-{args.block}-{args.method}-{args.steps}" + ("-rec" if args.reconstruct else "")
     tag += "" if args.allocation == "uniform" else f"-{args.allocation}"

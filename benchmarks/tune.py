@@ -2,7 +2,7 @@
 
 For BERT/MiniLM-shaped linears (BSR, block 16x1 by default, 90% sparsity) at M in {1, 16, 128}:
 
-1. tunes every workload with ``sparsecc.tune.autotune.tune_workloads`` (``--trials`` per kernel) into
+1. tunes every workload with ``sparsecc.tune.tuner.tune_workloads`` (``--trials`` per kernel) into
    ``--work-dir`` and reports the wall time (``--fresh`` empties the folder first; otherwise workloads
    already tuned are skipped, as ``sparsecc.tune`` does);
 2. reloads the database from disk in a fresh ``TuningDatabase`` and checks that each tuned record
@@ -68,7 +68,7 @@ def parse_args(argv=None):
 def run_model(args, work_dir: Path) -> dict:
     """sparsecc.tune() on MiniLM, then whole-model latency with and without the tuned kernels."""
     import sparsecc
-    from sparsecc.tune import autotune
+    from sparsecc.tune import database
 
     sys.path.insert(0, str(ROOT / "examples"))
     from minilm import SENTENCES, load_minilm
@@ -107,7 +107,7 @@ def run_model(args, work_dir: Path) -> dict:
     tagged = sum("tuned(" in (a.kernel or "") for a in tuned.layers)
     return {"tune_seconds": tune_s, "summary": summary.rows(), "layers_with_tuned_kernels": tagged,
             "sparse_layers": sum(a.format not in (None, "dense") for a in tuned.layers), "latency": rows,
-            "report": tuned.report(), "db": str(work_dir), "entries": len(autotune.read_index(work_dir)["entries"])}
+            "report": tuned.report(), "db": str(work_dir), "entries": len(database.read_index(work_dir)["entries"])}
 
 
 def _weight(n, k, block, density, seed):
@@ -160,9 +160,10 @@ def run(args) -> dict:
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM's thread pool starts
     torch.set_num_threads(args.threads)
     from sparsecc.formats import BlockSparseMatrix
-    from sparsecc.runtime.kernels import SparseLinear, cache_root
+    from sparsecc.cache import cache_root
+    from sparsecc.runtime.kernels import SparseLinear
     from sparsecc.targets import x86
-    from sparsecc.tune import autotune, space
+    from sparsecc.tune import lookup, space, tuner
     from sparsecc.tune.space import Workload
 
     block = tuple(int(v) for v in args.block.split("x"))
@@ -180,13 +181,13 @@ def run(args) -> dict:
     wls = [Workload.for_layer(block, n, k, mat.nnzb, m, True, act) for _, n, k, act, _, _, mat in layers for m in ms_]
 
     t0 = time.perf_counter()
-    results = autotune.tune_workloads(wls, work_dir, target=target, trials=args.trials,
-                                      time_budget_s=args.time_budget, progress=True)
+    results = tuner.tune_workloads(wls, work_dir, target=target, trials=args.trials,
+                                   time_budget_s=args.time_budget, progress=True)
     tune_s = time.perf_counter() - t0
     by_key = {r.workload.key(): r for r in results}
 
     # reload from disk, check every tuned record replays to the rule's schedule of its knobs
-    db = autotune.TuningDatabase(work_dir)
+    db = lookup.TuningDatabase(work_dir)
     same = {}
     for r in results:
         if r.choice != "tuned":

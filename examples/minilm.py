@@ -86,7 +86,7 @@ def main():
           f"max abs diff {float((h_pruned - h_sparse).abs().max()):.2e} (hidden states), "
           f"{float((e_pruned - e_sparse).abs().max()):.2e} (embeddings); "
           f"min cosine {float(cos.min()):.6f}")
-    print(f"cosine of pruned to dense embeddings (accuracy before any recovery, issue #3): "
+    print(f"cosine of pruned to dense embeddings (accuracy before any recovery): "
           f"mean {float(F.cosine_similarity(e_dense, e_pruned, dim=-1).mean()):.3f}")
     print()
 

@@ -19,6 +19,9 @@ def load(path):
     return _load(path)
 
 from . import tune  # callable: sparsecc.tune(model, example_inputs, work_dir=...)
+from .api import tune as _tune_model
+
+type(tune).entry = staticmethod(_tune_model)
 
 __version__ = "0.1.0"
 

@@ -1,20 +1,26 @@
-"""``sparsecc.compile``: capture, prune, analyse, lower."""
+"""The public entry points: ``sparsecc.compile`` (capture, prune, analyse, lower), ``sparsecc.prune`` (the eager
+reference of a compiled model) and ``sparsecc.tune`` (autotune a model's sparse kernels into a database)."""
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
 
-from .errors import InvalidSparsityError
+from .errors import InvalidSparsityError, TuningError
+from .formats import NM_PATTERN_NAMES, as_matrix, from_matrix
 from .ir.capture import capture
+from .ir.rewrite import example_rows
 from .passes import PassContext, PassManager, default_pipeline
-from .passes.choose_format import NM_PATTERN_NAMES, PATTERN_CHOICES, example_rows
+from .passes.choose_format import check_pattern
 from .passes.conv import conv_matrix_shapes
 from .passes.prune import check_sparsity_value, prunable_sites
+from .runtime import finish
 from .runtime.compiled import CompiledModule, module_bytes
-from .targets.base import resolve_target
+from .targets import resolve_target
 
 
 def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
@@ -30,8 +36,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
         The user's model; never modified (sparsecc works on a deep copy).
     example_inputs : Tensor, tuple or dict
         Example call: positional inputs, or keyword inputs as a dict.
-    target : str
-        ``"x86"`` (the host CPU). ARM and CUDA arrive with issue #4.
+    target : str or dict
+        ``"x86"`` (the host CPU), ``"arm"`` / ``"arm:<core>"`` (cross-built, host kernels for ``cm()``),
+        ``"cuda"`` or ``{"kind": "cuda", "arch": "sm_90"}``.
     sparsity : None, float or dict
         None compiles the zeros the model already has; a float in [0, 1) prunes
         every prunable linear weight by magnitude to that sparsity (so the
@@ -89,8 +96,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
         ``tuning_db`` is not a tuning folder.
     """
     t0 = time.perf_counter()
-    if pattern not in PATTERN_CHOICES:
-        raise InvalidSparsityError(f"pattern must be one of {PATTERN_CHOICES}, got {pattern!r}")
+    check_pattern(pattern)
     if isinstance(sparsity, dict):
         for k, v in sparsity.items():
             check_sparsity_value(v, f"layer {k!r}")
@@ -105,12 +111,14 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
                     "(pass sparsity=None)")
     if block_shape is not None and (len(tuple(block_shape)) != 2 or min(block_shape) < 1):
         raise InvalidSparsityError(f"block_shape must be (rows, cols) ≥ 1, got {block_shape!r}")
-    tgt = resolve_target(target)
-    tgt, measure = tgt.prepare_compile(build_only=build_only, measure=measure)
+    tgt = resolve_target(target, build_only=build_only)
+    tgt.check_available()
+    db = None
     if tuning_db is not None:
-        from .tune.autotune import TuningDatabase
+        from .tune.lookup import TuningDatabase
 
-        tgt.tuning_db = TuningDatabase(tuning_db)
+        db = TuningDatabase(tuning_db)
+    ctx = PassContext(target=tgt, print_after=print_after, dump_dir=dump_dir, tuning_db=db)
     original_bytes = module_bytes(model)
     graph = capture(model, example_inputs, dynamic_shapes)
 
@@ -124,14 +132,12 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
             shapes += conv_matrix_shapes(graph)  # convs as (C_out, kh·kw·C_in) (passes/conv.py)
             s = sparsity if not isinstance(sparsity, dict) else sum(sparsity.values()) / max(len(sparsity), 1)
             m = example_rows(sites[0].input) if sites else 1
-            block = tgt.prune_block(shapes, 1.0 - s, m) if shapes else (1, 1)
+            block = ctx.cost_model.best_block(shapes, 1.0 - s, m) if shapes else (1, 1)
 
-    ctx = PassContext(target=tgt, options={"prune_block": block}, print_after=print_after,
-                      dump_dir=dump_dir)
-    passes = default_pipeline(sparsity, pattern, block, measure=measure)
-    graph = PassManager(passes).run(graph, ctx)
-    return tgt.finish_compile(CompiledModule(graph, tgt, time.perf_counter() - t0, original_bytes, ctx.history,
-                                             prune_block=block if sparsity is not None else None))
+    ctx.options["prune_block"] = block
+    graph = PassManager(default_pipeline(tgt, sparsity, pattern, block, measure=measure)).run(graph, ctx)
+    return finish(CompiledModule(graph, tgt, time.perf_counter() - t0, original_bytes, ctx.history,
+                                 prune_block=block if sparsity is not None else None), tgt)
 
 
 def prune(model: torch.nn.Module, sparsity: Union[float, dict], *, block_shape: tuple = (1, 1),
@@ -163,8 +169,6 @@ def prune(model: torch.nn.Module, sparsity: Union[float, dict], *, block_shape: 
 
     p = MagnitudePrune(sparsity, block=block_shape, scope=scope)  # validates the values
     pruned = copy.deepcopy(model)
-    from .sparsify.patterns import as_matrix, from_matrix
-
     linears = {n: m for n, m in pruned.named_modules()
                if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32}
     # conv2d with groups=1, as compile prunes them: the (C_out, kh·kw·C_in) matrix of the unfolded weight
@@ -183,3 +187,136 @@ def prune(model: torch.nn.Module, sparsity: Union[float, dict], *, block_shape: 
             w = linears[n].weight
             w.mul_(from_matrix(mask.to(w.dtype), w.shape))
     return pruned
+
+
+@dataclass
+class TuningSummary:
+    """What :func:`tune` did, per distinct workload.
+
+    Attributes
+    ----------
+    results : list of WorkloadResult
+    layers : dict workload key -> list of layer names using it
+    work_dir : str
+    """
+
+    results: list
+    layers: dict = field(default_factory=dict)
+    work_dir: str = ""
+
+    def rows(self) -> list:
+        """One dict per workload: key, layers, trials, best/hand ms, ratio, choice, skipped."""
+        return [{"workload": r.workload.key(), "layers": self.layers.get(r.workload.key(), []),
+                 "trials": r.trials, "space_size": r.space_size, "best_ms": float(r.best_ms),
+                 "hand_ms": float(r.hand_ms), "ratio": float(r.ratio), "choice": r.choice,
+                 "params": r.params, "seconds": float(r.seconds), "skipped": r.skipped,
+                 "complete": r.complete} for r in self.results]
+
+    def to_json(self) -> str:
+        return json.dumps({"work_dir": self.work_dir, "workloads": self.rows()}, indent=1)
+
+    def __str__(self) -> str:
+        head = ("workload", "layers", "trials", "hand ms", "best ms", "ratio", "choice", "")
+        lines = [head]
+        for row in self.rows():
+            lines.append((row["workload"], str(len(row["layers"])), f'{row["trials"]}/{row["space_size"]}',
+                          f'{row["hand_ms"]:.4f}', f'{row["best_ms"]:.4f}', f'{row["ratio"]:.2f}', row["choice"],
+                          "resumed (already tuned)" if row["skipped"] else
+                          ("" if row["complete"] else "incomplete (time budget)")))
+        widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in lines)
+
+
+def model_workloads(cm, rows=None) -> tuple:
+    """The kernel workloads of a compiled module's sparse linears.
+
+    Parameters
+    ----------
+    cm : CompiledModule
+    rows : sequence of int, optional
+        Rows ``M`` of X to tune every layer at; default: each layer's example M.
+
+    Returns
+    -------
+    (list of Workload, dict workload key -> layer names)
+    """
+    from .ir.annotations import get_annotation
+    from .runtime.kernels import SparseLinear
+    from .tune.space import Workload
+
+    gm = cm.graph.gm
+    workloads, layers = [], {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if type(mod) is not SparseLinear:  # N:M and conv kernels have no tuning space
+            continue
+        ann = get_annotation(node)
+        n, k = mod.shape
+        nnzb = int(mod.indptr[-1])
+        for m in (rows if rows else [example_rows(node)]):
+            wl = Workload.for_layer(mod.block, n, k, nnzb, int(m), mod.bias is not None, mod.activation)
+            workloads.append(wl)
+            layers.setdefault(wl.key(), []).append(ann.name if ann is not None else str(node.target))
+    return list(dict.fromkeys(workloads)), layers
+
+
+def tune(model, example_inputs: Any, *, target: str = "x86", sparsity=None, pattern: str = "auto",
+         trials: int = 64, work_dir, time_budget_s: Optional[float] = None, progress: bool = True,
+         rows=None, dynamic_shapes=None, block_shape=None, seed: int = 0) -> TuningSummary:
+    """Autotune the sparse kernels ``sparsecc.compile`` would use for ``model`` into ``work_dir``.
+
+    Runs compile's analysis (capture, pruning, format choice by the cost model
+    without timing, so the same layers are tuned on every run; lowering with the
+    hand schedules) with the same arguments, collects each sparse linear's
+    workload (format and block, ``W: (N, K)``, density bucket, M bucket, bias,
+    activation, target) and tunes every distinct one with MetaSchedule
+    (:func:`sparsecc.tune.tuner.tune_workloads`). Workloads already tuned to ``trials`` in
+    ``work_dir`` are skipped, so an interrupted run resumes, and a database
+    tuned on one model serves any model with the same layer shapes and patterns.
+    Pass the folder to ``sparsecc.compile(..., tuning_db=work_dir)``.
+
+    Parameters
+    ----------
+    model, example_inputs, target, sparsity, pattern, dynamic_shapes, block_shape
+        As for :func:`sparsecc.compile`.
+    trials : int
+        Candidates measured per workload (all register tiles together; a space
+        smaller than this is measured whole).
+    work_dir : path
+        Database folder (created if missing).
+    time_budget_s : float, optional
+        Stop after about this many seconds (the workload in progress ends at
+        its next batch of 8 candidates and is marked incomplete).
+    progress : bool
+        tqdm progress bar.
+    rows : sequence of int, optional
+        Rows ``M`` of X to tune at (e.g. ``[1, 16, 128]``); default: the example's.
+    seed : int
+        Order in which each task's knob points are tried.
+
+    Returns
+    -------
+    TuningSummary
+        Per workload: trials, best tuned ms, hand-schedule ms, ratio, choice.
+
+    Raises
+    ------
+    TuningError
+        A target other than x86, ``trials < 1``, or an unreadable database.
+    """
+    from .tune.tuner import tune_workloads
+
+    if isinstance(target, str) and target.lower() not in ("x86", "x86_64", "cpu", "llvm", "host"):
+        raise TuningError(f"autotuning supports the x86 target only, got {target!r}")
+    if int(trials) < 1:
+        raise TuningError(f"trials must be ≥ 1, got {trials}")
+    cm = compile(model, example_inputs, target=target, sparsity=sparsity, pattern=pattern,
+                    dynamic_shapes=dynamic_shapes, block_shape=block_shape, measure=False)
+    if getattr(cm.target, "name", "x86") != "x86":
+        raise TuningError(f"autotuning supports the x86 target only, got {cm.target!r}")
+    workloads, layers = model_workloads(cm, rows)
+    results = tune_workloads(workloads, work_dir, target=cm.target.tvm_target(), trials=trials,
+                             time_budget_s=time_budget_s, progress=progress, seed=seed)
+    return TuningSummary(results, layers, str(work_dir))

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from sparsecc.errors import DatasetError, InvalidArgumentError
 from sparsecc.fetch import extract_deb, fetch_debian_packages
 from sparsecc.fileio import atomic_path
-from sparsecc.runtime.kernels import cache_root
+from sparsecc.cache import cache_root
 
 __all__ = [
     "DIGITS_MEAN",

@@ -23,7 +23,7 @@ from torch import nn
 
 from sparsecc.errors import InvalidArgumentError
 from sparsecc.fileio import atomic_path
-from sparsecc.runtime.kernels import cache_root
+from sparsecc.cache import cache_root
 
 __all__ = ["BasicBlock", "Bottleneck", "DigitsCNN", "FashionCNN", "PRETRAINED", "ResNetCNN", "accuracy", "pretrained",
            "pretrained_path", "randomize_batchnorm", "resnet18_like", "train", "minilm", "mean_pool"]
@@ -320,7 +320,7 @@ def pretrained(name: str, progress: bool = False) -> nn.Module:
     return model
 
 
-# -- ResNet-style CNN (issue #4: sparse convolutions) ---------------------------------
+# -- ResNet-style CNN (sparse convolutions) ---------------------------------
 
 class BasicBlock(nn.Module):
     """ResNet basic block: ``relu(bn2(conv3x3(relu(bn1(conv3x3_s(x))))) + shortcut(x))``.

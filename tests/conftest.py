@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsecc.formats import BlockSparseMatrix
-from sparsecc.tune.cost_model import CostModel, KernelCalibration, candidate_key
+from sparsecc.formats import BSR, CSR, BlockSparseMatrix, Candidate
+from sparsecc.targets import Target
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -33,34 +33,40 @@ class TorchSparseLinear(torch.nn.Module):
         return y
 
 
-class FakeTarget:
-    """A target with a hand-set cost model and torch kernels: tests passes without TVM.
+class FakeTarget(Target):
+    """A target with a hand-set roofline and torch kernels: tests passes without TVM.
 
     Dense runs at 100 GFLOP/s; CSR at 10; BSR at 60 (any block). Overhead 0.01 ms.
+    Its kernel modules (:class:`TorchSparseLinear`) are registered for the target kind ``"fake"``.
     """
 
     name = "fake"
+    kind = "fake"
+    layer_formats = {"linear": frozenset({"csr", "bsr"})}
 
     def __init__(self, csr_gflops=10.0, bsr_gflops=60.0, dense_gflops=100.0):
-        from sparsecc.formats import BLOCK_SHAPES
+        self._roofline = {Candidate("dense"): (dense_gflops, dense_gflops, 30.0, 0.01)}
+        for fmt, g in ((CSR, csr_gflops), (BSR, bsr_gflops)):
+            for c in fmt.calibration_candidates():
+                self._roofline[c] = (g, g, 30.0, 0.01)
 
-        ks = {"dense": KernelCalibration(dense_gflops, dense_gflops, 30.0, 0.01)}
-        for b in BLOCK_SHAPES:
-            g = csr_gflops if b == (1, 1) else bsr_gflops
-            ks[candidate_key("csr" if b == (1, 1) else "bsr", b)] = KernelCalibration(g, g, 30.0, 0.01)
-        self._cm = CostModel(ks, "hand-set")
+    def roofline(self):
+        return self._roofline
 
-    def cost_model(self):
-        return self._cm
-
-    def make_linear(self, matrix, bias=None, activation=None):
-        return TorchSparseLinear(matrix, bias, activation)
+    def tvm_target(self):
+        return None
 
     def describe(self):
         return "fake"
 
-    def prune_block(self, shapes, density, m):
-        return (8, 1)
+    def cache_key(self):
+        return "fake"
+
+
+@CSR.register_module("fake")
+@BSR.register_module("fake")
+def _fake_linear(matrix, bias=None, activation=None, target=None, tuning_db=None):
+    return TorchSparseLinear(matrix, bias, activation)
 
 
 @pytest.fixture

@@ -205,7 +205,7 @@ def test_calibrated_cost_model_keeps_dense_where_csr_loses():
     assert a.format == "dense" and a.est_ms["csr_1x1"] > a.est_ms["dense"]
     cm = sparsecc.compile(model, (x,), sparsity=0.9, pattern="block", block_shape=(16, 1))
     for a in cm.layers:
-        assert a.format == "bsr" and a.format_block == (16, 1)
+        assert a.format == "bsr" and a.format_params == (16, 1)
         assert a.est_ms["bsr_16x1"] < 0.5 * a.est_ms["dense"]
         assert a.measured_ms < a.dense_ms
     check_close(cm(x), sparsecc.prune(model, 0.9, block_shape=(16, 1))(x), atol=1e-4, rtol=1e-4)

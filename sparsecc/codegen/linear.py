@@ -163,7 +163,8 @@ def bsr_linear(block: tuple[int, int], *, bias: bool = False, activation: str | 
                         T.where(vmo * mt + mi < M)
                         Y[vmo * mt + vmi, vio, vii] = act(acc_val(C, vmi, vii) + bias_val(B, vio, vii))
 
-    attrs = {"global_symbol": "main", "tir.noalias": True, "sparsecc.block": [br, bc], "sparsecc.m_tile": mt}
+    attrs = {"global_symbol": "main", "tir.noalias": True, "sparsecc.block": [br, bc], "sparsecc.m_tile": mt,
+             "sparsecc.kind": "linear"}
     if has_bias:
 
         @T.prim_func(s_tir=True)

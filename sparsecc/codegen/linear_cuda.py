@@ -140,7 +140,7 @@ def bsr_linear_gpu(block: tuple[int, int], *, k: int, bias: bool = False, activa
                                     C[vmi, vii] + bias_val(B, vig * rb + vr, vii))
 
     attrs = {"global_symbol": "main", "tir.noalias": True, "sparsecc.block": [br, bc], "sparsecc.m_tile": mt,
-             "sparsecc.rows": rb}
+             "sparsecc.rows": rb, "sparsecc.kind": "linear_gpu"}
     if bias:
 
         @T.prim_func(s_tir=True)

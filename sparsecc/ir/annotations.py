@@ -12,12 +12,12 @@ from typing import Optional
 
 import torch.fx as fx
 
+from sparsecc.formats import Candidate
+
 META_KEY = "sparsecc"
 
 #: Patterns a layer can be classified or pruned as.
 PATTERNS = ("dense", "unstructured", "block", "n:m")
-#: Storage formats a layer can be lowered to.
-FORMATS = ("dense", "csr", "bsr", "nm")
 
 
 @dataclass
@@ -46,13 +46,13 @@ class LayerAnnotation:
         For each candidate block shape, stored values (nonzero blocks x block
         area) divided by nnz; 1.0 means no fill-in.
     format : str, optional
-        Chosen storage format: ``"dense"``, ``"csr"`` or ``"bsr"``.
-    format_block : tuple of int, optional
-        Block shape of the chosen format (``(1, 1)`` for CSR).
+        Name of the chosen format in the registry (``"dense"``, ``"csr"``, ``"bsr"``, ``"nm"``).
+    format_params : tuple of int, optional
+        Parameters of the chosen format: block shape (rows, cols) for CSR/BSR, (n, m) for N:M.
     kernel : str, optional
         Name of the kernel that runs the layer (``"torch.linear"`` when dense).
     est_ms : dict
-        Estimated latency in ms of every candidate format at the example M.
+        Estimated latency in ms of every candidate at the example M, keyed by :attr:`Candidate.key`.
     measured_ms : float, optional
         Median measured latency of the chosen kernel at the example M, in ms.
     dense_ms : float, optional
@@ -72,7 +72,7 @@ class LayerAnnotation:
     block_shape: Optional[tuple] = None
     fill_ratio: dict = field(default_factory=dict)
     format: Optional[str] = None
-    format_block: Optional[tuple] = None
+    format_params: Optional[tuple] = None
     kernel: Optional[str] = None
     est_ms: dict = field(default_factory=dict)
     measured_ms: Optional[float] = None
@@ -80,6 +80,13 @@ class LayerAnnotation:
     epilogue: Optional[str] = None
     reason: str = ""
     nm: Optional[tuple] = None  # (n, m) of the sparsest N:M pattern the weight satisfies, if any
+
+    @property
+    def candidate(self) -> Optional[Candidate]:
+        """The chosen format with its parameters (None before a format is chosen)."""
+        if self.format is None:
+            return None
+        return Candidate(self.format, self.format_params or ())
 
     @property
     def sparsity(self) -> Optional[float]:

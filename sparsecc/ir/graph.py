@@ -154,10 +154,10 @@ class SparseGraph:
             if ann is None:
                 rows.append((node.name, op, shape, "", "", "", "", "", ""))
                 continue
-            fmt = ann.format or ""
-            if ann.format == "bsr" and ann.format_block:
-                fmt += " %dx%d" % ann.format_block
-            ms = ann.measured_ms if ann.measured_ms is not None else ann.est_ms.get(fmt_key(ann)) if ann.est_ms else None
+            cand = ann.candidate
+            fmt = cand.label if cand is not None else ""
+            ms = ann.measured_ms if ann.measured_ms is not None else (
+                ann.est_ms.get(cand.key) if ann.est_ms and cand is not None else None)
             rows.append((
                 node.name, op, shape, ann.name, ann.pattern or "",
                 "" if ann.density is None else f"{ann.density:.3f}",
@@ -191,13 +191,6 @@ class SparseGraph:
                 raise InputShapeError(
                     f"input {spec.path}: expected shape {spec.describe()} ('*' = dynamic), "
                     f"got {tuple(t.shape)}")
-
-
-def fmt_key(ann) -> str:
-    """Key of ``ann``'s chosen candidate in ``ann.est_ms``."""
-    if ann.format in (None, "dense"):
-        return "dense"
-    return "%s_%dx%d" % (ann.format, *ann.format_block)
 
 
 def node_shape(node: fx.Node) -> str:

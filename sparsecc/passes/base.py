@@ -1,8 +1,10 @@
-"""Pass infrastructure: one pass = one class; a manager runs them in order.
+"""Pass infrastructure: one pass = one class; a manager runs them in order; instruments watch them.
 
-Modelled on ``torch.fx.passes.infra`` (``PassResult``, a manager that names the
-failing pass and the passes run before it) and TVM's ``PassContext`` (options
-and instruments such as dumping the IR after a pass).
+Modelled on ``torch.fx.passes.infra`` (``PassResult``; ``requires`` / ``ensures``; a
+manager that names the failing pass and the passes run before it) and TVM's
+``PassContext`` with ``PassInstrument`` s (``PrintAfterAll``, ``DumpIR``,
+``PassTimingInstrument`` in ``python/tvm/ir/instrument.py``): printing, dumping and
+timing are instruments held by the context, not code inside the manager.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from typing import Any, Optional, Sequence
 from ..errors import PassError, SparseccError
 from ..ir.graph import SparseGraph
 
+__all__ = ["DumpGraph", "Pass", "PassContext", "PassInstrument", "PassManager", "PassResult", "PassTiming",
+           "PrintAfter"]
+
 
 @dataclass
 class PassResult:
@@ -25,34 +30,91 @@ class PassResult:
     info: dict = field(default_factory=dict)
 
 
+class PassInstrument:
+    """Watches the passes of one compilation: ``before_pass`` / ``after_pass`` hooks, both no-ops by default."""
+
+    def before_pass(self, index: int, p: "Pass", graph: SparseGraph, ctx: "PassContext") -> None:
+        pass
+
+    def after_pass(self, index: int, p: "Pass", result: PassResult, seconds: float, ctx: "PassContext") -> None:
+        pass
+
+
+class PassTiming(PassInstrument):
+    """Records ``(pass name, modified, seconds)`` of every pass in ``ctx.history`` (always installed)."""
+
+    def after_pass(self, index, p, result, seconds, ctx):
+        ctx.history.append((p.name, result.modified, seconds))
+
+
+class PrintAfter(PassInstrument):
+    """Prints the layer table after the named passes (``"all"``: every pass)."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = tuple(names)
+
+    def after_pass(self, index, p, result, seconds, ctx):
+        if "all" in self.names or p.name in self.names:
+            print(f"# after {p.name}\n{result.graph.table(only_layers=True)}")
+
+
+class DumpGraph(PassInstrument):
+    """Writes the graph table after every pass to ``<folder>/NN_<pass>.txt``."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+
+    def after_pass(self, index, p, result, seconds, ctx):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"{index:02d}_{p.name}.txt").write_text(str(result.graph))
+
+
 @dataclass
 class PassContext:
-    """Options shared by the passes of one compilation.
+    """What the passes of one compilation share.
 
     Attributes
     ----------
-    target : object
-        Target description with a cost model (``sparsecc.targets``); may be None
-        for passes that do not need one.
-    m : int
-        Example number of rows of X seen by the linears (batch x tokens), used
-        by cost estimates.
+    target : sparsecc.targets.Target
+        The compile target; may be None for passes that do not need one.
     options : dict
         Free-form per-compilation options.
+    instruments : list of PassInstrument
+        Run around every pass (a :class:`PassTiming` is always first).
     dump_dir : Path, optional
-        If set, the graph table is written to ``dump_dir/NN_<pass>.txt`` after each pass.
+        Shorthand for a :class:`DumpGraph` instrument.
     print_after : sequence of str
-        Pass names after which the graph table is printed (``"all"`` for every pass).
+        Shorthand for a :class:`PrintAfter` instrument.
+    tuning_db : sparsecc.tune.lookup.TuningDatabase, optional
+        Tuned schedules the lowering uses where it has them.
     history : list
         ``(pass name, modified, seconds)`` of every pass run so far.
     """
 
     target: Any = None
-    m: int = 1
     options: dict = field(default_factory=dict)
+    instruments: list = field(default_factory=list)
     dump_dir: Optional[Path] = None
     print_after: Sequence[str] = ()
+    tuning_db: Any = None
+    cost: Any = None
     history: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.instruments = [PassTiming()] + list(self.instruments)
+        if self.print_after:
+            self.instruments.append(PrintAfter(self.print_after))
+        if self.dump_dir is not None:
+            self.instruments.append(DumpGraph(self.dump_dir))
+
+    @property
+    def cost_model(self):
+        """The target's cost model (:func:`sparsecc.tune.cost_model.cost_model_for`), built on first use."""
+        if self.cost is None:
+            from ..tune.cost_model import cost_model_for
+
+            self.cost = cost_model_for(self.target)
+        return self.cost
 
     def ran(self, name: str) -> bool:
         return any(h[0] == name for h in self.history)
@@ -62,8 +124,10 @@ class Pass:
     """Base class of every pass.
 
     Subclasses set ``name`` and ``requires`` (names of passes that must have run
-    before) and implement :meth:`run`. Analysis passes only write
-    ``node.meta["sparsecc"]``; rewrite passes change the graph or its weights.
+    before), implement :meth:`run`, and may implement :meth:`ensures` (a check of what
+    holds after the pass, run by the manager; torch.fx's ``PassBase.ensures``).
+    Analysis passes only write ``node.meta["sparsecc"]``; rewrite passes change the
+    graph or its weights.
     """
 
     name: str = "pass"
@@ -71,6 +135,9 @@ class Pass:
 
     def run(self, graph: SparseGraph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def ensures(self, graph: SparseGraph) -> None:
+        """Raise :class:`PassError` if what the pass promises does not hold (default: nothing promised)."""
 
     def __call__(self, graph: SparseGraph, ctx: PassContext) -> PassResult:
         missing = [r for r in self.requires if not ctx.ran(r)]
@@ -90,11 +157,11 @@ class PassManager:
 
     def run(self, graph: SparseGraph, ctx: PassContext) -> SparseGraph:
         for i, p in enumerate(self.passes):
+            for inst in ctx.instruments:
+                inst.before_pass(i, p, graph, ctx)
             t0 = time.perf_counter()
             try:
                 result = p(graph, ctx)
-            except PassError:
-                raise
             except SparseccError:
                 raise
             except Exception as err:  # noqa: BLE001 - wrap with pass context
@@ -106,11 +173,8 @@ class PassManager:
             if result.modified:
                 graph.gm.graph.lint()
                 graph.gm.recompile()
-            ctx.history.append((p.name, result.modified, time.perf_counter() - t0))
-            if "all" in ctx.print_after or p.name in ctx.print_after:
-                print(f"# after {p.name}\n{graph.table(only_layers=True)}")
-            if ctx.dump_dir is not None:
-                d = Path(ctx.dump_dir)
-                d.mkdir(parents=True, exist_ok=True)
-                (d / f"{i:02d}_{p.name}.txt").write_text(str(graph))
+            p.ensures(graph)
+            seconds = time.perf_counter() - t0
+            for inst in ctx.instruments:
+                inst.after_pass(i, p, result, seconds, ctx)
         return graph

@@ -22,14 +22,14 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from ..formats import BLOCK_SHAPES
+from ..formats import BLOCK_SHAPES, as_matrix, candidates
 from ..ir.annotations import annotate, get_annotation
 from ..ir.graph import SparseGraph
+from ..ir.rewrite import delete_unused_attrs, fresh_attr, val_shape
+from ..runtime.modules import make_conv
 from ..runtime.timing import measure_ms
-from ..sparsify.patterns import as_matrix
-from ..tune.cost_model import candidate_key
 from .base import Pass, PassContext, PassResult
-from .choose_format import PATTERN_CHOICES, parse_key
+from .choose_format import check_pattern, choose
 from .detect import detect_block_shape
 
 __all__ = ["ChooseConvFormat", "ConvSite", "DetectConvSparsity", "FoldBatchNorm", "LowerSparseConvs",
@@ -120,13 +120,6 @@ def conv_matrix_shapes(graph: SparseGraph) -> list:
     return out
 
 
-def _fresh_attr(gm: torch.nn.Module, base: str) -> str:
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
-
-
 class FoldBatchNorm(Pass):
     """Fold eval-mode ``aten.batch_norm`` into the conv before it (rewrite).
 
@@ -178,7 +171,7 @@ class FoldBatchNorm(Pass):
             if site.bias and len(x.args[2].users) == 1:
                 graph.set_tensor(site.bias, new_b)
             else:
-                attr = _fresh_attr(gm, site.name.replace(".", "_") + "_folded_bias")
+                attr = fresh_attr(gm, site.name + "_folded_bias")
                 gm.register_buffer(attr, new_b)
                 with gm.graph.inserting_before(x):
                     bnode = gm.graph.get_attr(attr)
@@ -191,60 +184,15 @@ class FoldBatchNorm(Pass):
             folded += 1
         if folded:
             gm.graph.eliminate_dead_code()
-            _drop_unused_attrs(gm)
+            delete_unused_attrs(gm)
         return PassResult(graph, folded > 0, {"folded": folded})
 
 
-def _drop_unused_attrs(gm: fx.GraphModule) -> None:
-    """Delete buffers/parameters no ``get_attr`` reads any more (folded BN statistics)."""
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}  # kernel modules own their buffers
-    names = [n for n, _ in gm.named_parameters()] + [n for n, _ in gm.named_buffers()]
-    for t in names:
-        owner, _, attr = t.rpartition(".")
-        if t in used or any(owner == c or owner.startswith(c + ".") for c in called):
-            continue
-        try:
-            mod = gm.get_submodule(owner) if owner else gm
-        except AttributeError:
-            continue
-        if attr in getattr(mod, "_parameters", {}) or attr in getattr(mod, "_buffers", {}):
-            delattr(mod, attr)
-
-
-def _val_shape(node) -> Optional[tuple]:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    shape = getattr(val, "shape", None)
-    if shape is None:
-        return None
-    out = []
-    for d in shape:
-        if isinstance(d, torch.SymInt):
-            hint = getattr(d.node, "hint", None)
-            d = hint if hint is not None else 1
-        out.append(int(d))
-    return tuple(out)
-
-
-def conv_candidates(pattern: str, weight_shape: tuple, density: float) -> list:
-    """Candidate ``(format, block)`` pairs for a conv weight ``(C_out, C_in, kh, kw)``.
-
-    A block must tile the matrix ``(C_out, kh·kw·C_in)`` and, when ``bc > 1``,
-    divide ``C_in`` (the kernel reads a block's columns as consecutive channels).
-    """
-    out = [("dense", None)]
-    if pattern == "dense" or density >= 1.0:
-        return out
+def conv_candidates(pattern: str, weight_shape: tuple, density: float, allowed=None) -> list:
+    """Candidates for a conv weight ``(C_out, C_in, kh, kw)``: those of its matrix ``(C_out, kh·kw·C_in)``
+    whose blocks, when ``bc > 1``, divide ``C_in`` (the kernel reads a block's columns as consecutive channels)."""
     c_out, c_in, kh, kw = weight_shape
-    k = c_in * kh * kw
-    for b in BLOCK_SHAPES:
-        if c_out % b[0] or k % b[1] or (b[1] > 1 and c_in % b[1]):
-            continue
-        if b == (1, 1) and pattern in ("auto", "unstructured"):
-            out.append(("csr", b))
-        elif b != (1, 1) and pattern in ("auto", "block"):
-            out.append(("bsr", b))
-    return out
+    return candidates((c_out, c_in * kh * kw), pattern, density, column_group=c_in, allowed=allowed)
 
 
 class DetectConvSparsity(Pass):
@@ -270,7 +218,7 @@ class DetectConvSparsity(Pass):
 def conv_gemm_dims(site: ConvSite, w_shape: tuple) -> tuple:
     """``(M, N, K)`` of the conv as a GEMM: output pixels x C_out x (kh·kw·C_in), from the example shapes."""
     c_out, c_in, kh, kw = w_shape
-    out_shape = _val_shape(site.node)
+    out_shape = val_shape(site.node)
     m = 1
     if out_shape is not None and len(out_shape) == 4:
         m = out_shape[0] * out_shape[2] * out_shape[3]
@@ -281,8 +229,7 @@ class ChooseConvFormat(Pass):
     """Pick dense or a sparse format per conv: cost-model estimate, then a measurement against ``F.conv2d``.
 
     Estimates treat the conv as its GEMM ``(M = output pixels, N = C_out, K =
-    kh·kw·C_in)`` with the target's conv cost model (``cost.estimate_conv_ms``
-    when the target calibrated convs, else the linear calibration). With
+    kh·kw·C_in)`` with the target's cost model (the linear kernels' calibration). With
     ``measure=True`` the best sparse candidate is built and timed against torch
     ``F.conv2d`` on an input of the example shape, and the faster one wins.
 
@@ -298,64 +245,38 @@ class ChooseConvFormat(Pass):
     requires = ("detect_conv_sparsity",)
 
     def __init__(self, pattern: str = "auto", measure: bool = True, repeat: int = 10):
-        if pattern not in PATTERN_CHOICES:
-            from ..errors import InvalidSparsityError
-
-            raise InvalidSparsityError(f"pattern must be one of {PATTERN_CHOICES}, got {pattern!r}")
-        self.pattern = pattern
+        self.pattern = check_pattern(pattern)
         self.measure = measure
         self.repeat = repeat
 
     def run(self, graph: SparseGraph, ctx: PassContext) -> PassResult:
         sites = [s for s in prunable_conv_sites(graph) if get_annotation(s.node) is not None]
-        if sites and not hasattr(ctx.target, "make_conv"):
-            for site in sites:
-                annotate(site.node, site.name, format="dense", format_block=None, kernel="torch.conv2d",
-                         reason=f"target {getattr(ctx.target, 'name', ctx.target)!r} has no conv kernels")
-            return PassResult(graph, False)
-        cost = ctx.target.cost_model() if sites else None
+        allowed = ctx.target.layer_formats.get("conv2d", frozenset())
+        cost = ctx.cost_model if sites and allowed else None
         for site in sites:
             ann = get_annotation(site.node)
+            if not allowed:
+                annotate(site.node, site.name, format="dense", format_params=None, kernel="torch.conv2d",
+                         reason=f"target {ctx.target.name!r} has no conv kernels")
+                continue
             w = graph.tensor(site.weight).detach()
             m, n, k = conv_gemm_dims(site, tuple(w.shape))
-            est = {}
-            for fmt, block in conv_candidates(self.pattern, tuple(w.shape), ann.density):
-                if not cost.has(fmt, block):
-                    continue
-                nnzb = 0 if fmt == "dense" else int(round(ann.fill_ratio.get(block, 1.0) * ann.nnz
-                                                          / (block[0] * block[1])))
-                est_fn = getattr(cost, "estimate_conv_ms", None)
-                if est_fn is not None:
-                    est[candidate_key(fmt, block)] = est_fn(fmt, n, k, m, nnzb, block or (1, 1))
-                else:
-                    est[candidate_key(fmt, block)] = cost.estimate_ms(fmt, n, k, m, nnzb, block or (1, 1))
-            best = min(est, key=est.get) if est else "dense"
-            reason = f"lowest estimate at M={m} pixels"
-            if len(est) <= 1:
-                reason = "no zeros" if ann.density >= 1.0 else f"pattern={self.pattern!r}"
-            measured = dense_ms = None
-            x_shape = _val_shape(site.input)
-            if self.measure and best != "dense" and x_shape is not None:
-                fmt, block = parse_key(best)
-                measured, dense_ms = self._measure(graph, site, w, block, x_shape, ctx)
-                if measured >= dense_ms:
-                    reason = f"measured {best} {measured:.3f} ms ≥ dense {dense_ms:.3f} ms"
-                    best, measured = "dense", dense_ms
-                else:
-                    reason = f"measured {dense_ms / measured:.2f}x faster than dense"
-            if best == "dense":
-                annotate(site.node, site.name, est_ms=est, format="dense", format_block=None,
-                         kernel="torch.conv2d", measured_ms=measured, dense_ms=dense_ms, reason=reason)
-            else:
-                fmt, block = parse_key(best)
-                annotate(site.node, site.name, est_ms=est, format=fmt, format_block=block, measured_ms=measured,
-                         dense_ms=dense_ms, reason=reason)
+            cands = conv_candidates(self.pattern, tuple(w.shape), ann.density, allowed)
+            est = cost.estimates(cands, (n, k), m, ann.nnz, ann.fill_ratio)
+            x_shape = val_shape(site.input)
+            measure = None
+            if self.measure and x_shape is not None:
+                def measure(cand, site=site, w=w, x_shape=x_shape):
+                    return self._measure(graph, site, w, cand, x_shape, ctx)
+            cand, measured, dense_ms, reason = choose(est, f"M={m} pixels", ann.density, self.pattern, measure)
+            annotate(site.node, site.name, est_ms=est, format=cand.format, format_params=cand.params or None,
+                     measured_ms=measured, dense_ms=dense_ms, reason=reason,
+                     **({"kernel": "torch.conv2d"} if cand.is_dense else {}))
         return PassResult(graph, False)
 
-    def _measure(self, graph, site, w, block, x_shape, ctx):
+    def _measure(self, graph, site, w, cand, x_shape, ctx):
         bias = graph.tensor(site.bias).detach() if site.bias else None
-        mod = ctx.target.make_conv(w, bias, stride=site.stride, padding=site.padding, block=block,
-                                   name=site.name)
+        mod = make_conv(ctx.target, cand, w, bias, stride=site.stride, padding=site.padding, name=site.name)
         x = torch.randn(x_shape)
         xcl = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
@@ -406,7 +327,7 @@ def fusable_epilogue(node: fx.Node, out_shape: Optional[tuple]):
         a, b = user.args
         other = b if a is node else a if b is node else None
         if isinstance(other, fx.Node) and other is not node and out_shape is not None \
-                and _val_shape(other) == out_shape:
+                and val_shape(other) == out_shape:
             nxt = _single_user(user)
             act2 = _activation_of(nxt) if nxt is not None and nxt.args and nxt.args[0] is user else None
             if act2 is not None:
@@ -437,8 +358,6 @@ class LowerSparseConvs(Pass):
         self.fuse_residual = fuse_residual
 
     def run(self, graph: SparseGraph, ctx: PassContext) -> PassResult:
-        from .lower import _delete_unused_attrs, _submodule_name
-
         gm = graph.gm
         removed, changed = [], False
         for site in prunable_conv_sites(graph):
@@ -447,13 +366,13 @@ class LowerSparseConvs(Pass):
                 continue
             w = graph.tensor(site.weight).detach()
             bias = graph.tensor(site.bias).detach() if site.bias else None
-            chain, act, res = (fusable_epilogue(site.node, _val_shape(site.node)) if self.fuse_epilogue
+            chain, act, res = (fusable_epilogue(site.node, val_shape(site.node)) if self.fuse_epilogue
                                else ([], None, None))
             if res is not None and not self.fuse_residual:
                 chain, act, res = [], None, None
-            mod = ctx.target.make_conv(w, bias, stride=site.stride, padding=site.padding, block=ann.format_block,
-                                       activation=act, residual=res is not None, name=site.name)
-            sub = _submodule_name(gm, site.name)
+            mod = make_conv(ctx.target, ann.candidate, w, bias, stride=site.stride, padding=site.padding,
+                            activation=act, residual=res is not None, name=site.name)
+            sub = fresh_attr(gm, "sparsecc_" + site.name)
             gm.add_submodule(sub, mod)
             end = chain[-1] if chain else site.node
             args = (site.node.args[0],) if res is None else (site.node.args[0], res)
@@ -472,6 +391,6 @@ class LowerSparseConvs(Pass):
             changed = True
         if changed:
             gm.graph.eliminate_dead_code()
-            _delete_unused_attrs(gm, removed)
+            delete_unused_attrs(gm, removed)
         return PassResult(graph, changed)
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..formats import to_format
+from ..errors import PassError
 from ..ir.annotations import annotate, get_annotation
 from ..ir.graph import SparseGraph
+from ..ir.rewrite import delete_unused_attrs, fresh_attr
+from ..runtime.modules import make_linear
 from .base import Pass, PassContext, PassResult
 from .prune import prunable_sites
 
@@ -35,16 +37,10 @@ def fusable_activation(node: fx.Node):
     return None, None
 
 
-def _submodule_name(gm: torch.nn.Module, layer: str) -> str:
-    base = "sparsecc_" + layer.replace(".", "_")
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
-
-
 class LowerSparseLinears(Pass):
-    """Replace sparse-annotated linears by kernel modules from ``ctx.target.make_linear``.
+    """Replace sparse-annotated linears by the target's kernel modules (:func:`sparsecc.runtime.make_linear`).
+
+    Ensures: no linear annotated with a sparse format is still a plain ``aten.linear``.
 
     Parameters
     ----------
@@ -69,8 +65,8 @@ class LowerSparseLinears(Pass):
             w = graph.tensor(site.weight).detach()
             bias = graph.tensor(site.bias).detach() if site.bias else None
             user, act = fusable_activation(site.node) if self.fuse_epilogue else (None, None)
-            mod = ctx.target.make_linear(to_format(w, ann.format, ann.format_block), bias, act)
-            sub = _submodule_name(gm, site.name)
+            mod = make_linear(ctx.target, ann.candidate.to_storage(w), bias, act, tuning_db=ctx.tuning_db)
+            sub = fresh_attr(gm, "sparsecc_" + site.name)
             gm.add_submodule(sub, mod)
             last = user if user is not None else site.node
             x = site.node.args[0]  # not site.input: an earlier fusion may have replaced it
@@ -88,18 +84,21 @@ class LowerSparseLinears(Pass):
             changed = True
         if changed:
             gm.graph.eliminate_dead_code()
-            _delete_unused_attrs(gm, removed_attrs)
+            delete_unused_attrs(gm, removed_attrs)
             if graph.method == "fx":
                 gm.delete_all_unused_submodules()
         return PassResult(graph, changed)
 
+    def ensures(self, graph: SparseGraph) -> None:
+        """No sparse-annotated node is still a plain linear.
 
-def _delete_unused_attrs(gm: fx.GraphModule, targets: list) -> None:
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for t in targets:
-        if t in used:
-            continue
-        owner, _, attr = t.rpartition(".")
-        mod = gm.get_submodule(owner) if owner else gm
-        if hasattr(mod, attr):
-            delattr(mod, attr)
+        Raises
+        ------
+        PassError
+            A linear annotated with a sparse format was not lowered.
+        """
+        for site in prunable_sites(graph):
+            ann = get_annotation(site.node)
+            if ann is not None and ann.format not in (None, "dense"):
+                raise PassError(f"layer {site.name!r} is annotated {ann.candidate.label} but still runs as "
+                                f"{site.node.target}")

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import InvalidSparsityError, UnknownLayerError
 from ..ir.graph import SparseGraph
-from ..sparsify.patterns import nm_keep
+from ..formats import nm_keep
 from .base import Pass, PassContext, PassResult
 from .prune import prunable_sites
 

@@ -3,7 +3,7 @@
 Source: magnitude pruning as in Han et al., "Learning both Weights and
 Connections for Efficient Neural Networks" (NeurIPS 2015); block scores as the
 mean absolute value of a block, as in Narang et al., "Block-Sparse Recurrent
-Neural Networks" (2017). Issue #3 brings importance scores beyond magnitude.
+Neural Networks" (2017). Other importance scores are in :mod:`sparsecc.sparsify.scores`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ import torch
 
 from ..ir.annotations import LayerAnnotation, get_annotation
 from ..ir.graph import SparseGraph
-from ..tune.cost_model import candidate_key
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -30,7 +29,7 @@ class CompiledModule:
     ----------
     graph : SparseGraph
         The rewritten graph (``print(cm.graph)`` shows it as a table).
-    target : CompileTarget
+    target : sparsecc.targets.Target
     compile_seconds : float
         Wall time of :func:`sparsecc.compile`.
     original_weight_bytes : int
@@ -76,14 +75,13 @@ class CompiledModule:
                 "est ms", "meas ms", "dense ms")
         rows = [head]
         for a in self.layers:
-            key = "dense" if a.format in (None, "dense") else candidate_key(a.format, a.format_block)
-            est = a.est_ms.get(key)
+            cand = a.candidate
+            est = a.est_ms.get(cand.key) if cand is not None else None
             rows.append((
                 a.name, "x".join(map(str, a.weight_shape)), a.pattern or "",
                 "x".join(map(str, a.block_shape)) if a.block_shape else "",
                 "" if a.density is None else f"{a.density:.3f}",
-                a.format if a.format not in ("bsr", "nm") else
-                "bsr %dx%d" % a.format_block if a.format == "bsr" else "nm %d:%d" % a.format_block,
+                cand.label if cand is not None else "",
                 (a.kernel or "") + (f"+{a.epilogue}" if a.epilogue and a.epilogue not in (a.kernel or "") else ""),
                 "" if est is None else f"{est:.3f}",
                 "" if a.measured_ms is None else f"{a.measured_ms:.3f}",

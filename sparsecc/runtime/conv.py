@@ -16,20 +16,16 @@ Layout handling lives here, so the compiled graph stays NCHW as torch sees it:
 
 from __future__ import annotations
 
-import threading
-
+import numpy as np
 import torch
 
+from sparsecc.cache import KERNELS
 from sparsecc.errors import InputDtypeError, InputShapeError, UnsupportedOpError
-from sparsecc.formats import BlockSparseMatrix
-from sparsecc.runtime.kernels import _aligned, _aligned_empty, _target_key, load_or_build
-from sparsecc.sparsify.patterns import as_matrix
+from sparsecc.formats import BSR, CSR, BlockSparseMatrix, as_matrix
+from sparsecc.runtime.kernels import ALIGN, aligned, aligned_empty, load_or_build, target_key
+from sparsecc.targets import x86, x86_conv
 
-__all__ = ["SparseConv2d", "conv_matrix", "get_conv_kernel"]
-
-_CACHE: dict[tuple, object] = {}
-_LOCK = threading.Lock()
-_ALIGN = 64
+__all__ = ["SparseConv2d", "conv_matrix", "cpu_conv", "export_conv", "get_conv_kernel"]
 
 
 def get_conv_kernel(kind: str, block: tuple[int, int], bias: bool, activation=None, residual: bool = False,
@@ -43,22 +39,16 @@ def get_conv_kernel(kind: str, block: tuple[int, int], bias: bool, activation=No
     UnsupportedOpError
         Unknown activation.
     """
-    from sparsecc.targets import x86, x86_conv
-
     target = target or x86.host_target()
     block = (int(block[0]), int(block[1]))
-    key = (kind, block, bool(bias), activation, bool(residual), _target_key(target), params)
-    fn = _CACHE.get(key)
-    if fn is not None:
-        return fn
-    with _LOCK:
-        fn = _CACHE.get(key)
-        if fn is None:
-            sch = x86_conv.schedule_conv(kind, block, bias=bool(bias), activation=activation,
-                                         residual=bool(residual), target=target, params=params)
-            fn = load_or_build(sch, x86_conv.conv_kernel_name(kind, block, bias, activation, residual), target)
-            _CACHE[key] = fn
-        return fn
+    key = ("conv", kind, block, bool(bias), activation, bool(residual), target_key(target), params)
+
+    def make():
+        sch = x86_conv.schedule_conv(kind, block, bias=bool(bias), activation=activation,
+                                     residual=bool(residual), target=target, params=params)
+        return load_or_build(sch, x86_conv.conv_kernel_name(kind, block, bias, activation, residual), target)
+
+    return KERNELS.get(key, make)
 
 
 def conv_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -98,6 +88,8 @@ class SparseConv2d(torch.nn.Module):
     InputShapeError
         Weight, bias or block of the wrong shape.
     """
+
+    layer_kind = "conv2d"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
                  activation: str | None = None, block=(16, 1), layout: str = "nhwc", residual: bool = False,
@@ -139,22 +131,26 @@ class SparseConv2d(torch.nn.Module):
         data, indices = m.data.detach().to(torch.float32), m.indices.to(torch.int64)
         if data.shape[0] == 0:  # nnzb == 0: indptr keeps the single dummy block unread
             data, indices = torch.zeros(1, br, bc), torch.zeros(1, dtype=torch.int64)
-        self.register_buffer("data", _aligned(data.contiguous()))
+        self.register_buffer("data", aligned(data.contiguous()))
         self._col = indices * bc  # first column k of every stored block (decoded into offsets per shape)
-        self.register_buffer("indptr", _aligned(m.indptr.to(torch.int32).contiguous()))
+        self.register_buffer("indptr", aligned(m.indptr.to(torch.int32).contiguous()))
         if layout == "nchw":
-            self.register_buffer("indices", _aligned(self._col.to(torch.int32).contiguous()))
+            self.register_buffer("indices", aligned(self._col.to(torch.int32).contiguous()))
         if bias is not None:
             if tuple(bias.shape) != (c_out,):
                 raise InputShapeError(f"{name}: bias must have shape ({c_out},), got {tuple(bias.shape)}")
-            self.register_buffer("bias", _aligned(bias.detach().to(torch.float32).reshape(c_out // br, br)))
+            self.register_buffer("bias", aligned(bias.detach().to(torch.float32).reshape(c_out // br, br)))
         else:
             self.bias = None
-        from sparsecc.targets.x86_conv import default_conv_params
-
-        self._params = default_conv_params(self.block, "nhwc" if layout == "nhwc" else "nchw1x1")
+        self._params = x86_conv.default_conv_params(self.block, "nhwc" if layout == "nhwc" else "nchw1x1")
         self._geom: dict[tuple, tuple] = {}  # (N, H, W) -> (off, pb, M, OH, OW)
         self._fn = None
+
+    def out_shape(self, x_shape) -> tuple:
+        """(N, C_out, H_out, W_out) of an input of shape (N, C_in, H, W)."""
+        n, _, h, w = x_shape
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        return (n, self.c_out, _out_size(h, kh, sh, ph), _out_size(w, kw, sw, pw))
 
     # ------------------------------------------------------------------ kernels
     def _kernel(self):
@@ -166,9 +162,7 @@ class SparseConv2d(torch.nn.Module):
 
     @property
     def kernel_name(self) -> str:
-        from sparsecc.targets.x86_conv import conv_kernel_name
-
-        return conv_kernel_name("nhwc" if self.layout == "nhwc" else "nchw1x1", self.block, self.bias is not None,
+        return x86_conv.conv_kernel_name("nhwc" if self.layout == "nhwc" else "nchw1x1", self.block, self.bias is not None,
                                 self.activation, self.residual)
 
     def _geometry(self, n: int, h: int, w: int):
@@ -186,7 +180,7 @@ class SparseConv2d(torch.nn.Module):
         col = self._col
         dh, rest = col // (kw * c), col % (kw * c)
         dw, ci = rest // c, rest % c
-        off = _aligned(((dh * wp + dw) * c + ci).to(torch.int32))
+        off = aligned(((dh * wp + dw) * c + ci).to(torch.int32))
         mt = self._params.m_tile
         m = n * oh * ow
         mp = -(-max(m, 1) // mt) * mt
@@ -194,7 +188,7 @@ class SparseConv2d(torch.nn.Module):
         base = ((nn_ * hp + ohh * sh) * wp + oww * sw) * c
         pb = torch.zeros(mp, dtype=torch.int32)
         pb[:m] = base.reshape(-1).to(torch.int32)
-        g = (off, _aligned(pb), m, mp, oh, ow, hp, wp)
+        g = (off, aligned(pb), m, mp, oh, ow, hp, wp)
         self._geom[key] = g
         return g
 
@@ -224,17 +218,17 @@ class SparseConv2d(torch.nn.Module):
             return x.new_empty((n, self.c_out, oh, ow))
         xh = x.permute(0, 2, 3, 1)  # NHWC view (contiguous when x is channels_last)
         ph, pw = self.padding
-        if ph == 0 and pw == 0 and xh.is_contiguous() and xh.data_ptr() % _ALIGN == 0:
+        if ph == 0 and pw == 0 and xh.is_contiguous() and xh.data_ptr() % ALIGN == 0:
             xp = xh
         else:
-            xp = _aligned_empty((n, hp, wp, c))
+            xp = aligned_empty((n, hp, wp, c))
             if ph or pw:  # zero only the border
                 xp[:, :ph].zero_()
                 xp[:, hp - ph:].zero_()
                 xp[:, ph:hp - ph, :pw].zero_()
                 xp[:, ph:hp - ph, wp - pw:].zero_()
             xp[:, ph:ph + h, pw:pw + w].copy_(xh)
-        y = _aligned_empty((mp, self.c_out))
+        y = aligned_empty((mp, self.c_out))
         br = self.block[0]
         args = [xp.reshape(-1), pb, self.data, off, self.indptr]
         if self.bias is not None:
@@ -244,10 +238,10 @@ class SparseConv2d(torch.nn.Module):
                 raise InputShapeError(f"{self.layer}: residual must have shape {(n, self.c_out, oh, ow)}, "
                                       f"got {tuple(residual.shape)}")
             rh = residual.permute(0, 2, 3, 1)
-            if mp == m and rh.is_contiguous() and rh.data_ptr() % _ALIGN == 0:
+            if mp == m and rh.is_contiguous() and rh.data_ptr() % ALIGN == 0:
                 r = rh.reshape(mp, self.c_out)
             else:
-                r = _aligned_empty((mp, self.c_out))
+                r = aligned_empty((mp, self.c_out))
                 r[:m].view(n, oh, ow, self.c_out).copy_(rh)
                 r[m:].zero_()
             args.append(r.view(mp, self.c_out // br, br))
@@ -265,13 +259,13 @@ class SparseConv2d(torch.nn.Module):
         hwp = -(-hw // ht) * ht
         x3 = x.reshape(n, c, hw)
         if hwp != hw:
-            xp = _aligned_empty((n, c, hwp))
+            xp = aligned_empty((n, c, hwp))
             xp[..., :hw].copy_(x3)
             xp[..., hw:].zero_()
         else:
-            xp = _aligned(x3.contiguous())
+            xp = aligned(x3.contiguous())
         br = self.block[0]
-        y = _aligned_empty((n, self.c_out, hwp))
+        y = aligned_empty((n, self.c_out, hwp))
         args = [xp, self.data, self.indices, self.indptr]
         if self.bias is not None:
             args.append(self.bias)
@@ -286,3 +280,69 @@ class SparseConv2d(torch.nn.Module):
         return (f"{self.c_in}, {self.c_out}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, block={self.block}, layout={self.layout}, density={self.density:.3f}, "
                 f"bias={self.bias is not None}, activation={self.activation}, residual={self.residual}")
+
+
+@CSR.register_module("x86", "conv2d")
+@BSR.register_module("x86", "conv2d")
+@CSR.register_module("arm", "conv2d")
+@BSR.register_module("arm", "conv2d")
+def cpu_conv(weight: torch.Tensor, bias=None, activation=None, target=None, *, block=(16, 1), stride=1, padding=0,
+             residual: bool = False, layout: str = "nhwc", name: str = "conv") -> SparseConv2d:
+    """:class:`SparseConv2d` for a CPU target: ``weight`` (C_out, C_in, kh, kw) holding the zeros, ``block`` of
+    its ``(C_out, kh·kw·C_in)`` matrix (host kernels; ARM export cross-builds the same rules)."""
+    return SparseConv2d(weight, bias, stride, padding, activation, block, layout=layout, residual=residual,
+                        target=target.tvm_target(), name=name)
+
+
+@CSR.register_exporter("conv2d")
+@BSR.register_exporter("conv2d")
+def export_conv(ctx, bb, x, res, mod: SparseConv2d):
+    """Relax for one :class:`SparseConv2d` (NCHW in and out; NHWC and the zero border inside)."""
+    from tvm import relax
+
+    n, c, h, w = (int(v) for v in x.ty.shape.values)
+    _, c_out, oh, ow = mod.out_shape((n, c, h, w))
+    br = mod.block[0]
+    kind = "nhwc" if mod.layout == "nhwc" else "nchw1x1"
+    params = mod._params
+    sch = x86_conv.schedule_conv(kind, mod.block, bias=mod.bias is not None, activation=mod.activation,
+                                 residual=mod.residual, target=ctx.tvm_target, params=params)
+    name = "sparsecc_" + x86_conv.conv_kernel_name(kind, mod.block, mod.bias is not None, mod.activation,
+                                                    mod.residual) + f"_{abs(hash(str(params))) % 10**8}"
+    gv = ctx.gvar(bb, name, sch)
+    if kind == "nchw1x1":
+        hw = h * w
+        ht = params.hw_tile
+        hwp = -(-hw // ht) * ht
+        x3 = bb.emit(relax.op.reshape(x, (n, c, hw)))
+        if hwp != hw:
+            x3 = bb.emit(relax.op.nn.pad(x3, [0, 0, 0, 0, 0, hwp - hw]))
+        args = [x3, ctx.const(mod.data), ctx.const(mod.indices), ctx.const(mod.indptr)]
+        if mod.bias is not None:
+            args.append(ctx.const(mod.bias))
+        y = bb.emit(relax.call_tir(gv, args, relax.TensorType((n, c_out // br, br, hwp), "float32")))
+        y = bb.emit(relax.op.reshape(y, (n, c_out, hwp)))
+        if hwp != hw:
+            y = bb.emit(relax.op.strided_slice(y, axes=[2], begin=[0], end=[hw]))
+        return bb.emit(relax.op.reshape(y, (n, c_out, h, w)))
+    off, pb, m, mp, _, _, hp, wp = mod._geometry(n, h, w)
+    ph, pw = mod.padding
+    xh = bb.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
+    if ph or pw:
+        xh = bb.emit(relax.op.nn.pad(xh, [0, 0, ph, ph, pw, pw, 0, 0]))
+    xf = bb.emit(relax.op.reshape(xh, (n * hp * wp * c,)))
+    args = [xf, ctx.const(pb), ctx.const(mod.data), ctx.const(off), ctx.const(mod.indptr)]
+    if mod.bias is not None:
+        args.append(ctx.const(mod.bias))
+    if mod.residual:
+        r = bb.emit(relax.op.reshape(relax.op.permute_dims(res, [0, 2, 3, 1]), (m, c_out)))
+        if mp != m:
+            r = bb.emit(relax.op.concat([r, relax.const(np.zeros((mp - m, c_out), np.float32))], axis=0))
+        args.append(bb.emit(relax.op.reshape(r, (mp, c_out // br, br))))
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType((mp, c_out // br, br), "float32")))
+    y = bb.emit(relax.op.reshape(y, (mp, c_out)))
+    if mp != m:
+        y = bb.emit(relax.op.strided_slice(y, axes=[0], begin=[0], end=[m]))
+    y = bb.emit(relax.op.reshape(y, (n, oh, ow, c_out)))
+    return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+

@@ -9,23 +9,21 @@ it builds the kernels, keeps their CUDA source and library, and refuses to run.
 from __future__ import annotations
 
 import functools
-import threading
 from dataclasses import dataclass
 
 import torch
 
+from sparsecc.cache import KERNELS
 from sparsecc.errors import (
     InputDtypeError,
     InputShapeError,
     TargetUnavailableError,
 )
-from sparsecc.formats import BlockSparseMatrix
-from sparsecc.runtime.kernels import check_activation
+from sparsecc.formats import BSR, CSR, NM, BlockSparseMatrix
+from sparsecc.runtime.kernels import block_candidate, check_activation, load_or_build
+from sparsecc.targets import cuda
 
-__all__ = ["CudaBuildArtifact", "CudaKernel", "CudaSparseLinear", "get_cuda_linear_kernel"]
-
-_CACHE: dict[tuple, CudaKernel] = {}
-_LOCK = threading.Lock()
+__all__ = ["CudaBuildArtifact", "CudaKernel", "CudaSparseLinear", "cuda_linear", "get_cuda_linear_kernel"]
 
 
 @dataclass
@@ -55,9 +53,7 @@ class CudaKernel:
 
 
 def _kernel_name(block, regime, bias, activation, k) -> str:
-    br, bc = block
-    fmt = "csr" if (br, bc) == (1, 1) else f"bsr_{br}x{bc}"
-    return f"cuda_{fmt}_{regime}" + ("_bias" if bias else "") + (f"_{activation}" if activation else "") + f"_k{k}"
+    return "cuda_" + block_candidate(block).kernel_name("linear", regime, bias, activation) + f"_k{k}"
 
 
 def get_cuda_linear_kernel(block: tuple[int, int], regime: str, bias: bool, activation: str | None, k: int,
@@ -68,29 +64,20 @@ def get_cuda_linear_kernel(block: tuple[int, int], regime: str, bias: bool, acti
     ``True`` compiles the device code and goes through the on-disk cache of
     :func:`sparsecc.runtime.kernels.load_or_build`.
     """
-    from sparsecc.runtime.kernels import load_or_build
-    from sparsecc.targets import cuda
-
     block = (int(block[0]), int(block[1]))
-    key = (block, regime, bool(bias), activation, int(k), arch, bool(device_code))
-    kern = _CACHE.get(key)
-    if kern is not None:
-        return kern
-    with _LOCK:
-        kern = _CACHE.get(key)
-        if kern is not None:
-            return kern
+    key = ("cuda", block, regime, bool(bias), activation, int(k), arch, bool(device_code))
+
+    def make():
         sch = cuda.schedule_linear(block, regime, k=int(k), bias=bool(bias), activation=activation)
         target = cuda.cuda_target(arch)
         name = _kernel_name(block, regime, bias, activation, k)
         if device_code:
             fn = load_or_build(sch, name, target, build=functools.partial(cuda.build, device_code=True))
-            kern = CudaKernel(name, regime, None, None, fn)
-        else:
-            lib = cuda.build(sch, target)
-            kern = CudaKernel(name, regime, cuda.kernel_source(lib), lib, None)
-        _CACHE[key] = kern
-        return kern
+            return CudaKernel(name, regime, None, None, fn)
+        lib = cuda.build(sch, target)
+        return CudaKernel(name, regime, cuda.kernel_source(lib), lib, None)
+
+    return KERNELS.get(key, make)
 
 
 class CudaSparseLinear(torch.nn.Module):
@@ -117,6 +104,9 @@ class CudaSparseLinear(torch.nn.Module):
     InputShapeError
         ``bias`` is not (N,).
     """
+
+    layer_kind = "linear"
+    exportable = False  # export builds CPU artifacts
 
     def __init__(self, matrix: BlockSparseMatrix, bias: torch.Tensor | None = None,
                  activation: str | None = None, arch: str = "sm_80", device="cuda", build_only: bool = False):
@@ -193,9 +183,7 @@ class CudaSparseLinear(torch.nn.Module):
             return x.new_empty(lead + (n,))
         if not x2.is_contiguous() or x2.data_ptr() % 64:
             x2 = x2.contiguous() if not x2.is_contiguous() else x2.clone()  # caching allocator: aligned
-        from sparsecc.targets.cuda import regime_for
-
-        fn = self._kernel(regime_for(m)).fn
+        fn = self._kernel(cuda.regime_for(m)).fn
         br = self.block[0]
         y = torch.empty(m, n // br, br, dtype=torch.float32, device=x.device)
         import tvm_ffi
@@ -211,6 +199,21 @@ class CudaSparseLinear(torch.nn.Module):
         return (f"shape={self.shape}, block={self.block}, format={self.format}, density={self.density:.3f}, "
                 f"bias={self.bias is not None}, activation={self.activation}, arch={self.arch}, "
                 f"build_only={self.build_only}")
+
+
+@CSR.register_module("cuda")
+@BSR.register_module("cuda")
+@NM.register_module("cuda")
+def cuda_linear(matrix, bias=None, activation=None, target=None, tuning_db=None) -> CudaSparseLinear:
+    """:class:`CudaSparseLinear` computing ``act(X · Wᵀ + b)``, W: (N, K), on the target's GPU.
+
+    An N:M matrix runs on the CSR kernel: every row holds the same number of nonzeros, so the warps are
+    balanced (no dedicated N:M kernel and no sparse tensor cores on this target).
+    """
+    if matrix.format == "nm":
+        matrix = BlockSparseMatrix.from_dense(matrix.to_dense(), (1, 1))
+    return CudaSparseLinear(matrix, bias, activation=activation, arch=target.arch, device=target.torch_device,
+                            build_only=target.build_only)
 
 
 class CudaBuildArtifact:

@@ -42,8 +42,9 @@ from sparsecc.errors import (
     InputShapeError,
     UnsupportedOpError,
 )
+from sparsecc.formats import get_format
 
-__all__ = ["ExportedModule", "export_compiled", "load", "run_artifact_under_qemu"]
+__all__ = ["ExportContext", "ExportedModule", "export_compiled", "load", "rows_for_export", "run_artifact_under_qemu"]
 
 FORMAT_VERSION = 1
 FILES = ("model.so", "params.bin", "manifest.json")
@@ -101,12 +102,21 @@ class _ConvCall(torch.nn.Module):
 
 
 def _kernel_kind(mod) -> str | None:
-    name = type(mod).__name__
-    if name in ("SparseLinear", "NMLinear"):
-        return "linear"
-    if name == "SparseConv2d":
-        return "conv"
-    return None
+    """``"linear"`` / ``"conv2d"`` for an exportable sparsecc kernel module, None for other modules.
+
+    Raises
+    ------
+    UnsupportedOpError
+        A sparsecc kernel module that cannot be exported (no layer kind, or CUDA modules).
+    """
+    if not type(mod).__module__.startswith("sparsecc.runtime"):
+        return None
+    kind = getattr(mod, "layer_kind", None)
+    if kind is None or not getattr(mod, "exportable", True):
+        raise UnsupportedOpError(f"{type(mod).__name__} kernels have no export path (exported: the CPU kernel "
+                                 "modules)")
+    get_format(mod.format).exporter(kind)  # raises UnsupportedOpError naming the format
+    return kind
 
 
 def _export_view(gm: torch.fx.GraphModule):
@@ -120,11 +130,11 @@ def _export_view(gm: torch.fx.GraphModule):
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
-        kind = _kernel_kind(mod)
+        try:
+            kind = _kernel_kind(mod)
+        except UnsupportedOpError as e:
+            raise UnsupportedOpError(f"layer {node.target}: {e}") from None
         if kind is None:
-            if type(mod).__module__.startswith("sparsecc.runtime"):
-                raise UnsupportedOpError(f"layer {node.target}: {type(mod).__name__} kernels have no export path "
-                                         "yet (exported: SparseLinear, SparseConv2d)")
             continue
         lid = next(_IDS)
         layers[lid] = mod
@@ -138,16 +148,29 @@ def _export_view(gm: torch.fx.GraphModule):
 # -- converters: custom-op nodes -> relax.call_tir ------------------------------------------------------------
 
 
-class _Converter:
-    """Builds the ``custom_convert_map`` of ``from_exported_program`` for one export."""
+class ExportContext:
+    """What an export converter needs: the target, the block builder's kernel functions, constants.
 
-    def __init__(self, layers: dict, target, arm: bool):
+    A converter is registered per format and layer kind (``Format.register_exporter``) next to its
+    runtime module (:mod:`sparsecc.runtime.kernels`, :mod:`sparsecc.runtime.nm`,
+    :mod:`sparsecc.runtime.conv`); it turns one kernel module into ``relax.call_tir`` of its scheduled
+    kernel plus the layout glue.
+
+    Attributes
+    ----------
+    target : sparsecc.targets.Target
+    tvm_target : tvm.target.Target
+        What the artifact is built for (:meth:`Target.deploy_tvm_target`).
+    """
+
+    def __init__(self, layers: dict, target):
         self.layers = layers
         self.target = target
-        self.arm = arm
+        self.tvm_target = target.deploy_tvm_target()
         self.funcs = {}  # kernel name -> GlobalVar
 
-    def _gvar(self, bb, name: str, sch):
+    def gvar(self, bb, name: str, sch):
+        """The GlobalVar of the scheduled kernel ``sch`` added to ``bb`` once under ``name``."""
         gv = self.funcs.get(name)
         if gv is None:
             func = sch.mod["main"].with_attr("global_symbol", name)
@@ -156,147 +179,32 @@ class _Converter:
         return gv
 
     @staticmethod
-    def _const(t: torch.Tensor):
+    def const(t: torch.Tensor):
+        """A Relax constant holding ``t``."""
         from tvm import relax
 
         return relax.const(np.ascontiguousarray(t.detach().cpu().numpy()))
 
     def linear(self, node, importer):
-        from tvm import relax
-
-        from sparsecc.runtime.kernels import kernel_name
-        from sparsecc.targets import arm, x86
-
-        bb = importer.block_builder
         x = importer.env[node.args[0]]
         mod = self.layers[node.args[1]]
-        if type(mod).__name__ == "NMLinear":
-            return self.nm_linear(bb, x, mod)
-        n, k = mod.shape
-        br, bc = mod.block
-        shape = [int(v) for v in x.ty.shape.values]
-        lead = shape[:-1]
-        m = int(np.prod(lead)) if lead else 1
-        regime = x86.regime_for(m)
-        bias = mod.bias is not None
-        if self.arm:
-            params = arm.arm_params((br, bc), regime)
-        else:
-            params = x86.default_params((br, bc), regime)
-        sch = x86.schedule_linear((br, bc), regime, bias=bias, activation=mod.activation, params=params, k=k)
-        mt = params.m_tile
-        mp = -(-max(m, 1) // mt) * mt
-        x2 = bb.emit(relax.op.reshape(x, (m, k)))
-        if mp != m:
-            x2 = bb.emit(relax.op.concat([x2, relax.const(np.zeros((mp - m, k), np.float32))], axis=0))
-        args = [x2, self._const(mod.data), self._const(mod.indices), self._const(mod.indptr)]
-        if bias:
-            args.append(self._const(mod.bias))
-        name = f"sparsecc_{kernel_name((br, bc), regime, bias, mod.activation)}_k{k}_mt{mt}"
-        gv = self._gvar(bb, name, sch)
-        y = bb.emit(relax.call_tir(gv, args, relax.TensorType((mp, n // br, br), "float32")))
-        y = bb.emit(relax.op.reshape(y, (mp, n)))
-        if mp != m:
-            y = bb.emit(relax.op.strided_slice(y, axes=[0], begin=[0], end=[m]))
-        return bb.emit(relax.op.reshape(y, (*lead, n)))
-
-    def nm_linear(self, bb, x, mod):
-        """N:M: X (M, K) -> XT (MT, Kp, mt) tiles (zero-padded), kernel, Y (MT, mt, NR, rt) -> (M, N)."""
-        from tvm import relax
-
-        from sparsecc.runtime.nm import nm_kernel_name
-        from sparsecc.targets import x86, x86_nm
-
-        n_out, k = mod.shape
-        shape = [int(v) for v in x.ty.shape.values]
-        lead = shape[:-1]
-        m = int(np.prod(lead)) if lead else 1
-        regime = x86.regime_for(m)
-        p = mod.params[regime]  # the module's packed values/meta fix the tiles (ArmTarget gives NEON ones)
-        if p.index == "permute":
-            raise UnsupportedOpError("N:M layers on the x86 permute template (AVX vpermps) have no export path "
-                                     "yet; export for target='arm' or keep them dense")
-        mt, kp = p.m_tile, mod.groups * mod.m
-        mtiles = -(-max(m, 1) // mt)
-        x2 = bb.emit(relax.op.reshape(x, (m, k)))
-        if mtiles * mt != m or kp != k:
-            x2 = bb.emit(relax.op.nn.pad(x2, [0, mtiles * mt - m, 0, kp - k]))
-        xt = bb.emit(relax.op.permute_dims(relax.op.reshape(x2, (mtiles, mt, kp)), [0, 2, 1]))
-        if p.index == "offset":
-            xt = bb.emit(relax.op.reshape(xt, (mtiles, kp * mt)))
-        meta = getattr(mod, mod._meta_names[regime])
-        args = [xt, self._const(mod.values), self._const(meta)]
-        if mod.bias is not None:
-            args.append(self._const(mod.bias))
-        sch = x86_nm.schedule_nm(mod.n, mod.m, mod.groups, regime, bias=mod.bias is not None,
-                                 activation=mod.activation, target=self.target, params=p)
-        name = (f"sparsecc_{nm_kernel_name(mod.n, mod.m, regime, mod.bias is not None, mod.activation)}"
-                f"_g{mod.groups}_mt{mt}_rt{p.r_tile}_{p.index}")
-        gv = self._gvar(bb, name, sch)
-        nr = mod.n_padded // mod.r_tile
-        y = bb.emit(relax.call_tir(gv, args, relax.TensorType((mtiles, mt, nr, mod.r_tile), "float32")))
-        y = bb.emit(relax.op.reshape(y, (mtiles * mt, mod.n_padded)))
-        if mtiles * mt != m or mod.n_padded != n_out:
-            y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, n_out]))
-        return bb.emit(relax.op.reshape(y, (*lead, n_out)))
+        return get_format(mod.format).exporter("linear")(self, importer.block_builder, x, mod)
 
     def conv(self, node, importer):
-        from tvm import relax
-
-        from sparsecc.targets import x86_conv
-
-        bb = importer.block_builder
         x = importer.env[node.args[0]]
         res = importer.env[node.args[1]] if node.args[1] is not None else None
         mod = self.layers[node.args[2]]
-        n, c, h, w = (int(v) for v in x.ty.shape.values)
-        _, c_out, oh, ow = _conv_out_shape(mod, (n, c, h, w))
-        br = mod.block[0]
-        kind = "nhwc" if mod.layout == "nhwc" else "nchw1x1"
-        params = mod._params
-        sch = x86_conv.schedule_conv(kind, mod.block, bias=mod.bias is not None, activation=mod.activation,
-                                     residual=mod.residual, target=self.target, params=params)
-        name = "sparsecc_" + x86_conv.conv_kernel_name(kind, mod.block, mod.bias is not None, mod.activation,
-                                                        mod.residual) + f"_{abs(hash(str(params))) % 10**8}"
-        gv = self._gvar(bb, name, sch)
-        if kind == "nchw1x1":
-            hw = h * w
-            ht = params.hw_tile
-            hwp = -(-hw // ht) * ht
-            x3 = bb.emit(relax.op.reshape(x, (n, c, hw)))
-            if hwp != hw:
-                x3 = bb.emit(relax.op.nn.pad(x3, [0, 0, 0, 0, 0, hwp - hw]))
-            args = [x3, self._const(mod.data), self._const(mod.indices), self._const(mod.indptr)]
-            if mod.bias is not None:
-                args.append(self._const(mod.bias))
-            y = bb.emit(relax.call_tir(gv, args, relax.TensorType((n, c_out // br, br, hwp), "float32")))
-            y = bb.emit(relax.op.reshape(y, (n, c_out, hwp)))
-            if hwp != hw:
-                y = bb.emit(relax.op.strided_slice(y, axes=[2], begin=[0], end=[hw]))
-            return bb.emit(relax.op.reshape(y, (n, c_out, h, w)))
-        off, pb, m, mp, _, _, hp, wp = mod._geometry(n, h, w)
-        ph, pw = mod.padding
-        xh = bb.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
-        if ph or pw:
-            xh = bb.emit(relax.op.nn.pad(xh, [0, 0, ph, ph, pw, pw, 0, 0]))
-        xf = bb.emit(relax.op.reshape(xh, (n * hp * wp * c,)))
-        args = [xf, self._const(pb), self._const(mod.data), self._const(off), self._const(mod.indptr)]
-        if mod.bias is not None:
-            args.append(self._const(mod.bias))
-        if mod.residual:
-            r = bb.emit(relax.op.reshape(relax.op.permute_dims(res, [0, 2, 3, 1]), (m, c_out)))
-            if mp != m:
-                r = bb.emit(relax.op.concat([r, relax.const(np.zeros((mp - m, c_out), np.float32))], axis=0))
-            args.append(bb.emit(relax.op.reshape(r, (mp, c_out // br, br))))
-        y = bb.emit(relax.call_tir(gv, args, relax.TensorType((mp, c_out // br, br), "float32")))
-        y = bb.emit(relax.op.reshape(y, (mp, c_out)))
-        if mp != m:
-            y = bb.emit(relax.op.strided_slice(y, axes=[0], begin=[0], end=[m]))
-        y = bb.emit(relax.op.reshape(y, (n, oh, ow, c_out)))
-        return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+        return get_format(mod.format).exporter("conv2d")(self, importer.block_builder, x, res, mod)
 
     def convert_map(self):
         return {"export_linear.default": self.linear, "export_conv.default": self.conv}
+
+
+def rows_for_export(x) -> tuple:
+    """``(lead shape, M)`` of a Relax tensor ``x`` of static shape (..., K)."""
+    shape = [int(v) for v in x.ty.shape.values]
+    lead = shape[:-1]
+    return lead, (int(np.prod(lead)) if lead else 1)
 
 
 # -- export ------------------------------------------------------------------------------------------------
@@ -311,11 +219,11 @@ def _sha256(path: Path) -> str:
 
 
 def _versions() -> dict:
+    from importlib.metadata import version
+
     import tvm
 
-    from sparsecc import __version__ as sv
-
-    return {"sparsecc": sv, "tvm": tvm.__version__, "torch": torch.__version__}
+    return {"sparsecc": version("sparsecc"), "tvm": tvm.__version__, "torch": torch.__version__}
 
 
 def _check_destination(path: Path, overwrite: bool) -> None:
@@ -360,18 +268,17 @@ def export_compiled(cm, path, *, overwrite: bool = False, example_inputs=None) -
     path = Path(path)
     _check_destination(path, overwrite)
     target_obj = cm.target
-    arm = hasattr(target_obj, "arm_tvm_target")
-    tvm_target = target_obj.arm_tvm_target() if arm else target_obj.tvm_target()
+    tvm_target = target_obj.deploy_tvm_target()
     args, kwargs = _example_inputs(cm, example_inputs)
     if kwargs:
-        raise UnsupportedOpError("export takes positional inputs only (keyword inputs are not supported yet)")
+        raise UnsupportedOpError("export takes positional inputs only (keyword inputs are not supported)")
     view, layers = _export_view(cm.graph.gm)
     _MODULES.update(layers)
     try:
         with torch.no_grad():
             ep = torch.export.export(view, tuple(args))
             ref = view(*args)
-        conv = _Converter(layers, tvm_target, arm)
+        conv = ExportContext(layers, target_obj)
         try:
             mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=conv.convert_map())
         except Exception as e:
@@ -386,22 +293,17 @@ def export_compiled(cm, path, *, overwrite: bool = False, example_inputs=None) -
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
-        if arm:
-            from sparsecc.targets.toolchain import aarch64_toolchain
-
-            ex.export_library(str(tmp / "model.so"), fcompile=aarch64_toolchain().fcompile())
-        else:
-            ex.export_library(str(tmp / "model.so"))
+        target_obj.export_library(ex, tmp / "model.so")
         write_tensors(tmp / "params.bin", param_list)
         manifest = {
             "format_version": FORMAT_VERSION,
-            "target": {"name": target_obj.name, "tvm": str(tvm_target), "arch": "aarch64" if arm else platform.machine()},
+            "target": {"name": target_obj.name, "tvm": str(tvm_target), "arch": target_obj.deploy_arch},
             "inputs": [{"shape": list(a.shape), "dtype": str(a.dtype).replace("torch.", "")} for a in args],
             "outputs": [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in out_leaves],
             "output_tree": torch.utils._pytree.treespec_dumps(out_spec),
             "num_params": len(param_list),
             "layers": [{"name": a.name, "format": a.format,
-                        "block": list(a.format_block) if a.format_block else None, "density": a.density}
+                        "block": list(a.format_params) if a.format_params else None, "density": a.density}
                        for a in cm.layers],
             "versions": _versions(),
             "files": {},

@@ -1,9 +1,8 @@
 """Compiled sparse linear kernels: in-process + on-disk cache, and the torch-facing module.
 
 ``get_linear_kernel(block, regime, bias, activation)`` returns a TVM packed
-function built once per process (and once per machine: the shared library is
-kept under ``$SPARSECC_CACHE_DIR`` or ``~/.cache/sparsecc/kernels``, keyed by a
-hash of the scheduled TVMScript, the target and the TVM version).
+function built once per process and once per machine (:data:`sparsecc.cache.KERNELS`,
+keyed by a hash of the scheduled TVMScript, the target and the TVM version).
 
 :class:`SparseLinear` holds the converted weight and calls the kernel on torch
 tensors directly (DLPack, zero copy).
@@ -11,10 +10,9 @@ tensors directly (DLPack, zero copy).
 
 from __future__ import annotations
 
-import hashlib
 import os
-import threading
-from pathlib import Path
+
+import numpy as np
 
 # TVM's pool workers spin after each parallel kernel and steal the cores from torch's
 # OpenMP threads (measured: torch dense 4 ms -> 24 ms when alternating). Sleep at once.
@@ -23,44 +21,20 @@ os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 import torch
 
+from sparsecc.cache import KERNELS
 from sparsecc.errors import InputDtypeError, InputShapeError, UnsupportedOpError
-from sparsecc.fileio import atomic_path
-from sparsecc.formats import BlockSparseMatrix
+from sparsecc.formats import BSR, CSR, BlockSparseMatrix, Candidate
 from sparsecc.runtime import omp_launch
+from sparsecc.targets import x86
 
-__all__ = ["SparseLinear", "cache_dir", "clear_memory_cache", "get_linear_kernel", "kernel_name", "load_or_build"]
+__all__ = ["ALIGN", "SparseLinear", "aligned", "aligned_empty", "check_activation", "get_linear_kernel",
+           "load_or_build", "rows_of", "target_key"]
 
-_ALIGN = 64
-_CACHE: dict[tuple, object] = {}
-_LOCK = threading.Lock()
-# Kept alive for the life of the process: a function must not outlive its module.
-_MODULES: list[object] = []
+ALIGN = 64
 
 
-def cache_root() -> Path:
-    """``$SPARSECC_CACHE_DIR`` or ``~/.cache/sparsecc``: kernels and calibrations live below it."""
-    env = os.environ.get("SPARSECC_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "sparsecc"
-
-
-def cache_dir() -> Path:
-    """Folder of the built kernels (``<cache_root>/kernels``)."""
-    return cache_root() / "kernels"
-
-
-def clear_memory_cache() -> None:
-    """Forget the in-process kernels (the disk cache stays)."""
-    with _LOCK:
-        _CACHE.clear()
-
-
-def kernel_name(block: tuple[int, int], regime: str, bias: bool, activation: str | None) -> str:
-    br, bc = block
-    fmt = "csr" if (br, bc) == (1, 1) else f"bsr_{br}x{bc}"
-    return f"{fmt}_{regime}" + ("_bias" if bias else "") + (f"_{activation}" if activation else "")
-
-
-def _target_key(target) -> str:
+def target_key(target) -> str:
+    """A string naming a ``tvm.target.Target`` (its exported config) for cache keys."""
     return str(dict(target.export())) if hasattr(target, "export") else str(target)
 
 
@@ -74,34 +48,34 @@ def get_linear_kernel(fmt_block: tuple[int, int], regime: str, bias: bool, activ
     ``M`` must be a multiple of the schedule's ``m_tile`` (see :func:`m_tile_for`).
     ``k`` builds for a static K (one build per distinct K; faster addressing).
     """
-
-    from sparsecc.targets import x86
-
     block = (int(fmt_block[0]), int(fmt_block[1]))
     check_activation(activation)
     target = target or x86.host_target()
-    key = (block, regime, bool(bias), activation, _target_key(target), params, k)
-    fn = _CACHE.get(key)
-    if fn is not None:
-        return fn
-    with _LOCK:
-        fn = _CACHE.get(key)
-        if fn is not None:
-            return fn
+    key = ("linear", block, regime, bool(bias), activation, target_key(target), params, k)
+
+    def make():
         sch = x86.schedule_linear(block, regime, bias=bool(bias), activation=activation, target=target,
                                   params=params, k=k)
-        fn = load_or_build(sch, kernel_name(block, regime, bool(bias), activation), target)
-        _CACHE[key] = fn
-        return fn
+        return load_or_build(sch, block_candidate(block).kernel_name("linear", regime, bool(bias), activation),
+                             target)
+
+    return KERNELS.get(key, make)
+
+
+def block_candidate(block) -> Candidate:
+    """The CSR (block (1, 1)) or BSR candidate of a block shape."""
+    block = tuple(block)
+    return Candidate("csr" if block == (1, 1) else "bsr", block)
 
 
 def load_or_build(sch, name: str, target, build=None):
-    """Packed function ``main`` of scheduled module ``sch``, from the disk cache or built now.
+    """Packed function ``main`` of scheduled module ``sch``, from the kernel cache or built now.
 
-    The shared library is kept under :func:`cache_dir` as ``<name>-<digest>.so``,
+    The shared library is kept in :data:`sparsecc.cache.KERNELS` as ``<name>-<digest>.so``,
     the digest hashing the scheduled TVMScript, the target and the TVM version,
     so a kernel is built once per machine. Every kernel family (linear, N:M,
-    conv, tuned schedules) goes through here.
+    conv, tuned schedules, CUDA) goes through here. A cache entry that does not
+    load (truncated, corrupt) is rebuilt; a read-only cache keeps the in-memory build.
 
     Parameters
     ----------
@@ -120,36 +94,32 @@ def load_or_build(sch, name: str, target, build=None):
     """
     import tvm
 
-    from sparsecc.targets import x86
-
     mod_ir = sch.mod if hasattr(sch, "mod") else sch
-    text = mod_ir.script()
-    digest = hashlib.sha256("\n".join([text, _target_key(target), tvm.__version__]).encode()).hexdigest()[:24]
-    path = cache_dir() / f"{name}-{digest}.so"
+    digest = KERNELS.digest(mod_ir.script(), target_key(target), tvm.__version__)
+    built = []
+
+    def write(tmp):
+        built.append((build or x86.build)(mod_ir, target))
+        built[-1].export_library(str(tmp))
+
     mod = lib_in_memory = None
-    if path.exists():
+    try:
+        path = KERNELS.library(name, digest, write)
         try:
             mod = tvm.runtime.load_module(str(path))
         except Exception:  # noqa: BLE001 - a corrupt cache entry is rebuilt
-            mod = None
-    if mod is None:
-        lib = (build or x86.build)(mod_ir, target)
-        try:
-            with atomic_path(path, suffix=".so") as tmp:  # concurrent processes never see half a file
-                lib.export_library(str(tmp))
-            mod = tvm.runtime.load_module(str(path))
-        except OSError:
-            mod = lib_in_memory = lib  # read-only cache directory: keep the in-memory build
+            path.unlink(missing_ok=True)
+            mod = tvm.runtime.load_module(str(KERNELS.library(name, digest, write)))
+    except OSError:
+        mod = lib_in_memory = built[-1] if built else (build or x86.build)(mod_ir, target)
     if mod is not lib_in_memory and omp_launch.enabled():
         omp_launch.patch_module(str(path))  # parallel loops on torch's OpenMP threads
-    _MODULES.append(mod)
+    KERNELS.keep(mod)
     return mod["main"]
 
 
 def m_tile_for(block: tuple[int, int], regime: str) -> int:
     """Rows of X one kernel instance handles; the kernel needs M to be a multiple of it."""
-    from sparsecc.targets import x86
-
     return x86.default_params(tuple(block), regime).m_tile
 
 
@@ -183,22 +153,22 @@ def rows_of(x, k: int) -> tuple:
     return tuple(x.shape[:-1]), x.reshape(-1, k)
 
 
-def _aligned_empty(shape, dtype=torch.float32) -> torch.Tensor:
+def aligned_empty(shape, dtype=torch.float32) -> torch.Tensor:
     numel = 1
     for s in shape:
         numel *= int(s)
     esize = torch.empty((), dtype=dtype).element_size()
-    pad = _ALIGN // esize
+    pad = ALIGN // esize
     raw = torch.empty(numel + pad, dtype=dtype)
-    off = (-raw.data_ptr() % _ALIGN) // esize
+    off = (-raw.data_ptr() % ALIGN) // esize
     return raw[off:off + numel].view(*shape)
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
+def aligned(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when contiguous and 64-byte aligned, else an aligned contiguous copy."""
-    if t.is_contiguous() and t.data_ptr() % _ALIGN == 0:
+    if t.is_contiguous() and t.data_ptr() % ALIGN == 0:
         return t
-    out = _aligned_empty(tuple(t.shape), t.dtype)
+    out = aligned_empty(tuple(t.shape), t.dtype)
     out.copy_(t)
     return out
 
@@ -209,6 +179,8 @@ class SparseLinear(torch.nn.Module):
     The weight is converted and aligned once here; ``forward`` only reshapes ``x``
     (copying it only when it is not contiguous or not 64-byte aligned).
     """
+
+    layer_kind = "linear"
 
     def __init__(self, matrix: BlockSparseMatrix, bias: torch.Tensor | None = None,
                  activation: str | None = None, target=None, eager: bool = False, tuned=None):
@@ -228,13 +200,13 @@ class SparseLinear(torch.nn.Module):
         data, indices = matrix.data.detach().to(torch.float32), matrix.indices.to(torch.int32)
         if data.shape[0] == 0:  # nnzb == 0: TVM refuses empty tensors' strides; indptr keeps it unread
             data, indices = torch.zeros(1, br, bc), torch.zeros(1, dtype=torch.int32)
-        self.register_buffer("data", _aligned(data.contiguous()))
-        self.register_buffer("indices", _aligned(indices.contiguous()))
-        self.register_buffer("indptr", _aligned(matrix.indptr.to(torch.int32).contiguous()))
+        self.register_buffer("data", aligned(data.contiguous()))
+        self.register_buffer("indices", aligned(indices.contiguous()))
+        self.register_buffer("indptr", aligned(matrix.indptr.to(torch.int32).contiguous()))
         if bias is not None:
             if tuple(bias.shape) != (n,):
                 raise InputShapeError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-            self.register_buffer("bias", _aligned(bias.detach().to(torch.float32).reshape(n // br, br)))
+            self.register_buffer("bias", aligned(bias.detach().to(torch.float32).reshape(n // br, br)))
         else:
             self.bias = None
         self._kernels: dict[str, object] = {}
@@ -253,7 +225,7 @@ class SparseLinear(torch.nn.Module):
 
     @property
     def kernel_name(self) -> str:
-        name = kernel_name(self.block, "gemm", self.bias is not None, self.activation)
+        name = block_candidate(self.block).kernel_name("linear", "gemm", self.bias is not None, self.activation)
         return name + (f" {self.tuned.tag}" if self.tuned is not None else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,15 +239,15 @@ class SparseLinear(torch.nn.Module):
         fn, mt = tuned if tuned is not None else (None, self._m_tile[regime])
         mp = -(-m // mt) * mt  # rows padded to a multiple of the kernel's M tile
         if mp != m:
-            xp = _aligned_empty((mp, k))
+            xp = aligned_empty((mp, k))
             xp[:m].copy_(x2)
             xp[m:].zero_()
             x2 = xp
         else:
-            x2 = _aligned(x2)
+            x2 = aligned(x2)
         y = torch.empty(mp, n, dtype=torch.float32)
-        if y.data_ptr() % _ALIGN:  # torch CPU allocations are 64-byte aligned; never trust it blindly
-            y = _aligned_empty((mp, n))
+        if y.data_ptr() % ALIGN:  # torch CPU allocations are 64-byte aligned; never trust it blindly
+            y = aligned_empty((mp, n))
         if fn is None:
             fn = self._kernel(regime)
         br = self.block[0]
@@ -291,3 +263,56 @@ class SparseLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"shape={self.shape}, block={self.block}, format={self.format}, density={self.density:.3f}, "
                 f"bias={self.bias is not None}, activation={self.activation}")
+
+
+@CSR.register_module("x86")
+@BSR.register_module("x86")
+@CSR.register_module("arm")
+@BSR.register_module("arm")
+def cpu_linear(matrix: BlockSparseMatrix, bias=None, activation=None, target=None, tuning_db=None) -> SparseLinear:
+    """:class:`SparseLinear` for a CPU target (ARM: a host build of the same format, see ``ArmTarget``).
+
+    ``tuning_db``: a :class:`~sparsecc.tune.lookup.TuningDatabase` whose tuned schedule, where it has one
+    for this layer, replaces the hand schedule.
+    """
+    host = target.tvm_target()
+    tuned = None
+    if tuning_db is not None:
+        n, k = matrix.shape
+        tuned = tuning_db.for_layer(matrix.block, n, k, matrix.nnzb, bias is not None, activation, host)
+    return SparseLinear(matrix, bias, activation=activation, target=host, tuned=tuned)
+
+
+@CSR.register_exporter("linear")
+@BSR.register_exporter("linear")
+def export_linear(ctx, bb, x, mod: SparseLinear):
+    """Relax for one :class:`SparseLinear`: X (..., K) -> (M, K) padded to the M tile, kernel, Y -> (..., N).
+
+    The kernel is the target's schedule of the same template (ARM: NEON tiles, :func:`arm_params`).
+    """
+    from tvm import relax
+
+    from sparsecc.runtime.export import rows_for_export
+
+    n, k = mod.shape
+    br, bc = mod.block
+    lead, m = rows_for_export(x)
+    regime = x86.regime_for(m)
+    bias = mod.bias is not None
+    params = ctx.target.kernel_params("linear", regime, block=(br, bc))
+    sch = x86.schedule_linear((br, bc), regime, bias=bias, activation=mod.activation, params=params, k=k)
+    mt = params.m_tile
+    mp = -(-max(m, 1) // mt) * mt
+    x2 = bb.emit(relax.op.reshape(x, (m, k)))
+    if mp != m:
+        x2 = bb.emit(relax.op.concat([x2, relax.const(np.zeros((mp - m, k), np.float32))], axis=0))
+    args = [x2, ctx.const(mod.data), ctx.const(mod.indices), ctx.const(mod.indptr)]
+    if bias:
+        args.append(ctx.const(mod.bias))
+    name = f"sparsecc_{block_candidate((br, bc)).kernel_name('linear', regime, bias, mod.activation)}_k{k}_mt{mt}"
+    gv = ctx.gvar(bb, name, sch)
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType((mp, n // br, br), "float32")))
+    y = bb.emit(relax.op.reshape(y, (mp, n)))
+    if mp != m:
+        y = bb.emit(relax.op.strided_slice(y, axes=[0], begin=[0], end=[m]))
+    return bb.emit(relax.op.reshape(y, (*lead, n)))

@@ -8,23 +8,22 @@ families share) and kept per process.
 
 from __future__ import annotations
 
-import threading
-
+import numpy as np
 import torch
 
+from sparsecc.cache import KERNELS
+from sparsecc.codegen.nm import column_dtype, offset_dtype
 from sparsecc.errors import InputShapeError, InvalidSparsityError, UnsupportedOpError
-from sparsecc.formats import NMSparseMatrix
-from sparsecc.runtime.kernels import (_ALIGN, _aligned, _aligned_empty, _target_key, check_activation, load_or_build,
-                                      rows_of)
+from sparsecc.formats import NM, Candidate, NMSparseMatrix
+from sparsecc.runtime.kernels import ALIGN, aligned, aligned_empty, check_activation, load_or_build, rows_of, target_key
+from sparsecc.targets import x86, x86_nm
 
 __all__ = ["NMLinear", "get_nm_kernel", "nm_kernel_name", "pack_nm"]
 
-_CACHE: dict[tuple, object] = {}
-_LOCK = threading.Lock()
-
 
 def nm_kernel_name(n: int, m: int, regime: str, bias: bool, activation: str | None) -> str:
-    return f"nm_{n}x{m}_{regime}" + ("_bias" if bias else "") + (f"_{activation}" if activation else "")
+    """``nm_<n>x<m>_<regime>[_bias][_act]``."""
+    return Candidate("nm", (n, m)).kernel_name("linear", regime, bias, activation)
 
 
 def get_nm_kernel(n: int, m: int, groups: int, regime: str, bias: bool, activation: str | None = None,
@@ -42,23 +41,17 @@ def get_nm_kernel(n: int, m: int, groups: int, regime: str, bias: bool, activati
     KernelBuildError
         The TVM build failed.
     """
-    from sparsecc.targets import x86, x86_nm
-
     check_activation(activation)
     target = target or x86.host_target()
     params = params or x86_nm.default_nm_params(regime, target=target)
-    key = (int(n), int(m), int(groups), regime, bool(bias), activation, _target_key(target), params)
-    fn = _CACHE.get(key)
-    if fn is not None:
-        return fn
-    with _LOCK:
-        fn = _CACHE.get(key)
-        if fn is None:
-            sch = x86_nm.schedule_nm(n, m, groups, regime, bias=bool(bias), activation=activation, target=target,
-                                     params=params)
-            fn = load_or_build(sch, nm_kernel_name(n, m, regime, bool(bias), activation), target)
-            _CACHE[key] = fn
-        return fn
+    key = ("nm", int(n), int(m), int(groups), regime, bool(bias), activation, target_key(target), params)
+
+    def make():
+        sch = x86_nm.schedule_nm(n, m, groups, regime, bias=bool(bias), activation=activation, target=target,
+                                 params=params)
+        return load_or_build(sch, nm_kernel_name(n, m, regime, bool(bias), activation), target)
+
+    return KERNELS.get(key, make)
 
 
 def pack_nm(matrix: NMSparseMatrix, r_tile: int, index: str = "column", m_tile: int = 1) -> tuple[torch.Tensor,
@@ -78,8 +71,6 @@ def pack_nm(matrix: NMSparseMatrix, r_tile: int, index: str = "column", m_tile: 
     Padded rows hold zero values and column 0 (they produce zeros that the
     caller slices off).
     """
-    from sparsecc.codegen.nm import column_dtype, offset_dtype
-
     rows = matrix.shape[0]
     rt = int(r_tile)
     nr = -(-rows // rt)
@@ -144,11 +135,11 @@ class NMLinear(torch.nn.Module):
         Bias of the wrong shape.
     """
 
+    layer_kind = "linear"
+
     def __init__(self, matrix: NMSparseMatrix, bias: torch.Tensor | None = None, activation: str | None = None,
                  target=None, eager: bool = False, params: dict | None = None):
         super().__init__()
-        from sparsecc.targets import x86, x86_nm
-
         if not isinstance(matrix, NMSparseMatrix):
             raise InvalidSparsityError(f"NMLinear needs an NMSparseMatrix, got {type(matrix).__name__}")
         check_activation(activation)
@@ -174,23 +165,23 @@ class NMLinear(torch.nn.Module):
             raise UnsupportedOpError("both regimes must use the permute template or neither (one value layout)")
         self.permute = self.params["gemm"].index == "permute"
         self.k_padded = -(-self.groups * self.m // self.r_tile) * self.r_tile if self.permute else None
-        self._meta_names = {}
+        self.meta_names = {}
         v = None
         for regime in ("gemv", "gemm"):
             mode, mt = idx_keys[regime]
             name = f"meta_{mode}_{mt}"
             if not hasattr(self, name):
                 v, p = pack_nm(matrix, self.r_tile, mode, mt)
-                self.register_buffer(name, _aligned(p))
-            self._meta_names[regime] = name
-        self.register_buffer("values", _aligned(v))
+                self.register_buffer(name, aligned(p))
+            self.meta_names[regime] = name
+        self.register_buffer("values", aligned(v))
         self.n_padded = v.shape[0] * self.r_tile
         if bias is not None:
             if tuple(bias.shape) != (n_out,):
                 raise InputShapeError(f"bias must have shape ({n_out},), got {tuple(bias.shape)}")
             b = torch.zeros(self.n_padded, dtype=torch.float32)
             b[:n_out] = bias.detach().to(torch.float32)
-            self.register_buffer("bias", _aligned(b.view(-1, self.r_tile)))
+            self.register_buffer("bias", aligned(b.view(-1, self.r_tile)))
         else:
             self.bias = None
         self._kernels: dict[str, object] = {}
@@ -215,14 +206,14 @@ class NMLinear(torch.nn.Module):
     def kernel_name(self) -> str:
         return nm_kernel_name(self.n, self.m, "gemm", self.bias is not None, self.activation)
 
-    def _transpose_x(self, x2: torch.Tensor, mt: int) -> torch.Tensor:
+    def transpose_x(self, x2: torch.Tensor, mt: int) -> torch.Tensor:
         """XT (MT, Kp, mt): x2 (M, K) transposed in tiles of ``mt`` rows, zero-padded."""
         m, k = x2.shape
         kp = self.groups * self.m
         mtiles = -(-m // mt)
         if mt == 1 and kp == k:
-            return _aligned(x2).view(m, k, 1)
-        xt = _aligned_empty((mtiles, kp, mt))
+            return aligned(x2).view(m, k, 1)
+        xt = aligned_empty((mtiles, kp, mt))
         view = xt.permute(0, 2, 1)  # (MT, mt, Kp)
         full = m // mt
         if full:
@@ -245,14 +236,14 @@ class NMLinear(torch.nn.Module):
         mt = self.params[regime].m_tile
         if self.permute:
             return self._forward_permute(x2, regime, mt).view(lead + (n_out,))
-        xt = self._transpose_x(x2, mt)
+        xt = self.transpose_x(x2, mt)
         mp = xt.shape[0] * mt
         y = torch.empty(mp, self.n_padded, dtype=torch.float32)
-        if y.data_ptr() % _ALIGN:
-            y = _aligned_empty((mp, self.n_padded))
+        if y.data_ptr() % ALIGN:
+            y = aligned_empty((mp, self.n_padded))
         fn = self._kernel(regime)
         y4 = y.view(xt.shape[0], mt, -1, self.r_tile)
-        meta = getattr(self, self._meta_names[regime])
+        meta = getattr(self, self.meta_names[regime])
         if self.params[regime].index == "offset":
             xt = xt.view(xt.shape[0], -1)
         with torch.no_grad():
@@ -271,7 +262,7 @@ class NMLinear(torch.nn.Module):
         kl = self.k_padded
         mp = -(-m // mt) * mt
         if mp != m or kl != k:
-            xp = _aligned_empty((mp, kl))
+            xp = aligned_empty((mp, kl))
             xp[:m, :k].copy_(x2)
             if kl != k:
                 xp[:m, k:].zero_()
@@ -279,14 +270,14 @@ class NMLinear(torch.nn.Module):
                 xp[m:].zero_()
             x2 = xp
         else:
-            x2 = _aligned(x2)
+            x2 = aligned(x2)
         y = torch.empty(mp, self.n_padded, dtype=torch.float32)
-        if y.data_ptr() % _ALIGN:
-            y = _aligned_empty((mp, self.n_padded))
+        if y.data_ptr() % ALIGN:
+            y = aligned_empty((mp, self.n_padded))
         fn = self._kernels.get(regime) or self._kernel(regime)
         args = self._args.get(regime)
         if args is None:  # (values, meta[, bias]): looked up once, nn.Module attribute access costs µs per call
-            args = (self.values, getattr(self, self._meta_names[regime])) + (
+            args = (self.values, getattr(self, self.meta_names[regime])) + (
                 (self.bias,) if self.bias is not None else ())
             self._args[regime] = args
         fn(x2, *args, y.view(mp, -1, self.r_tile))  # no autograd: the kernel is opaque to torch
@@ -297,3 +288,52 @@ class NMLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"shape={self.shape}, pattern={self.pattern}, density={self.density:.3f}, "
                 f"bias={self.bias is not None}, activation={self.activation}, r_tile={self.r_tile}")
+
+
+@NM.register_module("x86")
+@NM.register_module("arm")
+def cpu_nm_linear(matrix: NMSparseMatrix, bias=None, activation=None, target=None, tuning_db=None) -> NMLinear:
+    """:class:`NMLinear` for a CPU target, packed with the target's N:M tiles (``kernel_params("nm", ...)``)
+    so that the exported kernel reads the same values and indices (ARM: NEON tiles, host kernels in ``cm()``)."""
+    return NMLinear(matrix, bias, activation=activation, target=target.tvm_target(),
+                    params={r: target.kernel_params("nm", r) for r in ("gemv", "gemm")})
+
+
+@NM.register_exporter("linear")
+def export_nm_linear(ctx, bb, x, mod: NMLinear):
+    """N:M: X (M, K) -> XT (MT, Kp, mt) tiles (zero-padded), kernel, Y (MT, mt, NR, rt) -> (M, N)."""
+    from tvm import relax
+
+    from sparsecc.runtime.export import rows_for_export
+
+    n_out, k = mod.shape
+    lead, m = rows_for_export(x)
+    regime = x86.regime_for(m)
+    p = mod.params[regime]  # the module's packed values/meta fix the tiles (ArmTarget gives NEON ones)
+    if p.index == "permute":
+        raise UnsupportedOpError("N:M layers on the x86 permute template (AVX vpermps) have no export path "
+                                 "yet; export for target='arm' or keep them dense")
+    mt, kp = p.m_tile, mod.groups * mod.m
+    mtiles = -(-max(m, 1) // mt)
+    x2 = bb.emit(relax.op.reshape(x, (m, k)))
+    if mtiles * mt != m or kp != k:
+        x2 = bb.emit(relax.op.nn.pad(x2, [0, mtiles * mt - m, 0, kp - k]))
+    xt = bb.emit(relax.op.permute_dims(relax.op.reshape(x2, (mtiles, mt, kp)), [0, 2, 1]))
+    if p.index == "offset":
+        xt = bb.emit(relax.op.reshape(xt, (mtiles, kp * mt)))
+    meta = getattr(mod, mod.meta_names[regime])
+    args = [xt, ctx.const(mod.values), ctx.const(meta)]
+    if mod.bias is not None:
+        args.append(ctx.const(mod.bias))
+    sch = x86_nm.schedule_nm(mod.n, mod.m, mod.groups, regime, bias=mod.bias is not None,
+                             activation=mod.activation, target=ctx.tvm_target, params=p)
+    name = (f"sparsecc_{nm_kernel_name(mod.n, mod.m, regime, mod.bias is not None, mod.activation)}"
+            f"_g{mod.groups}_mt{mt}_rt{p.r_tile}_{p.index}")
+    gv = ctx.gvar(bb, name, sch)
+    nr = mod.n_padded // mod.r_tile
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType((mtiles, mt, nr, mod.r_tile), "float32")))
+    y = bb.emit(relax.op.reshape(y, (mtiles * mt, mod.n_padded)))
+    if mtiles * mt != m or mod.n_padded != n_out:
+        y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[m, n_out]))
+    return bb.emit(relax.op.reshape(y, (*lead, n_out)))
+

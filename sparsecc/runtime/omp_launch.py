@@ -95,7 +95,7 @@ def launcher_address() -> int | None:
         try:
             import torch  # noqa: F401 - torch's libgomp must be the one loaded (same soname)
 
-            from .kernels import cache_root
+            from sparsecc.cache import cache_root
 
             digest = hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
             path = cache_root() / "runtime" / f"omp_launch-{digest}.so"

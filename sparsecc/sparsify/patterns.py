@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from ..errors import InvalidSparsityError
+from ..formats import as_matrix, from_matrix, nm_keep  # noqa: F401 - part of this module's API
 
 
 @dataclass(frozen=True)
@@ -129,21 +130,6 @@ def parse_pattern(spec, block_shape: Optional[tuple] = None) -> Pattern:
         f"unknown pattern {spec!r}; use 'unstructured', 'block', '<rows>x<cols>', 'N:M' (e.g. '2:4') or 'channel'")
 
 
-def as_matrix(w: torch.Tensor) -> torch.Tensor:
-    """View a weight as (C_out, K): a conv's (C_out, C_in, kh, kw) becomes (C_out, kh·kw·C_in)."""
-    if w.dim() == 4:
-        return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
-    return w.reshape(w.shape[0], -1)
-
-
-def from_matrix(mat: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Inverse of :func:`as_matrix` for a tensor of ``shape``."""
-    if len(shape) == 4:
-        c_out, c_in, kh, kw = shape
-        return mat.reshape(c_out, kh, kw, c_in).permute(0, 3, 1, 2).contiguous()
-    return mat.reshape(shape)
-
-
 def group_scores(score: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """Aggregate element scores (C_out, K) into one score per prunable group.
 
@@ -218,15 +204,6 @@ def global_keep(scores: dict, areas: dict, density: float) -> dict:
         out[n] = keep[off: off + scores[n].numel()].reshape(scores[n].shape)
         off += scores[n].numel()
     return out
-
-
-def nm_keep(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the N highest-scoring of every M consecutive elements along K. score: (C_out, K), K % M == 0."""
-    rows, k = score.shape
-    g = score.reshape(rows, k // m, m)
-    idx = torch.topk(g, n, dim=2).indices
-    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(2, idx, True)
-    return keep.reshape(rows, k)
 
 
 def mask_from_scores(score: torch.Tensor, density: float, pattern: Pattern) -> torch.Tensor:

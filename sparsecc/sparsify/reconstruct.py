@@ -36,8 +36,8 @@ from torch import nn
 from ..errors import InvalidSparsityError
 from .patterns import Pattern, mask_from_scores
 
-__all__ = ["InputStatistics", "activation_scores", "collect_statistics", "layer_keep", "output_error", "solve_kept",
-           "sparsegpt_keep"]
+__all__ = ["InputStatistics", "activation_scores", "collect_statistics", "input_patches", "layer_keep", "output_error",
+           "solve_kept", "sparsegpt_keep"]
 
 
 class InputStatistics:
@@ -56,8 +56,8 @@ class InputStatistics:
 
     def add(self, x_pruned: torch.Tensor, x_dense: torch.Tensor) -> None:
         """Add one batch of the layer's inputs (as the module receives them)."""
-        xp = _patches(self.module, x_pruned)
-        xd = _patches(self.module, x_dense)
+        xp = input_patches(self.module, x_pruned)
+        xd = input_patches(self.module, x_dense)
         if xp.shape != xd.shape:
             raise InvalidSparsityError(f"reconstruction: inputs of shapes {tuple(xp.shape)} and {tuple(xd.shape)} "
                                        f"differ between the model and its dense reference")
@@ -72,7 +72,7 @@ def _in_features(module: nn.Module) -> int:
     return module.in_features
 
 
-def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def input_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The rows of X the layer multiplies: (T, K) float64 in the as_matrix column order."""
     x = x.detach()
     if isinstance(module, nn.Conv2d):

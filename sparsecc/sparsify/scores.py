@@ -1,10 +1,13 @@
 """Importance scores: which weights matter.
 
-Each score is a small object: ``accumulate(name, weight, grad)`` is fed the
-weight and the gradient of the loss with respect to the (masked) weight after a
-backward pass; ``score(name, weight)`` returns one number per weight, higher
-meaning more important. Weights are passed in their own shape (a conv weight
-(C_out, C_in, kh, kw), a linear weight (C_out, C_in)); scores keep that shape.
+The importance interface of the pruning engine (as Torch-Pruning's
+``Importance`` callables): each score is a small object; ``accumulate(name,
+weight, grad)`` is fed the weight and the gradient of the loss with respect to
+the (masked) weight after a backward pass; ``score(name, weight)`` returns one
+number per weight, higher meaning more important. Weights are passed in their
+own shape (a conv weight (C_out, C_in, kh, kw), a linear weight (C_out, C_in));
+scores keep that shape. :data:`SCORES` maps the ``method=`` names of
+:func:`sparsecc.sparsify` to the classes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ class ImportanceScore:
     needs_grad = False
     #: Whether the score needs each layer's input statistics (layer-wise pruning only).
     needs_inputs = False
+    #: Whether the gradual schedule forgets the accumulated statistics after every pruning step.
+    resets_on_prune = False
 
     def __init__(self):
         self.acc: dict[str, torch.Tensor] = {}
@@ -34,6 +39,7 @@ class ImportanceScore:
         """Add one batch's statistic for layer ``name`` (no-op for gradient-free scores)."""
 
     def score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """Importance of every weight of layer ``name``: a Tensor of ``weight``'s shape, higher = keep."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -54,30 +60,51 @@ class MagnitudeScore(ImportanceScore):
         return weight.detach().abs()
 
 
-class ImpactScore(ImportanceScore):
+class GradientScore(ImportanceScore):
+    """Base of scores summing a statistic of ``(w, ∂L/∂w)`` over batches; subclasses set :meth:`statistic`."""
+
+    needs_grad = True
+
+    def statistic(self, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """One batch's contribution, the weight's shape."""
+        raise NotImplementedError
+
+    def accumulate(self, name: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        v = self.statistic(weight.detach(), grad.detach())
+        self.acc[name] = self.acc[name] + v if name in self.acc else v.clone()
+
+    def score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The accumulated statistic.
+
+        Raises
+        ------
+        RuntimeError
+            Nothing was accumulated for layer ``name``.
+        """
+        if name not in self.acc:
+            raise RuntimeError(f"{self.name} score of layer {name!r} has no gradients accumulated")
+        return self.acc[name]
+
+
+class ImpactScore(GradientScore):
     """First-order Taylor impact ``Σ_batches |w · ∂L/∂w|``.
 
     The estimated change of the loss when a weight is set to zero, summed in
-    absolute value over calibration batches.
+    absolute value over calibration batches. Reset after every gradual pruning
+    step, so that it measures the impact under the current mask.
 
     Source: Molchanov et al., "Importance Estimation for Neural Network
     Pruning" (CVPR 2019), first-order Taylor criterion, per weight.
     """
 
     name = "impact"
-    needs_grad = True
+    resets_on_prune = True
 
-    def accumulate(self, name: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
-        v = (weight.detach() * grad.detach()).abs()
-        self.acc[name] = self.acc[name] + v if name in self.acc else v.clone()
-
-    def score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        if name not in self.acc:
-            raise RuntimeError(f"impact score of layer {name!r} has no gradients accumulated")
-        return self.acc[name]
+    def statistic(self, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return (weight * grad).abs()
 
 
-class MovementScore(ImportanceScore):
+class MovementScore(GradientScore):
     """Movement ``S = -Σ_steps w · ∂L/∂w``: weights moving away from zero score high.
 
     Accumulated over fine-tuning steps (or calibration batches for one-shot).
@@ -87,16 +114,9 @@ class MovementScore(ImportanceScore):
     """
 
     name = "movement"
-    needs_grad = True
 
-    def accumulate(self, name: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
-        v = -(weight.detach() * grad.detach())
-        self.acc[name] = self.acc[name] + v if name in self.acc else v.clone()
-
-    def score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        if name not in self.acc:
-            raise RuntimeError(f"movement score of layer {name!r} has no gradients accumulated")
-        return self.acc[name]
+    def statistic(self, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return -(weight * grad)
 
 
 class ActivationScore(ImportanceScore):

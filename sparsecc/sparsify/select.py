@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import InvalidSparsityError
+from .patterns import parse_pattern
 
 
 @dataclass(frozen=True)
@@ -112,3 +113,21 @@ def select_for_sparsity(options: dict, sparsity: float, bins: int = 1000) -> dic
             f"sparsity {sparsity:.3f} cannot be reached with the candidate densities: the sparsest "
             f"choice keeps {least} of {total} weights (sparsity {1 - least / total:.3f})")
     return out
+
+
+def plan_from_choice(choice: dict) -> dict:
+    """The pruning plan of a per-layer choice: ``{name: (Pattern, density)}``, dense layers left out.
+
+    Parameters
+    ----------
+    choice : dict name -> Option
+        Keys ``"dense"`` or a candidate key ``"<pattern>@<density>"`` (see
+        :func:`~sparsecc.sparsify.sensitivity.candidate_key`).
+    """
+    plan = {}
+    for n, o in choice.items():
+        if o.key == "dense":
+            continue
+        ptxt, dtxt = o.key.split("@")
+        plan[n] = (parse_pattern(ptxt.replace("block ", "")), float(dtxt))
+    return plan

@@ -1,7 +1,10 @@
-"""Compile targets: ``CompileTarget`` (cost model, kernel factory) and per-target schedule rules and builds."""
+"""Compile targets: the :class:`~sparsecc.targets.base.Target` contract and its x86, ARM and CUDA implementations.
 
-from sparsecc.targets.base import CompileTarget, resolve_target
-from sparsecc.targets.x86 import build, host_target, num_threads, regime_for, schedule_linear
+Each target module holds its schedule rules, tile parameters and build: :mod:`.x86`
+(+ :mod:`.x86_nm`, :mod:`.x86_conv`), :mod:`.arm` (+ :mod:`.toolchain`, :mod:`.qemu`),
+:mod:`.cuda`.
+"""
 
-__all__ = ["CompileTarget", "resolve_target", "build", "host_target", "num_threads", "regime_for",
-           "schedule_linear"]
+from sparsecc.targets.base import Target, apply_rules, resolve_target
+
+__all__ = ["Target", "apply_rules", "resolve_target"]

@@ -33,20 +33,23 @@ Debian cross gcc fetched by :mod:`sparsecc.targets.toolchain`.
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import tvm
 
+from sparsecc.cache import KERNELS
 from sparsecc.errors import KernelBuildError, TargetError, ToolchainError
 from sparsecc.fileio import atomic_path
+from sparsecc.formats import Candidate
 from sparsecc.targets import x86
+from sparsecc.targets.base import Target
 from sparsecc.targets.toolchain import aarch64_toolchain
+from sparsecc.targets.x86_nm import default_nm_params, schedule_nm
 
-__all__ = ["ARM_DEVICES", "ArmDevice", "arm_params", "arm_target", "build", "build_linear_kernel",
-           "disassemble", "export_library", "neon_instructions"]
+__all__ = ["ARM_DEVICES", "ArmDevice", "ArmTarget", "arm_params", "arm_target", "build", "build_linear_kernel",
+           "build_nm_kernel", "disassemble", "export_library", "neon_instructions", "nm_params", "static_roofline"]
 
 
 @dataclass(frozen=True)
@@ -162,15 +165,9 @@ def export_library(lib, path) -> Path:
     return path
 
 
-def kernel_cache_dir() -> Path:
-    from sparsecc.runtime.kernels import cache_root
-
-    return cache_root() / "kernels-aarch64"
-
-
 def build_linear_kernel(block, regime: str, *, bias: bool, activation=None, device: str = "arm",
                         k: int | None = None) -> Path:
-    """Cross-build one sparse linear kernel and return its aarch64 ``.so`` (cached on disk).
+    """Cross-build one sparse linear kernel and return its aarch64 ``.so`` (in the kernel cache).
 
     The kernel's arguments are those of :func:`sparsecc.runtime.kernels.get_linear_kernel`; ``M`` must be a
     multiple of ``arm_params(block, regime).m_tile``.
@@ -179,16 +176,16 @@ def build_linear_kernel(block, regime: str, *, bias: bool, activation=None, devi
     ------
     KernelBuildError, ToolchainError
     """
-    from sparsecc.runtime.kernels import kernel_name
-
     target = arm_target(device)
+    block = tuple(block)
     sch = schedule_linear(block, regime, bias=bias, activation=activation, k=k)
-    text = sch.mod.script()
-    digest = hashlib.sha256("\n".join([text, str(target), tvm.__version__]).encode()).hexdigest()[:24]
-    path = kernel_cache_dir() / f"{kernel_name(tuple(block), regime, bias, activation)}-{digest}.so"
-    if not path.exists():
-        export_library(build(sch, target), path)
-    return path
+    name = Candidate("csr" if block == (1, 1) else "bsr", block).kernel_name("linear", regime, bias, activation)
+    return _cross_built(sch, name, target)
+
+
+def _cross_built(sch, name: str, target) -> Path:
+    digest = KERNELS.digest(sch.mod.script(), str(target), tvm.__version__)
+    return KERNELS.library(name, digest, lambda tmp: export_library(build(sch, target), tmp), target_dir="aarch64")
 
 
 def disassemble(lib_path) -> str:
@@ -222,48 +219,43 @@ def check_buildable(device: str = "arm") -> None:
         raise KernelBuildError(f"TVM cannot target aarch64: {e}") from e
 
 
-# -- the CompileTarget -------------------------------------------------------------------
-
 #: Fraction of the core's FP32 peak each kernel is assumed to reach (gemm regime; gemv gets half), and the
 #: fraction of the core's bandwidth it streams at. Relative orders follow the x86 measurements of
 #: ../shared/notes/tvm-0.27-facts.md (16x1 > 8x1 > 4x4 > 4x1 > 1x8 > 1x4 > CSR; N:M, vectorized along M, near 8x1);
 #: dense assumes a tuned BLAS-class GEMM. Not measured on ARM hardware.
 STATIC_EFFICIENCY = {
-    "dense": (0.60, 0.80), "csr_1x1": (0.06, 0.35), "bsr_1x4": (0.12, 0.55), "bsr_1x8": (0.15, 0.60),
-    "bsr_4x1": (0.20, 0.60), "bsr_8x1": (0.28, 0.70), "bsr_16x1": (0.35, 0.75), "bsr_4x4": (0.25, 0.65),
-    "nm_2:4": (0.30, 0.60), "nm_1:4": (0.25, 0.60),
+    Candidate("dense"): (0.60, 0.80), Candidate("csr", (1, 1)): (0.06, 0.35),
+    Candidate("bsr", (1, 4)): (0.12, 0.55), Candidate("bsr", (1, 8)): (0.15, 0.60),
+    Candidate("bsr", (4, 1)): (0.20, 0.60), Candidate("bsr", (8, 1)): (0.28, 0.70),
+    Candidate("bsr", (16, 1)): (0.35, 0.75), Candidate("bsr", (4, 4)): (0.25, 0.65),
+    Candidate("nm", (2, 4)): (0.30, 0.60), Candidate("nm", (1, 4)): (0.25, 0.60),
 }
 #: Fixed cost of one kernel call on the board (ms).
 STATIC_OVERHEAD_MS = 0.005
 
 
-def static_cost_model(device: str = "arm"):
-    """Roofline cost model of an ARM core from its data sheet (:data:`ARM_DEVICES`, :data:`STATIC_EFFICIENCY`).
+def static_roofline(device: str = "arm") -> dict:
+    """Roofline constants of an ARM core from its data sheet (:data:`ARM_DEVICES`, :data:`STATIC_EFFICIENCY`).
 
-    ``P = efficiency x peak GFLOP/s`` (half of it for M < 8), ``BW = fraction x core GB/s``; see
-    :class:`~sparsecc.tune.cost_model.CostModel` for the latency formula (Williams et al., CACM 2009).
+    ``P = efficiency x peak GFLOP/s`` (half of it for M < 8), ``BW = fraction x core GB/s``: returns
+    ``{Candidate: (GFLOP/s gemv, GFLOP/s gemm, GB/s, overhead ms)}`` for the cost model's roofline
+    (Williams et al., CACM 2009).
     """
-    from sparsecc.tune.cost_model import CostModel, KernelCalibration
-
     _, dev = device_for(device)
-    kernels = {}
-    for key, (eff, bw) in STATIC_EFFICIENCY.items():
+    out = {}
+    for cand, (eff, bw) in STATIC_EFFICIENCY.items():
         gemm = eff * dev.peak_gflops
-        kernels[key] = KernelCalibration(gflops_gemv=gemm / 2, gflops_gemm=gemm, gbps=bw * dev.gbps,
-                                         overhead_ms=STATIC_OVERHEAD_MS)
-    return CostModel(kernels, source=f"static roofline of {dev.description} ({dev.peak_gflops:.1f} GFLOP/s "
-                                     f"peak, {dev.gbps:.0f} GB/s), not measured")
+        out[cand] = (gemm / 2, gemm, bw * dev.gbps, STATIC_OVERHEAD_MS)
+    return out
 
 
-from sparsecc.targets.base import CompileTarget
-
-
-class ArmTarget(CompileTarget):
+class ArmTarget(Target):
     """An aarch64 NEON device (``"arm"``, ``"cortex-a76"``, ``"neoverse-n1"``/``"graviton2"``, ...).
 
-    Formats are chosen with :func:`static_cost_model` (nothing is timed: the host is not the device). The
-    kernel modules of the compiled graph are host builds of the same formats, so ``cm(*inputs)`` runs and can
-    be checked on the host; ``cm.export(path)`` cross-compiles the deployable aarch64 artifact.
+    Formats are chosen with the static roofline (:func:`static_roofline`; nothing is timed: the host is
+    not the device). The kernel modules of the compiled graph are host builds of the same formats (N:M
+    packed with the NEON tiles), so ``cm(*inputs)`` runs and can be checked on the host;
+    ``cm.export(path)`` cross-compiles the deployable aarch64 artifact.
 
     Parameters
     ----------
@@ -271,155 +263,70 @@ class ArmTarget(CompileTarget):
         A key of :data:`ARM_DEVICES` or an alias (``"graviton3"``), optionally prefixed ``"arm:"``.
     """
 
+    kind = "arm"
+    layer_formats = {"linear": frozenset({"csr", "bsr", "nm"}), "conv2d": frozenset({"csr", "bsr"})}
+    can_time_kernels = False
+
     def __init__(self, device: str = "arm"):
-        super().__init__()
+        from sparsecc.targets.x86 import X86Target
+
         self.device, self.arm_device = device_for(device)
         self.name = "arm" if self.device == "arm" else f"arm:{self.device}"
-
-    def arm_tvm_target(self) -> tvm.target.Target:
-        """The aarch64 ``tvm.target.Target`` the exported artifact is built for."""
-        return arm_target(self.device)
+        self.host = X86Target()  # runs the compiled module's kernels in this process
+        self.rules = self.host.rules
 
     def tvm_target(self):
         """The *host* target: the compiled module's kernels run here (see the class docstring)."""
-        return super().tvm_target()
+        return self.host.tvm_target()
 
-    def make_linear(self, matrix, bias=None, activation=None):
-        """Host kernel module of ``matrix``'s format; N:M layers get the NEON tiles (:func:`nm_params`), so
-        their packed values and indices are the ones the exported aarch64 kernel reads."""
-        from sparsecc.formats import NMSparseMatrix
+    def deploy_tvm_target(self) -> tvm.target.Target:
+        """The aarch64 ``tvm.target.Target`` the exported artifact is built for."""
+        return arm_target(self.device)
 
-        if isinstance(matrix, NMSparseMatrix):
-            from sparsecc.runtime.nm import NMLinear
+    @property
+    def deploy_arch(self) -> str:
+        return "aarch64"
 
-            return NMLinear(matrix, bias, activation=activation, target=self.tvm_target(),
-                            params={r: nm_params(r, self.device) for r in ("gemv", "gemm")})
-        return super().make_linear(matrix, bias, activation)
+    def kernel_params(self, family: str, regime: str, **shape):
+        """NEON tiles: ``"linear"`` (:func:`arm_params`), ``"nm"`` (:func:`nm_params`); convs use the host's."""
+        if family == "linear":
+            return arm_params(tuple(shape["block"]), regime)
+        if family == "nm":
+            return nm_params(regime, self.device)
+        return self.host.kernel_params(family, regime, **shape)
+
+    def build(self, mod):
+        """Host build (the compiled module's kernels run here); :func:`build` cross-builds for the device."""
+        return self.host.build(mod)
+
+    def export_library(self, lib, path) -> None:
+        export_library(lib, path)
 
     def describe(self) -> str:
         return f"{self.name} ({self.arm_device.description}; host kernels for cm(), aarch64 export)"
 
     def cache_key(self) -> str:
-        return f"{self.name}|{self.arm_tvm_target()}|tvm {tvm.__version__}"
+        return f"{self.name}|{self.deploy_tvm_target()}|tvm {tvm.__version__}"
 
-    def cost_model(self):
-        if self._cost_model is None:
-            self._cost_model = static_cost_model(self.device)
-        return self._cost_model
-
-    def prepare_compile(self, build_only: bool = False, measure: bool = True):
-        """Never measure: host timings say nothing about the ARM core (``build_only`` is for CUDA)."""
-        if build_only:
-            raise TargetError("build_only=True is for target 'cuda'; for ARM, compile and call cm.export(path)")
-        return self, False
+    def roofline(self) -> dict:
+        return static_roofline(self.device)
 
     def __repr__(self) -> str:
         return f"ArmTarget({self.device!r})"
 
 
-def run_linear_under_qemu(matrix, x, bias=None, activation=None, *, device: str = "arm", static_k: bool = False,
-                          repeat: int = 1):
-    """``act(x @ W.T + b)`` computed by the cross-built aarch64 kernel under qemu (for tests and benchmarks).
-
-    Parameters
-    ----------
-    matrix : BlockSparseMatrix
-        W: (N, K) in BSR/CSR.
-    x : torch.Tensor
-        (M, K) float32.
-    bias : torch.Tensor, optional
-        (N,).
-    static_k : bool
-        Build for the static K of ``matrix`` (one build per K) instead of a symbolic K.
-
-    Returns
-    -------
-    y : torch.Tensor
-        (M, N).
-    time_ms : float or None
-        Median emulated time of one call (``repeat > 1``).
-    """
-    import numpy as np
-    import torch
-
-    from sparsecc.targets.qemu import run_under_qemu
-
-    n, k = matrix.shape
-    br, bc = matrix.block
-    m = x.shape[0]
-    regime = x86.regime_for(m)
-    mt = arm_params((br, bc), regime).m_tile
-    mp = -(-max(m, 1) // mt) * mt
-    xp = torch.zeros(mp, k)
-    xp[:m] = x
-    data, indices = matrix.data.detach().float().contiguous(), matrix.indices.int()
-    if data.shape[0] == 0:  # nnzb == 0: as SparseLinear, pass one unread block
-        data, indices = torch.zeros(1, br, bc), torch.zeros(1, dtype=torch.int32)
-    args = [xp, data, indices, matrix.indptr.int()]
-    if bias is not None:
-        args.append(bias.detach().float().reshape(n // br, br))
-    args.append(np.zeros((mp, n // br, br), np.float32))
-    lib = build_linear_kernel((br, bc), regime, bias=bias is not None, activation=activation, device=device,
-                              k=k if static_k else None)
-    outs, t = run_under_qemu(lib, args, repeat=repeat)
-    return torch.from_numpy(outs[-1].reshape(mp, n)[:m].copy()), t
-
-
 def nm_params(regime: str, device: str = "arm"):
     """N:M tiles for NEON: the x86 N:M rules' defaults at 128-bit vectors (gemm: 4 rows of X per vector)."""
-    from sparsecc.targets.x86_nm import default_nm_params
-
     return default_nm_params(regime, target=arm_target(device))
 
 
 def build_nm_kernel(n: int, m: int, groups: int, regime: str, *, bias: bool, activation=None,
                     device: str = "arm", params=None) -> Path:
     """Cross-build one N:M linear kernel (:mod:`sparsecc.codegen.nm`) and return its aarch64 ``.so`` (cached)."""
-    from sparsecc.runtime.nm import nm_kernel_name
-    from sparsecc.targets.x86_nm import schedule_nm
-
     target = arm_target(device)
     params = params or nm_params(regime, device)
     sch = schedule_nm(n, m, groups, regime, bias=bias, activation=activation, target=target, params=params)
-    digest = hashlib.sha256("\n".join([sch.mod.script(), str(target), tvm.__version__]).encode()).hexdigest()[:24]
-    path = kernel_cache_dir() / f"{nm_kernel_name(n, m, regime, bias, activation)}-g{groups}-{digest}.so"
-    if not path.exists():
-        export_library(build(sch, target), path)
-    return path
+    name = Candidate("nm", (n, m)).kernel_name("linear", regime, bias, activation) + f"_g{groups}"
+    return _cross_built(sch, name, target)
 
 
-def run_nm_linear_under_qemu(matrix, x, bias=None, activation=None, *, device: str = "arm", repeat: int = 1):
-    """``act(x @ W.T + b)`` for an N:M ``matrix`` (NMSparseMatrix, W: (N, K)) by the aarch64 kernel under qemu.
-
-    Packing and the tiled transpose of X are those of :class:`sparsecc.runtime.nm.NMLinear` (built with NEON
-    tiles, never run on the host here).
-
-    Returns
-    -------
-    y : torch.Tensor
-        (M, N).
-    time_ms : float or None
-    """
-    import torch
-
-    from sparsecc.runtime.nm import NMLinear
-    from sparsecc.targets.qemu import run_under_qemu
-
-    params = {r: nm_params(r, device) for r in ("gemv", "gemm")}
-    mod = NMLinear(matrix, bias, activation, target=arm_target(device), params=params)
-    n_out, k = mod.shape
-    rows = x.shape[0]
-    regime = x86.regime_for(rows)
-    p = mod.params[regime]
-    xt = mod._transpose_x(x.reshape(rows, k).contiguous(), p.m_tile)
-    mp = xt.shape[0] * p.m_tile
-    if p.index == "offset":
-        xt = xt.reshape(xt.shape[0], -1)
-    meta = getattr(mod, mod._meta_names[regime])
-    y4 = torch.zeros(xt.shape[0], p.m_tile, mod.n_padded // mod.r_tile, mod.r_tile)
-    args = [xt, mod.values, meta] + ([mod.bias] if mod.bias is not None else []) + [y4]
-    lib = build_nm_kernel(mod.n, mod.m, mod.groups, regime, bias=mod.bias is not None, activation=activation,
-                          device=device, params=p)
-    outs, t = run_under_qemu(lib, args, repeat=repeat)
-    y = torch.from_numpy(outs[-1].reshape(mp, mod.n_padded)[:rows, :n_out].copy())
-    return y, t

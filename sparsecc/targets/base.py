@@ -1,144 +1,151 @@
-"""Compile targets: what a pass needs to know about the machine it compiles for.
+"""The target contract: what every compile target (x86, ARM, CUDA) declares and does.
 
-A :class:`CompileTarget` gives the passes a calibrated cost model, a factory
-for kernel modules and the block shape to prune to; it hides TVM from them.
+A :class:`Target` describes a machine to the layers above it: which formats it can
+build for each layer kind, whether kernels can be timed on this host, where the
+compiled module's tensors live, its schedule rules and how it builds and links a
+kernel. It knows nothing of runtime modules, passes or the cost model (those layers
+import targets, never the reverse): the runtime's module factories are registered per
+target :attr:`~Target.kind` on each format (:mod:`sparsecc.formats.base`), the cost
+model is calibrated by :mod:`sparsecc.tune.cost_model` or built from
+:meth:`Target.roofline`, and the pass pipeline is composed from the capabilities by
+:func:`sparsecc.passes.pipeline.default_pipeline` (as Relax's per-target default pipelines).
+
+Capabilities are class attributes a target overrides (as tinygrad's renderers declare
+``has_local``/``has_shared``); nothing is probed with ``hasattr``.
+
+Schedule rules share one signature, ``rule(func, target, params) -> Schedule | None``
+(None: the rule does not apply to that template), and :func:`apply_rules` tries them in
+order, as TVM dlight's ``ScheduleRule.apply`` under ``ApplyDefaultSchedule``.
 """
 
 from __future__ import annotations
 
 import platform
-from typing import Optional
+from abc import ABC, abstractmethod
+from typing import Callable, Optional, Sequence
 
-import torch
+from sparsecc.errors import KernelBuildError, TargetError
 
-from ..errors import TargetError
-from ..formats import BLOCK_SHAPES
-
-#: Target names accepted by :func:`resolve_target`.
-TARGET_ALIASES = {"x86": "x86", "x86_64": "x86", "cpu": "x86", "llvm": "x86", "host": "x86"}
-PLANNED: dict = {}
-#: Names of the ARM target (``targets/arm.py``); ``"arm:<core>"`` or a core name picks the device.
-ARM_ALIASES = ("arm", "aarch64", "arm64", "cortex-a72", "cortex-a76", "neoverse-n1", "neoverse-v1", "graviton2",
-               "graviton3")
-#: Names of the CUDA target (``targets/cuda.py``); a dict ``{"kind": "cuda", "arch": "sm_90"}`` picks the arch.
-CUDA_ALIASES = ("cuda", "gpu", "nvidia")
+__all__ = ["Target", "apply_rules", "resolve_target"]
 
 
-class CompileTarget:
-    """The host x86 CPU (AVX2/AVX-512 picked from the detected CPU by TVM's LLVM backend)."""
+class Target(ABC):
+    """A compile target.
 
-    name = "x86"
+    Attributes
+    ----------
+    name : str
+        What ``compile(target=...)`` was given, normalized (``"x86"``, ``"arm:neoverse-n1"``, ``"cuda"``).
+    kind : str
+        ``"x86"``, ``"arm"`` or ``"cuda"``: runtime module factories are registered per kind.
+    layer_formats : dict layer kind -> frozenset of format names
+        Formats the target builds kernels for (``"linear"``, ``"conv2d"``); dense is always possible.
+    can_time_kernels : bool
+        Kernels run on this host, so formats may be chosen by measurement and the cost model calibrated.
+    supports_build_only : bool
+        ``compile(..., build_only=True)`` builds kernels without running them.
+    build_only : bool
+        This target object builds only (set by :func:`resolve_target`).
+    torch_device : str
+        Device the compiled module's tensors live on.
+    rules : tuple of callables
+        Schedule rules in the order they are tried.
+    """
 
-    def __init__(self):
-        self._tvm_target = None
-        self._cost_model = None
-        #: sparsecc.tune.autotune.TuningDatabase set by compile(..., tuning_db=...): make_linear
-        #: then uses its tuned schedules where it has them
-        self.tuning_db = None
+    name: str = ""
+    kind: str = ""
+    layer_formats: dict = {}
+    can_time_kernels: bool = False
+    supports_build_only: bool = False
+    build_only: bool = False
+    torch_device: str = "cpu"
+    rules: tuple = ()
 
+    def supports(self, layer_kind: str, fmt: str) -> bool:
+        """Whether the target builds ``fmt`` kernels for ``layer_kind`` layers (dense: always)."""
+        return fmt == "dense" or fmt in self.layer_formats.get(layer_kind, ())
+
+    @abstractmethod
     def tvm_target(self):
-        """The ``tvm.target.Target`` kernels are built for (the detected host CPU)."""
-        if self._tvm_target is None:
-            from .x86 import host_target
+        """The ``tvm.target.Target`` the compiled module's kernels are built for (they run in this process)."""
 
-            self._tvm_target = host_target()
-        return self._tvm_target
+    def deploy_tvm_target(self):
+        """The ``tvm.target.Target`` an exported artifact is built for (default: :meth:`tvm_target`)."""
+        return self.tvm_target()
 
+    #: Architecture of an exported artifact (``platform.machine()`` names; "aarch64" for ARM).
+    @property
+    def deploy_arch(self) -> str:
+        return platform.machine()
+
+    @abstractmethod
     def describe(self) -> str:
-        t = self.tvm_target()
-        return f"{self.name} ({t.attrs.get('mcpu', 'generic')})"
+        """One line for reports: name and CPU/GPU."""
 
+    @abstractmethod
     def cache_key(self) -> str:
-        import tvm
+        """What a cached calibration or kernel of this target depends on."""
 
-        return f"{self.name}|{self.tvm_target()}|tvm {tvm.__version__}"
+    def roofline(self) -> Optional[dict]:
+        """Static cost constants ``{Candidate: (GFLOP/s gemv, GFLOP/s gemm, GB/s, overhead ms)}``, or None.
 
-    def make_linear(self, matrix, bias: Optional[torch.Tensor] = None, activation: Optional[str] = None):
-        """Kernel module computing ``act(X · Wᵀ + b)`` for ``matrix``: W (N, K) (BSR/CSR or N:M)."""
-        from ..formats import NMSparseMatrix
-        from ..runtime.kernels import SparseLinear
-
-        if isinstance(matrix, NMSparseMatrix):
-            from ..runtime.nm import NMLinear
-
-            return NMLinear(matrix, bias, activation=activation, target=self.tvm_target())
-        tuned = None
-        if getattr(self, "tuning_db", None) is not None:  # compile(..., tuning_db=...)
-            n, k = matrix.shape
-            tuned = self.tuning_db.for_layer(matrix.block, n, k, matrix.nnzb, bias is not None, activation,
-                                             self.tvm_target())
-        return SparseLinear(matrix, bias, activation=activation, target=self.tvm_target(), tuned=tuned)
-
-    def make_conv(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, stride=1, padding=0,
-                  block=(16, 1), activation: Optional[str] = None, residual: bool = False, layout: str = "nhwc",
-                  name: str = "conv"):
-        """Kernel module computing ``act(conv2d(x, W, b) [+ r])`` for ``weight``: W (C_out, C_in, kh, kw)."""
-        from ..runtime.conv import SparseConv2d
-
-        return SparseConv2d(weight, bias, stride, padding, activation, block, layout=layout, residual=residual,
-                            target=self.tvm_target(), name=name)
-
-    def cost_model(self):
-        """Cost model calibrated on this host (cached on disk after the first run)."""
-        if self._cost_model is None:
-            from ..tune.calibrate import calibrate
-
-            self._cost_model = calibrate(self)
-        return self._cost_model
-
-    def prune_block(self, shapes, density: float, m: int, max_area: int = 16) -> tuple:
-        """Block shape to prune to for ``pattern="block"``: the one with least estimated total latency.
-
-        Parameters
-        ----------
-        shapes : list of (N, K)
-            Weight shapes of the layers to prune.
-        density : float
-            Density they will be pruned to.
-        m : int
-            Example rows of X.
-        max_area : int
-            Largest block area considered (larger blocks cost more accuracy).
+        None (targets that can time kernels) means: calibrate by measuring on this host.
         """
-        cost = self.cost_model()
-        best, best_t = (1, 1), float("inf")
-        for b in BLOCK_SHAPES:
-            if b == (1, 1) or b[0] * b[1] > max_area or not cost.has("bsr", b):
-                continue
-            fits = [(n, k) for n, k in shapes if n % b[0] == 0 and k % b[1] == 0]
-            if not fits:
-                continue
-            # a layer the block does not divide stays unstructured (CSR) or dense, whichever is faster
-            t = sum(cost.estimate_ms("bsr", n, k, m, int(density * n * k / (b[0] * b[1])), b) for n, k in fits)
-            t += sum(min(cost.estimate_ms("dense", n, k, m), cost.estimate_ms("csr", n, k, m, int(density * n * k)))
-                     for n, k in shapes if (n, k) not in fits)
-            if t < best_t:
-                best, best_t = b, t
-        return best
+        return None
 
-    def prepare_compile(self, build_only: bool = False, measure: bool = True):
-        """Called by :func:`sparsecc.compile` before the passes; returns ``(target, measure)``.
+    def kernel_params(self, family: str, regime: str, **shape):
+        """Schedule knobs of a kernel family (``"linear"``, ``"nm"``, ``"conv"``) in a regime on this target.
 
         Raises
         ------
-        TargetError
-            ``build_only`` on a target that runs here (only ``"cuda"`` has a build-only mode).
+        KernelBuildError
+            The target has no kernels of that family.
         """
-        if build_only:
-            raise TargetError(f"build_only=True is for target 'cuda' (no GPU needed); target {self.name!r} "
-                              "builds and runs on this host")
-        return self, measure
+        raise KernelBuildError(f"target {self.name!r} has no {family!r} kernels")
 
-    def finish_compile(self, cm):
-        """Called by :func:`sparsecc.compile` on the compiled module; returns what ``compile`` returns."""
-        return cm
+    def build(self, mod):
+        """``tvm.compile`` a scheduled kernel for :meth:`tvm_target`; errors become KernelBuildError."""
+        raise KernelBuildError(f"target {self.name!r} does not build kernels here")
+
+    def export_library(self, lib, path) -> None:
+        """Write a built module as a shared library at ``path`` (cross-linked where the target needs it)."""
+        lib.export_library(str(path))
+
+    def check_available(self) -> None:
+        """Raise :class:`~sparsecc.errors.TargetUnavailableError` when the compiled module cannot run here."""
 
     def __repr__(self) -> str:
-        return f"CompileTarget({self.name!r})"
+        return f"{type(self).__name__}({self.name!r})"
 
 
-def resolve_target(target) -> CompileTarget:
-    """Turn ``"x86"`` (or a :class:`CompileTarget`) into a target object.
+def apply_rules(rules: Sequence[Callable], func, target, params):
+    """The schedule of the first rule in ``rules`` that applies to the template ``func``.
+
+    Raises
+    ------
+    KernelBuildError
+        No rule applies (the message names the template's kind).
+    """
+    for rule in rules:
+        sch = rule(func, target, params)
+        if sch is not None:
+            return sch
+    attrs = func.attrs if hasattr(func, "attrs") else func.mod["main"].attrs
+    what = {k: str(attrs[k]) for k in attrs.keys() if str(k).startswith("sparsecc.")}
+    raise KernelBuildError(f"no schedule rule of {target!r} applies to the template {what} ({params})")
+
+
+#: Names of the x86 host target.
+X86_ALIASES = ("x86", "x86_64", "cpu", "llvm", "host")
+#: Names of the ARM target; ``"arm:<core>"`` or a core name picks the device.
+ARM_ALIASES = ("arm", "aarch64", "arm64", "cortex-a72", "cortex-a76", "neoverse-n1", "neoverse-v1", "graviton2",
+               "graviton3")
+#: Names of the CUDA target; a dict ``{"kind": "cuda", "arch": "sm_90"}`` picks the arch.
+CUDA_ALIASES = ("cuda", "gpu", "nvidia")
+
+
+def resolve_target(target, *, build_only: bool = False) -> Target:
+    """Turn a name (``"x86"``, ``"arm:neoverse-n1"``, ``"cuda"``) or a dict into a :class:`Target`.
 
     ``"cuda"`` (or ``{"kind": "cuda", "arch": "sm_90", "device": 0}``) gives a
     :class:`~sparsecc.targets.cuda.CudaTarget` (arch: the GPU's own, else sm_80).
@@ -146,34 +153,38 @@ def resolve_target(target) -> CompileTarget:
     Raises
     ------
     TargetError
-        Unknown name, a target that is planned but not built yet, or ``"x86"``
-        on a host that is not x86-64.
+        Unknown name, ``build_only`` on a target without that mode, or ``"x86"`` on a host that is not x86-64.
     """
-    if isinstance(target, CompileTarget):
-        return target
-    if isinstance(target, dict) and str(target.get("kind", "")).lower() == "cuda":
+    if isinstance(target, Target):
+        tgt = target
+    elif isinstance(target, dict) and str(target.get("kind", "")).lower() == "cuda":
         extra = set(target) - {"kind", "arch", "device"}
         if extra:
             raise TargetError(f"CUDA target keys are 'kind', 'arch', 'device'; unknown: {sorted(extra)}")
-        from .cuda import CudaTarget
+        from sparsecc.targets.cuda import CudaTarget
 
-        return CudaTarget(target.get("arch"), int(target.get("device", 0)))
-    if isinstance(target, str) and target.lower() in CUDA_ALIASES:
-        from .cuda import CudaTarget
-
-        return CudaTarget()
-    if not isinstance(target, str):
+        tgt = CudaTarget(target.get("arch"), int(target.get("device", 0)), build_only=build_only)
+    elif not isinstance(target, str):
         raise TargetError(f"target must be a name such as 'x86', got {type(target).__name__}")
-    if target.lower() in ARM_ALIASES or target.lower().startswith(("arm:", "aarch64:")):
-        from .arm import ArmTarget
+    elif target.lower() in CUDA_ALIASES:
+        from sparsecc.targets.cuda import CudaTarget
 
-        return ArmTarget(target)
-    key = target.lower()
-    if key in PLANNED:
-        raise TargetError(f"target {target!r} is not supported yet: it arrives with {PLANNED[key]}")
-    if key not in TARGET_ALIASES:
+        tgt = CudaTarget(build_only=build_only)
+    elif target.lower() in ARM_ALIASES or target.lower().startswith(("arm:", "aarch64:")):
+        from sparsecc.targets.arm import ArmTarget
+
+        tgt = ArmTarget(target)
+    elif target.lower() in X86_ALIASES:
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            raise TargetError(f"target 'x86' needs an x86-64 host, this is {platform.machine()}")
+        from sparsecc.targets.x86 import X86Target
+
+        tgt = X86Target()
+    else:
         raise TargetError(f"unknown target {target!r}; supported: 'x86', 'cuda', 'arm' or 'arm:<core>' "
                           f"({', '.join(ARM_ALIASES[3:])})")
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        raise TargetError(f"target 'x86' needs an x86-64 host, this is {platform.machine()}")
-    return CompileTarget()
+    if build_only and not tgt.supports_build_only:
+        raise TargetError(f"build_only=True is for target 'cuda' (no GPU needed); target {tgt.name!r} "
+                          + ("builds and runs on this host" if tgt.can_time_kernels
+                             else "is compiled as usual; call cm.export(path) for the deployable artifact"))
+    return tgt

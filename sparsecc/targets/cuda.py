@@ -53,8 +53,9 @@ import tvm
 import tvm.s_tir
 
 from sparsecc.codegen.linear_cuda import bsr_linear_gpu
-from sparsecc.errors import KernelBuildError, TargetError
-from sparsecc.targets.base import CompileTarget
+from sparsecc.errors import KernelBuildError, TargetError, TargetUnavailableError
+from sparsecc.formats import BLOCK_SHAPES, NM_PATTERNS, Candidate
+from sparsecc.targets.base import Target, apply_rules
 
 __all__ = [
     "ARCHS",
@@ -69,7 +70,7 @@ __all__ = [
     "kernel_source",
     "nvcc_compile",
     "regime_for",
-    "roofline_cost_model",
+    "roofline_constants",
     "schedule_linear",
 ]
 
@@ -153,8 +154,10 @@ def _block_of(func) -> tuple[int, int]:
     return int(blk[0]), int(blk[1])
 
 
-def rule_gpu_bsr(func, params: GpuParams) -> tvm.s_tir.Schedule:
+def rule_gpu_bsr(func, target=None, params: GpuParams = GpuParams()):
     """Bind the GPU template: tiles to blocks, rows/M/lanes to threads, lanes reduce by shuffles."""
+    if str(func.attrs.get("sparsecc.kind", "")) != "linear_gpu":
+        return None
     mt, rb, lanes = params.m_tile, params.rows, params.lanes
     sch = tvm.s_tir.Schedule(func)
     mo, ig = sch.get_loops("tile")
@@ -201,9 +204,13 @@ def schedule_linear(block, regime: str, *, k: int, bias: bool, activation=None,
     func = bsr_linear_gpu(block, k=int(k), bias=bias, activation=activation, m_tile=params.m_tile,
                           rows=params.rows, x_scope="shared", acc_scope="local")
     try:
-        return rule_gpu_bsr(func, params)
+        return apply_rules(RULES, func, None, params)
     except tvm.s_tir.ScheduleError as e:
         raise KernelBuildError(f"CUDA schedule failed for block {block} ({regime}, {params}): {e}") from e
+
+
+#: The CUDA schedule rules, tried in order.
+RULES = (rule_gpu_bsr,)
 
 
 def _has_nvrtc() -> bool:
@@ -318,29 +325,26 @@ ROOFLINE = {"sm_80": (19.5, 2039.0), "sm_86": (31.2, 600.0), "sm_89": (30.3, 300
 EFFICIENCY = {"dense": (0.3, 0.7, 0.8, 0.010), "csr": (0.03, 0.05, 0.35, 0.010), "bsr": (0.05, 0.10, 0.5, 0.010)}
 
 
-def roofline_cost_model(arch: str = "sm_80"):
-    """:class:`~sparsecc.tune.cost_model.CostModel` for ``arch`` from datasheet peaks x assumed efficiencies.
+def roofline_constants(arch: str = "sm_80") -> dict:
+    """Roofline constants of ``arch`` from datasheet peaks x assumed efficiencies.
 
-    Latency ``t(M) = overhead + max(FLOPs / P, bytes / BW)`` (Williams et al., CACM 2009) with ``P``
-    and ``BW`` = :data:`ROOFLINE` x :data:`EFFICIENCY`. Unknown archs use the nearest lower known one.
-    Uncalibrated: it decides dense vs sparse only where the difference is large (e.g. density 0.1
-    blocks: bandwidth-bound, sparse wins at small M; density 0.5 CSR: dense wins).
+    Returns ``{Candidate: (GFLOP/s gemv, GFLOP/s gemm, GB/s, overhead ms)}`` for the cost model's latency
+    ``t(M) = overhead + max(FLOPs / P, bytes / BW)`` (Williams et al., CACM 2009), with ``P`` and ``BW`` =
+    :data:`ROOFLINE` x :data:`EFFICIENCY`. Unknown archs use the nearest lower known one. Uncalibrated: it
+    decides dense vs sparse only where the difference is large (e.g. density 0.1 blocks: bandwidth-bound,
+    sparse wins at small M; density 0.5 CSR: dense wins).
     """
-    from sparsecc.formats import BLOCK_SHAPES, NM_PATTERNS
-    from sparsecc.tune.cost_model import CostModel, KernelCalibration, candidate_key
-
     known = sorted(ROOFLINE, key=lambda a: int(a[3:]))
     num = int(arch[3:]) if arch[3:].isdigit() else 80
     base = [a for a in known if int(a[3:]) <= num]
     peak_tf, bw = ROOFLINE[base[-1] if base else known[0]]
-    model = CostModel(source=f"roofline of {arch} (datasheet peaks x assumed efficiencies, not measured)")
-    cands = [("dense", None)] + [("csr" if b == (1, 1) else "bsr", b) for b in BLOCK_SHAPES]
-    cands += [("nm", p) for p in NM_PATTERNS]  # run on the CSR kernel (see CudaTarget.make_linear)
-    for fmt, block in cands:
-        ev, em, eb, oh = EFFICIENCY["csr" if fmt == "nm" else fmt]
-        model.kernels[candidate_key(fmt, block)] = KernelCalibration(
-            gflops_gemv=peak_tf * 1e3 * ev, gflops_gemm=peak_tf * 1e3 * em, gbps=bw * eb, overhead_ms=oh)
-    return model
+    cands = [Candidate("dense")] + [Candidate("csr" if b == (1, 1) else "bsr", b) for b in BLOCK_SHAPES]
+    cands += [Candidate("nm", p) for p in NM_PATTERNS]  # run on the CSR kernel (see CudaSparseLinear)
+    out = {}
+    for cand in cands:
+        ev, em, eb, oh = EFFICIENCY["csr" if cand.format == "nm" else cand.format]
+        out[cand] = (peak_tf * 1e3 * ev, peak_tf * 1e3 * em, bw * eb, oh)
+    return out
 
 
 def detect_arch(device_index: int = 0) -> str | None:
@@ -357,8 +361,11 @@ def detect_arch(device_index: int = 0) -> str | None:
 
 
 
-class CudaTarget(CompileTarget):
+class CudaTarget(Target):
     """An NVIDIA GPU: sparse linears run as TVM CUDA kernels, everything else in torch on the GPU.
+
+    Convolutions stay in torch (cuDNN): the target declares no conv formats. Formats are chosen by the
+    roofline alone (:func:`roofline_constants`): the format pass cannot time GPU kernels from the host.
 
     Parameters
     ----------
@@ -372,27 +379,30 @@ class CudaTarget(CompileTarget):
     """
 
     name = "cuda"
+    kind = "cuda"
+    layer_formats = {"linear": frozenset({"csr", "bsr", "nm"})}
+    can_time_kernels = False
+    supports_build_only = True
+    rules = RULES
 
     def __init__(self, arch: str | None = None, device_index: int = 0, build_only: bool = False):
-        super().__init__()
         self.device_index = int(device_index)
         self.arch = arch or detect_arch(self.device_index) or "sm_80"
-        cuda_target(self.arch)  # validates the name
+        self._tvm_target = cuda_target(self.arch)  # validates the name
         self.build_only = bool(build_only)
 
     @property
-    def device(self):
-        import torch
-
-        return torch.device("cuda", self.device_index)
+    def torch_device(self) -> str:
+        return f"cuda:{self.device_index}"
 
     def tvm_target(self):
-        if self._tvm_target is None:
-            self._tvm_target = cuda_target(self.arch)
         return self._tvm_target
 
     def describe(self) -> str:
         return f"cuda ({self.arch}{', build only' if self.build_only else ''})"
+
+    def cache_key(self) -> str:
+        return f"cuda|{self.arch}|tvm {tvm.__version__}"
 
     def available(self) -> bool:
         """A usable GPU is present (torch and TVM both see device ``device_index``)."""
@@ -400,66 +410,37 @@ class CudaTarget(CompileTarget):
 
         return cuda_device_available() and torch.cuda.device_count() > self.device_index
 
-    def make_linear(self, matrix, bias=None, activation=None):
-        """:class:`~sparsecc.runtime.cuda_kernels.CudaSparseLinear` computing ``act(X · Wᵀ + b)``, W: (N, K).
-
-        An N:M matrix (:class:`~sparsecc.formats.NMSparseMatrix`) runs on the CSR kernel: every row
-        holds the same number of nonzeros, so the warps are balanced (no dedicated N:M kernel and no
-        sparse tensor cores on this target yet).
-        """
-        from sparsecc.formats import BlockSparseMatrix, NMSparseMatrix
-        from sparsecc.runtime.cuda_kernels import CudaSparseLinear
-
-        if isinstance(matrix, NMSparseMatrix):
-            matrix = BlockSparseMatrix.from_dense(matrix.to_dense(), (1, 1))
-        return CudaSparseLinear(matrix, bias, activation=activation, arch=self.arch, device=self.device,
-                                build_only=self.build_only)
-
-    @property
-    def make_conv(self):
-        """Absent: convolutions stay in torch (cuDNN) on this target; the conv passes test ``hasattr``."""
-        raise AttributeError("the CUDA target has no sparse conv kernels; convolutions run in torch (cuDNN)")
-
-    def cost_model(self):
-        """Roofline of :attr:`arch` (:func:`roofline_cost_model`); no calibration."""
-        if self._cost_model is None:
-            self._cost_model = roofline_cost_model(self.arch)
-        return self._cost_model
-
-    def prepare_compile(self, build_only: bool = False, measure: bool = True):
-        """Check the GPU before compiling; returns ``(target, measure)`` for the passes.
-
-        Formats are chosen by the roofline alone (``measure`` is turned off: the
-        format pass times kernels on the host).
+    def check_available(self) -> None:
+        """Raise unless a GPU can run the compiled module (build-only targets need none).
 
         Raises
         ------
         TargetUnavailableError
-            No usable GPU and ``build_only`` is False.
+            No usable GPU and not ``build_only``.
         """
-        from sparsecc.errors import TargetUnavailableError
+        if self.build_only or self.available():
+            return
+        import torch
 
-        if not build_only and not self.available():
-            import torch
+        if not torch.cuda.is_available():
+            why = f"torch.cuda.is_available() is False (torch {torch.__version__})"
+        else:
+            why = f"TVM cannot open CUDA device {self.device_index}"
+        raise TargetUnavailableError(
+            f"target 'cuda' ({self.arch}) needs a CUDA GPU to run: {why}. Pass build_only=True to "
+            "sparsecc.compile to get the CUDA kernels' source and libraries without running them.")
 
-            if not torch.cuda.is_available():
-                why = f"torch.cuda.is_available() is False (torch {torch.__version__})"
-            else:
-                why = f"TVM cannot open CUDA device {self.device_index}"
-            raise TargetUnavailableError(
-                f"target 'cuda' ({self.arch}) needs a CUDA GPU to run: {why}. Pass build_only=True to "
-                "sparsecc.compile to get the CUDA kernels' source and libraries without running them.")
-        tgt = self if build_only == self.build_only else CudaTarget(self.arch, self.device_index, build_only)
-        return tgt, False
+    def kernel_params(self, family: str, regime: str, **shape):
+        """``"linear"``: :func:`default_params` for ``block=`` and ``k=``."""
+        if family == "linear":
+            return default_params(tuple(shape["block"]), regime, int(shape["k"]))
+        return super().kernel_params(family, regime, **shape)
 
-    def finish_compile(self, cm):
-        """Build-only: the :class:`CudaBuildArtifact` of ``cm``; else ``cm`` moved to the GPU."""
-        if self.build_only:
-            from sparsecc.runtime.cuda_kernels import CudaBuildArtifact
+    def build(self, mod):
+        return build(mod, self.tvm_target(), device_code=not self.build_only)
 
-            return CudaBuildArtifact(cm.graph, self, cm.compile_seconds)
-        cm.graph.gm.to(self.device)
-        return cm
+    def roofline(self) -> dict:
+        return roofline_constants(self.arch)
 
     def __repr__(self) -> str:
         return f"CudaTarget(arch={self.arch!r}, build_only={self.build_only})"

@@ -140,7 +140,7 @@ class Toolchain:
 
 def toolchain_dir() -> Path:
     """``<cache_root>/toolchains/aarch64-v<TOOLCHAIN_VERSION>-tvm<version>``."""
-    from sparsecc.runtime.kernels import cache_root
+    from sparsecc.cache import cache_root
 
     return cache_root() / "toolchains" / f"aarch64-v{TOOLCHAIN_VERSION}-tvm{_installed_version('apache-tvm')}"
 

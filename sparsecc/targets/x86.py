@@ -1,4 +1,4 @@
-"""x86 host target: CPU detection, schedule rules for the linear templates, build.
+"""x86 host target: :class:`X86Target`, CPU detection, schedule rules for the linear templates, build.
 
 Rules follow the dlight style: ``rule(func, target, **tile) -> tvm.s_tir.Schedule``
 or ``None`` when the rule does not apply.  A rule gets the *unscheduled*
@@ -25,9 +25,11 @@ import tvm.s_tir
 
 from sparsecc.codegen.linear import linear_template
 from sparsecc.errors import KernelBuildError, TargetError
+from sparsecc.targets.base import Target, apply_rules
 
 __all__ = [
     "GEMM_MIN_M",
+    "X86Target",
     "REGIMES",
     "ScheduleParams",
     "build",
@@ -102,7 +104,7 @@ def target_vector_bits(target: tvm.target.Target | None = None) -> int:
 
 @dataclass(frozen=True)
 class ScheduleParams:
-    """Tile sizes of one rule (the knobs of a later autotuner)."""
+    """Tile sizes of one rule (the knobs `sparsecc.tune` searches)."""
 
     m_tile: int = 1
     m_outer: bool = True  # loop order of the parallel loops: M tiles outside block rows
@@ -182,7 +184,7 @@ def _vectorize_epilogue(sch, br: int) -> None:
 def rule_bsr_column_blocks(func, target=None, params: ScheduleParams = ScheduleParams()):
     """Blocks (br x 1), br > 1: vectorize along br (contiguous in data and Y), broadcast X."""
     br, bc = _block_of(func)
-    if not (br > 1 and bc == 1):
+    if not (br > 1 and bc == 1) or not _is_row_template(func):
         return None
     sch = _schedule_of(func)
     k, j, mi, ii = sch.get_loops(sch.get_sblock("compute"))
@@ -196,7 +198,7 @@ def rule_bsr_column_blocks(func, target=None, params: ScheduleParams = ScheduleP
 def rule_bsr_row_blocks(func, target=None, params: ScheduleParams = ScheduleParams()):
     """Blocks with bc > 1 (1x4, 1x8, 4x4): one partial sum per block column, vectorized along bc."""
     br, bc = _block_of(func)
-    if bc == 1:
+    if bc <= 1 or not _is_row_template(func):
         return None
     sch = _schedule_of(func)
     k, j, mi, ii = sch.get_loops(sch.get_sblock("compute"))
@@ -212,7 +214,7 @@ def rule_bsr_row_blocks(func, target=None, params: ScheduleParams = SchedulePara
 def rule_csr(func, target=None, params: ScheduleParams = ScheduleParams()):
     """CSR: scalar FMAs over an M tile (X values gathered once per nonzero and row)."""
     br, bc = _block_of(func)
-    if (br, bc) != (1, 1):
+    if (br, bc) != (1, 1) or not _is_row_template(func):
         return None
     sch = _schedule_of(func)
     k, j, mi, ii = sch.get_loops(sch.get_sblock("compute"))
@@ -223,11 +225,19 @@ def rule_csr(func, target=None, params: ScheduleParams = ScheduleParams()):
 RULES = (rule_csr, rule_bsr_column_blocks, rule_bsr_row_blocks)
 
 
+def _attrs(func):
+    return (func.mod["main"] if isinstance(func, tvm.s_tir.Schedule) else func).attrs
+
+
 def _block_of(func) -> tuple[int, int]:
-    if isinstance(func, tvm.s_tir.Schedule):
-        func = func.mod["main"]
-    blk = func.attrs["sparsecc.block"]
-    return int(blk[0]), int(blk[1])
+    """The template's block (rows, cols), (0, 0) for templates without one (N:M)."""
+    blk = _attrs(func).get("sparsecc.block")
+    return (int(blk[0]), int(blk[1])) if blk is not None else (0, 0)
+
+
+def _is_row_template(func) -> bool:
+    """The BSR linear template or the NHWC conv template (same loop structure): the BSR rules apply."""
+    return str(_attrs(func).get("sparsecc.kind", "linear")) in ("linear", "conv_nhwc")
 
 
 def schedule_linear(block, regime: str, *, bias: bool, activation=None, target=None,
@@ -237,11 +247,7 @@ def schedule_linear(block, regime: str, *, bias: bool, activation=None, target=N
         raise KernelBuildError(f"unknown regime {regime!r}; expected one of {REGIMES}")
     params = params or default_params(tuple(block), regime)
     func = template_for(block, regime, bias=bias, activation=activation, params=params, k=k)
-    for rule in RULES:
-        sch = rule(func, target, params)
-        if sch is not None:
-            return sch
-    raise KernelBuildError(f"no x86 schedule rule applies to block {tuple(block)} ({regime})")
+    return apply_rules(RULES, func, target, params)
 
 
 def build(mod_or_sch, target=None):
@@ -252,3 +258,46 @@ def build(mod_or_sch, target=None):
         return tvm.compile(mod, target=target)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         raise KernelBuildError(f"TVM build failed for target {target}: {e}") from e
+
+
+class X86Target(Target):
+    """The host x86-64 CPU (AVX2/AVX-512 picked from the detected CPU by TVM's LLVM backend).
+
+    Builds CSR, BSR and N:M linears and CSR/BSR convs, times kernels on this host (formats
+    are chosen by measurement, the cost model is calibrated here).
+    """
+
+    name = "x86"
+    kind = "x86"
+    layer_formats = {"linear": frozenset({"csr", "bsr", "nm"}), "conv2d": frozenset({"csr", "bsr"})}
+    can_time_kernels = True
+
+    def __init__(self):
+        from sparsecc.targets import x86_conv, x86_nm
+
+        self.rules = RULES + x86_nm.NM_RULES + x86_conv.CONV_RULES
+
+    def tvm_target(self):
+        """The detected host CPU (:func:`host_target`)."""
+        return host_target()
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.tvm_target().attrs.get('mcpu', 'generic')})"
+
+    def cache_key(self) -> str:
+        return f"{self.name}|{self.tvm_target()}|tvm {tvm.__version__}"
+
+    def kernel_params(self, family: str, regime: str, **shape):
+        """Hand-picked tiles: ``"linear"`` (``block=``), ``"nm"``, ``"conv"`` (``block=``, ``layout=``)."""
+        from sparsecc.targets import x86_conv, x86_nm
+
+        if family == "linear":
+            return default_params(tuple(shape["block"]), regime)
+        if family == "nm":
+            return x86_nm.default_nm_params(regime, target=self.tvm_target())
+        if family == "conv":
+            return x86_conv.default_conv_params(tuple(shape["block"]), shape.get("layout", "nhwc"))
+        return super().kernel_params(family, regime, **shape)
+
+    def build(self, mod):
+        return build(mod, self.tvm_target())

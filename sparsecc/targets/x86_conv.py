@@ -20,8 +20,10 @@ import tvm.s_tir
 from sparsecc.codegen.conv import bsr_conv1x1_nchw, bsr_conv_nhwc
 from sparsecc.errors import KernelBuildError
 from sparsecc.targets import x86
+from sparsecc.targets.base import apply_rules
+from sparsecc.formats import Candidate
 
-__all__ = ["ConvParams", "conv_kernel_name", "default_conv_params", "schedule_conv"]
+__all__ = ["CONV_RULES", "ConvParams", "conv_kernel_name", "default_conv_params", "schedule_conv"]
 
 #: Kernel families: the implicit-im2col NHWC conv and the 1x1 NCHW conv.
 KINDS = ("nhwc", "nchw1x1")
@@ -29,7 +31,7 @@ KINDS = ("nhwc", "nchw1x1")
 
 @dataclass(frozen=True)
 class ConvParams:
-    """Tile sizes of the conv rules (knobs of a later tuner).
+    """Tile sizes of the conv rules.
 
     Attributes
     ----------
@@ -61,13 +63,13 @@ def default_conv_params(block: tuple[int, int], kind: str) -> ConvParams:
 
 
 def conv_kernel_name(kind: str, block: tuple[int, int], bias: bool, activation, residual: bool = False) -> str:
-    br, bc = block
-    fmt = "csr" if (br, bc) == (1, 1) else f"bsr_{br}x{bc}"
-    return (f"conv_{kind}_{fmt}" + ("_bias" if bias else "") + ("_res" if residual else "")
-            + (f"_{activation}" if activation else ""))
+    """``conv_<kind>_<format>[_bias][_res][_act]``, e.g. ``conv_nhwc_bsr_16x1_bias_relu``."""
+    block = tuple(block)
+    cand = Candidate("csr" if block == (1, 1) else "bsr", block)
+    return cand.kernel_name(f"conv_{kind}", "", bias, activation, residual)
 
 
-def rule_nchw1x1(func, target=None, params: ConvParams = ConvParams()):
+def rule_nchw1x1(func, target=None, params=ConvParams()):
     """NCHW 1x1: vectorize the pixel tile, unroll the block rows, parallelize (n, block row, pixel tile)."""
     if str(func.attrs.get("sparsecc.kind", "")) != "conv1x1_nchw":
         return None
@@ -96,18 +98,15 @@ def schedule_conv(kind: str, block, *, bias: bool, activation=None, residual: bo
     params = params or default_conv_params(block, kind)
     if kind == "nhwc":
         func = bsr_conv_nhwc(block, bias=bias, activation=activation, residual=residual, m_tile=params.m_tile)
-        lp = x86.ScheduleParams(m_tile=params.m_tile, m_outer=True)
-        for rule in x86.RULES:
-            sch = rule(func, target, lp)
-            if sch is not None:
-                return sch
-    elif kind == "nchw1x1":
+        # the linear rules schedule the NHWC template (same loop structure)
+        return apply_rules(x86.RULES, func, target, x86.ScheduleParams(m_tile=params.m_tile, m_outer=True))
+    if kind == "nchw1x1":
         if residual:
             raise KernelBuildError("the NCHW 1x1 conv kernel has no residual epilogue")
         func = bsr_conv1x1_nchw(block, bias=bias, activation=activation, hw_tile=params.hw_tile)
-        sch = rule_nchw1x1(func, target, params)
-        if sch is not None:
-            return sch
-    else:
-        raise KernelBuildError(f"unknown conv kernel kind {kind!r}; expected one of {KINDS}")
-    raise KernelBuildError(f"no x86 conv schedule rule applies to {kind} block {block}")
+        return apply_rules(CONV_RULES, func, target, params)
+    raise KernelBuildError(f"unknown conv kernel kind {kind!r}; expected one of {KINDS}")
+
+
+#: The conv-only rules (the NHWC template is scheduled by the linear rules).
+CONV_RULES = (rule_nchw1x1,)

@@ -27,14 +27,15 @@ import tvm.s_tir
 
 from sparsecc.codegen.nm import PERMUTE_INTRINSICS, nm_linear, nm_linear_permute
 from sparsecc.errors import KernelBuildError
+from sparsecc.targets.base import apply_rules
 from sparsecc.targets.x86 import REGIMES, target_vector_bits
 
-__all__ = ["NMScheduleParams", "default_nm_params", "nm_template_for", "schedule_nm"]
+__all__ = ["NM_RULES", "NMScheduleParams", "default_nm_params", "nm_template_for", "schedule_nm"]
 
 
 @dataclass(frozen=True)
 class NMScheduleParams:
-    """Tile sizes of the N:M rules (the knobs of a later autotuner)."""
+    """Tile sizes of the N:M rules."""
 
     m_tile: int = 16
     r_tile: int = 8
@@ -87,23 +88,28 @@ def _finish(sch: tvm.s_tir.Schedule) -> tvm.s_tir.Schedule:
     return sch
 
 
-def rule_nm_permute(func, target=None, rows_outer: bool = True):
+def _index(func) -> str:
+    """The template's index mode, "" for templates that are not N:M."""
+    return str(func.attrs.get("sparsecc.index", "")) if func.attrs.get("sparsecc.nm") is not None else ""
+
+
+def rule_nm_permute(func, target=None, params: NMScheduleParams = NMScheduleParams()):
     """Permute template: the compute is written in vectors; vectorize the epilogue along N, parallel tiles."""
-    if str(func.attrs["sparsecc.index"]) != "permute":
+    if _index(func) != "permute":
         return None
     sch = tvm.s_tir.Schedule(func, enable_check=False)
     emi, er = sch.get_loops(sch.get_sblock("epilogue"))[-2:]
     sch.vectorize(er)
     sch.unroll(emi)
     loops = sch.get_loops(sch.get_sblock("row"))
-    if rows_outer and len(loops) == 2:
+    if params.rows_outer and len(loops) == 2:
         sch.reorder(loops[1], loops[0])
     return _finish(sch)
 
 
-def rule_nm_gemm(func, target=None):
+def rule_nm_gemm(func, target=None, params: NMScheduleParams = NMScheduleParams()):
     """Vectorize along the M tile, unroll slots and the rows of the W tile."""
-    if str(func.attrs["sparsecc.index"]) == "permute" or int(func.attrs["sparsecc.m_tile"]) == 1:
+    if _index(func) in ("", "permute") or int(func.attrs["sparsecc.m_tile"]) == 1:
         return None
     sch = tvm.s_tir.Schedule(func, enable_check=False)
     g, s, r, mi = sch.get_loops(sch.get_sblock("compute"))
@@ -119,9 +125,9 @@ def rule_nm_gemm(func, target=None):
     return _finish(sch)
 
 
-def rule_nm_gemv(func, target=None):
+def rule_nm_gemv(func, target=None, params: NMScheduleParams = NMScheduleParams()):
     """M tile of 1: vectorize along the rows of the W tile (X gathered by position)."""
-    if str(func.attrs["sparsecc.index"]) == "permute" or int(func.attrs["sparsecc.m_tile"]) != 1:
+    if _index(func) in ("", "permute") or int(func.attrs["sparsecc.m_tile"]) != 1:
         return None
     sch = tvm.s_tir.Schedule(func, enable_check=False)
     g, s, r, mi = sch.get_loops(sch.get_sblock("compute"))
@@ -134,7 +140,7 @@ def rule_nm_gemv(func, target=None):
     return _finish(sch)
 
 
-NM_RULES = (rule_nm_gemm, rule_nm_gemv)
+NM_RULES = (rule_nm_permute, rule_nm_gemm, rule_nm_gemv)
 
 
 def schedule_nm(n: int, m: int, groups: int, regime: str, *, bias: bool, activation=None, target=None,
@@ -150,11 +156,4 @@ def schedule_nm(n: int, m: int, groups: int, regime: str, *, bias: bool, activat
         raise KernelBuildError(f"unknown regime {regime!r}; expected one of {REGIMES}")
     params = params or default_nm_params(regime, target=target)
     func = nm_template_for(n, m, groups, regime, bias=bias, activation=activation, params=params)
-    sch = rule_nm_permute(func, target, params.rows_outer)
-    if sch is not None:
-        return sch
-    for rule in NM_RULES:
-        sch = rule(func, target)
-        if sch is not None:
-            return sch
-    raise KernelBuildError(f"no x86 schedule rule applies to N:M {n}:{m} ({regime}, {params})")
+    return apply_rules(NM_RULES, func, target, params)

@@ -1,62 +1,34 @@
-"""Target cost model: symbolic FLOPs and bytes in M, calibrated per kernel.
+"""Target cost model: symbolic FLOPs and bytes in M from the format registry, calibrated per kernel.
 
-For a linear ``Y = X · Wᵀ + b`` with X: (M, K), W: (N, K), each candidate
-format gets sympy expressions in the batch/token dim ``M``:
-
-* FLOPs: dense ``2·M·N·K``; sparse ``2·M·nnzb·br·bc`` (fill-in zeros count,
-  the kernel multiplies them too); N:M ``2·M·S`` with ``S = N·ceil(K/m)·n``
-  stored slots (passed as ``nnzb``, the block argument is ``(n, m)``).
-* bytes: weights (values + indices + indptr) + X + Y, fp32.
+For a linear ``Y = X · Wᵀ + b`` with X: (M, K), W: (N, K), every candidate
+format states its FLOPs and bytes of one call as sympy expressions in the
+batch/token dim ``M`` (:meth:`sparsecc.formats.base.Format.flops` /
+:meth:`~sparsecc.formats.base.Format.bytes`): dense ``2·M·N·K``; BSR
+``2·M·nnzb·br·bc`` (fill-in zeros count: the kernel multiplies them too);
+N:M ``2·M·S`` with ``S = N·ceil(K/m)·n`` stored slots.
 
 Latency (ms) is a roofline with calibrated constants per kernel and regime:
 ``t(M) = overhead + max(FLOPs / P, bytes / BW)``, where ``P`` (GFLOP/s) and
 ``BW`` (GB/s) are fitted from a short measurement of that very kernel on the
-host (:mod:`sparsecc.tune.calibrate`). Roofline: Williams et al., "Roofline: an
-insightful visual performance model for multicore architectures" (CACM 2009).
+host (:mod:`sparsecc.tune.calibrate`), or taken from a target's static roofline
+(:meth:`sparsecc.targets.base.Target.roofline`). Roofline: Williams et al.,
+"Roofline: an insightful visual performance model for multicore architectures"
+(CACM 2009).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 import sympy
 
-#: Batch/token dim of the linear's input (rows of X).
-M = sympy.Symbol("M", positive=True, integer=True)
+from sparsecc.formats import BSR, Candidate, M
+
+__all__ = ["GEMM_MIN_M", "M", "CostModel", "KernelCalibration", "cost_model_for"]
 
 #: M at and above which kernels use the register-tiled "gemm" schedule.
 GEMM_MIN_M = 8
-
-
-def candidate_key(fmt: str, block: Optional[tuple] = None) -> str:
-    """``"dense"``, ``"csr_1x1"``, ``"bsr_8x1"`` or ``"nm_2:4"`` (``block = (n, m)`` for N:M)."""
-    if fmt == "dense":
-        return "dense"
-    if fmt == "nm":
-        return "nm_%d:%d" % (block[0], block[1])
-    return "%s_%dx%d" % (fmt, block[0], block[1])
-
-
-def flops_expr(fmt: str, n: int, k: int, nnzb: int = 0, block: tuple = (1, 1)) -> sympy.Expr:
-    """Floating-point operations of one call, as an expression in :data:`M`."""
-    if fmt == "dense":
-        return 2 * M * n * k
-    if fmt == "nm":  # nnzb = stored slots N·ceil(K/m)·n
-        return 2 * M * nnzb
-    return 2 * M * nnzb * block[0] * block[1]
-
-
-def bytes_expr(fmt: str, n: int, k: int, nnzb: int = 0, block: tuple = (1, 1)) -> sympy.Expr:
-    """Bytes moved by one call (weights once, X and Y once), as an expression in :data:`M`."""
-    act = 4 * M * k + 4 * M * n
-    if fmt == "dense":
-        return 4 * n * k + act
-    if fmt == "nm":  # fp32 value + int16 column per slot; X^T tiles written and read once more
-        return 6 * nnzb + act + 8 * M * k
-    br, bc = block
-    return 4 * nnzb * br * bc + 4 * nnzb + 4 * (n // br + 1) + act
 
 
 @dataclass
@@ -86,6 +58,7 @@ class CostModel:
     Attributes
     ----------
     kernels : dict candidate key -> KernelCalibration
+        Keyed by :attr:`Candidate.key` (the JSON form of the model).
     source : str
         Where the constants came from (``"measured <date> on <cpu>"``).
     """
@@ -93,28 +66,75 @@ class CostModel:
     kernels: dict = field(default_factory=dict)
     source: str = ""
 
-    def has(self, fmt: str, block: Optional[tuple] = None) -> bool:
-        return candidate_key(fmt, block) in self.kernels
+    @classmethod
+    def from_roofline(cls, constants: dict, source: str) -> "CostModel":
+        """From ``{Candidate: (GFLOP/s gemv, GFLOP/s gemm, GB/s, overhead ms)}`` (a target's static roofline)."""
+        return cls({c.key: KernelCalibration(*v) for c, v in constants.items()}, source)
 
-    def latency_expr(self, fmt: str, n: int, k: int, nnzb: int = 0, block: tuple = (1, 1)) -> sympy.Expr:
-        """Latency in ms as a sympy expression in :data:`M`.
+    def has(self, cand: Candidate) -> bool:
+        return cand.key in self.kernels
+
+    def latency_expr(self, cand: Candidate, n: int, k: int, stored: int = 0) -> sympy.Expr:
+        """Latency in ms of a call on W: (N, K) holding ``stored`` units, as a sympy expression in :data:`M`.
 
         Raises
         ------
         KeyError
             The candidate has no calibration.
         """
-        c = self.kernels[candidate_key(fmt, block)]
-        fl = flops_expr(fmt, n, k, nnzb, block)
-        by = bytes_expr(fmt, n, k, nnzb, block)
+        c = self.kernels[cand.key]
+        fmt = cand.entry
+        fl = fmt.flops(cand.params, n, k, stored)
+        by = fmt.bytes(cand.params, n, k, stored)
         mem = by / (c.gbps * 1e6)
         gemv = c.overhead_ms + sympy.Max(fl / (c.gflops_gemv * 1e6), mem)
         gemm = c.overhead_ms + sympy.Max(fl / (c.gflops_gemm * 1e6), mem)
         return sympy.Piecewise((gemv, M < GEMM_MIN_M), (gemm, True))
 
-    def estimate_ms(self, fmt: str, n: int, k: int, m: int, nnzb: int = 0, block: tuple = (1, 1)) -> float:
+    def estimate_ms(self, cand: Candidate, n: int, k: int, m: int, stored: int = 0) -> float:
         """Estimated latency in ms at ``M = m``."""
-        return float(self.latency_expr(fmt, n, k, nnzb, block).subs(M, m))
+        return float(self.latency_expr(cand, n, k, stored).subs(M, m))
+
+    def estimate_weight_ms(self, cand: Candidate, shape: tuple, m: int, nnz: int, fill_ratio=None) -> float:
+        """Estimated latency in ms at ``M = m`` of a weight (N, K) with ``nnz`` nonzeros stored as ``cand``."""
+        n, k = shape
+        stored = cand.entry.stored(cand.params, (n, k), nnz, fill_ratio or {})
+        return self.estimate_ms(cand, n, k, m, stored)
+
+    def estimates(self, cands, shape: tuple, m: int, nnz: int, fill_ratio=None) -> dict:
+        """``{candidate key: ms}`` at ``M = m`` for every calibrated candidate in ``cands``."""
+        return {c.key: self.estimate_weight_ms(c, shape, m, nnz, fill_ratio) for c in cands if self.has(c)}
+
+    def best_block(self, shapes, density: float, m: int, max_area: int = 16) -> tuple:
+        """Block shape to prune to for ``pattern="block"``: the one with least estimated total latency.
+
+        Parameters
+        ----------
+        shapes : list of (N, K)
+            Weight shapes of the layers to prune.
+        density : float
+            Density they will be pruned to.
+        m : int
+            Example rows of X.
+        max_area : int
+            Largest block area considered (larger blocks cost more accuracy).
+        """
+        dense, csr = Candidate("dense"), Candidate("csr", (1, 1))
+        best, best_t = (1, 1), float("inf")
+        for b in BSR.blocks:
+            cand = Candidate("bsr", b)
+            if b[0] * b[1] > max_area or not self.has(cand):
+                continue
+            fits = [(n, k) for n, k in shapes if n % b[0] == 0 and k % b[1] == 0]
+            if not fits:
+                continue
+            # a layer the block does not divide stays unstructured (CSR) or dense, whichever is faster
+            t = sum(self.estimate_ms(cand, n, k, m, int(density * n * k / (b[0] * b[1]))) for n, k in fits)
+            t += sum(min(self.estimate_ms(dense, n, k, m), self.estimate_ms(csr, n, k, m, int(density * n * k)))
+                     for n, k in shapes if (n, k) not in fits)
+            if t < best_t:
+                best, best_t = b, t
+        return best
 
     def to_json(self) -> str:
         return json.dumps({"source": self.source,
@@ -124,3 +144,32 @@ class CostModel:
     def from_json(cls, text: str) -> "CostModel":
         d = json.loads(text)
         return cls({k: KernelCalibration(**v) for k, v in d["kernels"].items()}, d.get("source", ""))
+
+
+_MODELS: dict = {}
+
+
+def cost_model_for(target) -> CostModel:
+    """The cost model of ``target``: its static roofline, or a calibration measured on this host (cached).
+
+    Raises
+    ------
+    TargetError
+        A target that neither has a roofline nor can time kernels here.
+    """
+    constants = target.roofline()
+    if constants is not None:
+        return CostModel.from_roofline(constants, f"static roofline of {target.describe()}, not measured")
+    if not target.can_time_kernels:
+        from sparsecc.errors import TargetError
+
+        raise TargetError(f"target {target.name!r} has no roofline and cannot time kernels on this host")
+    import torch
+
+    key = (target.cache_key(), torch.get_num_threads())
+    model = _MODELS.get(key)
+    if model is None:
+        from sparsecc.tune.calibrate import calibrate
+
+        model = _MODELS[key] = calibrate(target)
+    return model

@@ -6,7 +6,8 @@ from sparsecc.errors import PassError
 from sparsecc.ir import capture, get_annotation
 from sparsecc.passes import (ChooseFormat, DetectSparsity, LowerSparseLinears, MagnitudePrune, PassContext,
                              PassManager)
-from sparsecc.tune.cost_model import M, bytes_expr, flops_expr
+from sparsecc.formats import BSR, DENSE, Candidate, M
+from sparsecc.tune.cost_model import cost_model_for
 from tests.conftest import FakeTarget
 
 
@@ -18,14 +19,14 @@ def _pruned(mlp, sparsity, block=(1, 1), m=16):
 
 
 def test_cost_model_formulas():
-    assert sympy.simplify(flops_expr("dense", 3, 5) - 30 * M) == 0
-    assert flops_expr("bsr", 8, 8, nnzb=3, block=(4, 1)).subs(M, 2) == 2 * 2 * 3 * 4
-    assert bytes_expr("bsr", 8, 8, nnzb=3, block=(4, 1)).subs(M, 1) == 4 * 12 + 4 * 3 + 4 * 3 + 4 * 8 + 4 * 8
-    cm = FakeTarget().cost_model()
+    assert sympy.simplify(DENSE.flops((), 3, 5, 0) - 30 * M) == 0
+    assert BSR.flops((4, 1), 8, 8, 3).subs(M, 2) == 2 * 2 * 3 * 4
+    assert BSR.bytes((4, 1), 8, 8, 3).subs(M, 1) == 4 * 12 + 4 * 3 + 4 * 3 + 4 * 8 + 4 * 8
+    cm = cost_model_for(FakeTarget())
     # dense 100 GFLOP/s: 2*128*768*768 flop = 0.151 GFLOP -> 1.51 ms (+0.01 overhead), compute bound
-    assert cm.estimate_ms("dense", 768, 768, 128) == pytest.approx(0.01 + 2 * 128 * 768 * 768 / 100e6, rel=1e-6)
+    assert cm.estimate_ms(Candidate("dense"), 768, 768, 128) == pytest.approx(0.01 + 2 * 128 * 768 * 768 / 100e6, rel=1e-6)
     # gemv regime at M=1 is memory bound: 4*768*768 bytes / 30 GB/s
-    assert cm.estimate_ms("dense", 768, 768, 1) == pytest.approx(0.01 + (4 * 768 * 768 + 4 * 1536) / 30e6, rel=1e-6)
+    assert cm.estimate_ms(Candidate("dense"), 768, 768, 1) == pytest.approx(0.01 + (4 * 768 * 768 + 4 * 1536) / 30e6, rel=1e-6)
 
 
 def test_chooses_dense_where_csr_loses_and_bsr_where_it_wins(mlp):
@@ -38,7 +39,7 @@ def test_chooses_dense_where_csr_loses_and_bsr_where_it_wins(mlp):
     g, ctx = _pruned(mlp, {"fc2": 0.9}, block=(8, 1))
     ChooseFormat("auto", measure=False).run(g, ctx)
     a = get_annotation(g.site("fc2").node)
-    assert a.format == "bsr" and a.format_block == (8, 1)
+    assert a.format == "bsr" and a.format_params == (8, 1)
     assert a.est_ms["bsr_8x1"] < a.est_ms["dense"] and a.est_ms["bsr_8x1"] < a.est_ms["csr_1x1"]
     assert a.est_ms["bsr_16x1"] > a.est_ms["bsr_8x1"]  # fill-in doubles the stored values
 

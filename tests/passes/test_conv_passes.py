@@ -5,25 +5,26 @@ import torch
 from torch import nn
 
 import sparsecc
+from sparsecc.formats import Candidate
 from sparsecc.ir.capture import capture
 from sparsecc.passes import PassContext, PassManager, default_pipeline
 from sparsecc.passes.conv import FoldBatchNorm, conv_candidates, prunable_conv_sites
 from sparsecc.runtime.conv import SparseConv2d
 from sparsecc.sparsify.patterns import as_matrix
-from sparsecc.targets.base import CompileTarget
 from sparsecc.zoo import ResNetCNN, randomize_batchnorm
 from tests.conftest import FakeTarget
 
 
 class ConvTarget(FakeTarget):
-    """Hand-set cost model (sparse wins at low density) with the real TVM conv kernels."""
+    """Hand-set cost model (sparse wins at low density) with the real TVM conv kernels (the x86 ones)."""
 
-    def __init__(self):
-        super().__init__()
-        self._real = CompileTarget()
+    kind = "x86"
+    layer_formats = {"linear": frozenset({"csr", "bsr"}), "conv2d": frozenset({"csr", "bsr"})}
 
-    def make_conv(self, *args, **kwargs):
-        return self._real.make_conv(*args, **kwargs)
+    def tvm_target(self):
+        from sparsecc.targets.x86 import host_target
+
+        return host_target()
 
 
 def small_resnet(seed=0):
@@ -79,11 +80,13 @@ def test_depthwise_and_grouped_convs_stay_in_torch():
 
 def test_conv_candidates_need_channel_aligned_row_blocks():
     cands = conv_candidates("auto", (32, 6, 3, 3), 0.2)
-    assert ("bsr", (16, 1)) in cands and ("csr", (1, 1)) in cands
-    assert ("bsr", (1, 4)) not in cands  # K = 54 is not a multiple of 4 anyway
+    assert Candidate("bsr", (16, 1)) in cands and Candidate("csr", (1, 1)) in cands
+    assert Candidate("bsr", (1, 4)) not in cands  # K = 54 is not a multiple of 4 anyway
     cands = conv_candidates("auto", (32, 4, 3, 3), 0.2)  # K = 36: 1x4 tiles, and 4 divides C_in
-    assert ("bsr", (1, 4)) in cands and ("bsr", (1, 8)) not in cands
-    assert conv_candidates("block", (32, 4, 3, 3), 1.0) == [("dense", None)]
+    assert Candidate("bsr", (1, 4)) in cands and Candidate("bsr", (1, 8)) not in cands
+    cands = conv_candidates("auto", (32, 6, 1, 2), 0.2)  # K = 12: 1x4 tiles, but 4 does not divide C_in
+    assert Candidate("bsr", (1, 4)) not in cands and Candidate("bsr", (4, 1)) in cands
+    assert conv_candidates("block", (32, 4, 3, 3), 1.0) == [Candidate("dense")]
 
 
 def test_prune_convs_in_matrix_blocks_matches_sparsecc_prune():
@@ -100,7 +103,7 @@ def test_prune_convs_in_matrix_blocks_matches_sparsecc_prune():
     assert float((m.layer1[0].conv1.weight == 0).float().mean()) < 0.01  # the user's model is untouched
     graph = capture(m, x)
     ctx = PassContext(target=ConvTarget())
-    graph = PassManager(default_pipeline(0.75, "block", (16, 1), measure=False)[:1]).run(graph, ctx)
+    graph = PassManager(default_pipeline(ctx.target, 0.75, "block", (16, 1), measure=False)[:1]).run(graph, ctx)
     ref_mods = dict(ref.named_modules())
     for s in prunable_conv_sites(graph):
         assert torch.equal(graph.tensor(s.weight) != 0, ref_mods[s.name].weight != 0), s.name
@@ -111,7 +114,7 @@ def test_compile_small_residual_cnn_matches_pruned_reference():
     x = torch.randn(2, 3, 9, 7)  # batch 2, odd H and W
     graph = capture(m, x)
     ctx = PassContext(target=ConvTarget())
-    graph = PassManager(default_pipeline(0.7, "block", (16, 1), measure=False)).run(graph, ctx)
+    graph = PassManager(default_pipeline(ctx.target, 0.7, "block", (16, 1), measure=False)).run(graph, ctx)
     mods = [mod for mod in graph.gm.modules() if isinstance(mod, SparseConv2d)]
     assert len(mods) == 6  # every conv, stem and 1x1 downsample included
     assert sum(mod.residual for mod in mods) == 2  # relu(conv + identity) fused in both blocks
@@ -131,7 +134,7 @@ def test_relu6_is_fused_and_dense_convs_keep_working():
     x = torch.randn(1, 4, 6, 6)
     graph = capture(m, x)
     ctx = PassContext(target=ConvTarget())
-    graph = PassManager(default_pipeline(0.6, "block", (16, 1), measure=False)).run(graph, ctx)
+    graph = PassManager(default_pipeline(ctx.target, 0.6, "block", (16, 1), measure=False)).run(graph, ctx)
     mods = {mod.activation for mod in graph.gm.modules() if isinstance(mod, SparseConv2d)}
     assert mods == {"relu6", "relu"}
     assert n_targets(graph.gm, torch.ops.aten.hardtanh.default) == 0
@@ -163,7 +166,7 @@ def test_dropping_folded_bn_attrs_keeps_kernel_modules_buffers():
     """Regression: BN folding's clean-up deleted the buffers of linears lowered before it (a ResNet's fc)."""
     import torch.fx as fx
 
-    from sparsecc.passes.conv import _drop_unused_attrs
+    from sparsecc.ir.rewrite import delete_unused_attrs
 
     class Kernel(torch.nn.Module):
         def __init__(self):
@@ -189,7 +192,7 @@ def test_dropping_folded_bn_attrs_keeps_kernel_modules_buffers():
     root = M()
     gm = fx.GraphModule(root, Leaf().trace(root))
     assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "output"]
-    _drop_unused_attrs(gm)
+    delete_unused_attrs(gm)
     names = {n for n, _ in gm.named_buffers()}
     assert names == {"kernel.data"}
     assert torch.equal(gm(torch.full((3,), 2.0)), torch.full((3,), 2.0))

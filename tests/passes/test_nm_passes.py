@@ -8,22 +8,19 @@ from sparsecc.errors import InvalidSparsityError, UnknownLayerError
 from sparsecc.formats import is_nm_sparse
 from sparsecc.ir import capture, get_annotation
 from sparsecc.passes import ChooseFormat, DetectSparsity, NMPrune, PassContext, PassManager
-from sparsecc.passes.choose_format import candidates, parse_key
 from sparsecc.passes.detect import detect_nm
 from sparsecc.passes.nm import nm_prune_weight
-from sparsecc.targets.base import CompileTarget
-from sparsecc.tune.cost_model import CostModel, KernelCalibration, M, bytes_expr, candidate_key, flops_expr
+from sparsecc.formats import NM, Candidate, M, candidates
+from sparsecc.targets.x86 import X86Target
 from tests.conftest import MLP, check_close
 
 
-class NMTarget(CompileTarget):
-    """The x86 target (real kernels) with a hand-set cost model: N:M slow at M < 8, fast at M >= 8."""
+class NMTarget(X86Target):
+    """The x86 target (real kernels) with a hand-set roofline: N:M slow at M < 8, fast at M >= 8."""
 
-    def cost_model(self):
-        ks = {"dense": KernelCalibration(100.0, 100.0, 30.0, 0.01),
-              "nm_2:4": KernelCalibration(5.0, 150.0, 30.0, 0.01),
-              "nm_1:4": KernelCalibration(5.0, 150.0, 30.0, 0.01)}
-        return CostModel(ks, "hand-set")
+    def roofline(self):
+        return {Candidate("dense"): (100.0, 100.0, 30.0, 0.01), Candidate("nm", (2, 4)): (5.0, 150.0, 30.0, 0.01),
+                Candidate("nm", (1, 4)): (5.0, 150.0, 30.0, 0.01)}
 
 
 def test_nm_prune_weight_and_detect():
@@ -41,14 +38,15 @@ def test_nm_prune_weight_and_detect():
 
 
 def test_candidates_and_keys():
-    assert candidate_key("nm", (2, 4)) == "nm_2:4" and parse_key("nm_2:4") == ("nm", (2, 4))
-    assert ("nm", (2, 4)) in candidates("auto", (64, 64), 0.5, (2, 4))
-    assert ("nm", (2, 4)) in candidates("auto", (64, 64), 0.25, (1, 4))  # a 1:4 weight also fits 2:4
-    assert candidates("2:4", (64, 64), 0.5, (2, 4)) == [("dense", None), ("nm", (2, 4))]
-    assert candidates("1:4", (64, 64), 0.5, (2, 4)) == [("dense", None)]
-    assert ("nm", (2, 4)) not in candidates("block", (64, 64), 0.5, (2, 4))
-    assert flops_expr("nm", 8, 8, nnzb=16, block=(2, 4)).subs(M, 3) == 2 * 3 * 16
-    assert bytes_expr("nm", 8, 8, nnzb=16, block=(2, 4)).subs(M, 1) == 6 * 16 + 4 * 8 + 4 * 8 + 8 * 8
+    assert Candidate("nm", (2, 4)).key == "nm_2:4" and Candidate.parse("nm_2:4") == Candidate("nm", (2, 4))
+    nm24 = Candidate("nm", (2, 4))
+    assert nm24 in candidates((64, 64), "auto", 0.5, nm=(2, 4))
+    assert nm24 in candidates((64, 64), "auto", 0.25, nm=(1, 4))  # a 1:4 weight also fits 2:4
+    assert candidates((64, 64), "2:4", 0.5, nm=(2, 4)) == [Candidate("dense"), nm24]
+    assert candidates((64, 64), "1:4", 0.5, nm=(2, 4)) == [Candidate("dense")]
+    assert nm24 not in candidates((64, 64), "block", 0.5, nm=(2, 4))
+    assert NM.flops((2, 4), 8, 8, 16).subs(M, 3) == 2 * 3 * 16
+    assert NM.bytes((2, 4), 8, 8, 16).subs(M, 1) == 6 * 16 + 4 * 8 + 4 * 8 + 8 * 8
 
 
 def test_choose_dense_at_m1_nm_at_m16():

@@ -159,16 +159,21 @@ def test_export_refuses_kernels_without_an_export_path(tmp_path):
 def test_arm_nm_linears_under_qemu(toolchain, tmp_path):
     """2:4 linears exported through the N:M kernels (a cost model that favours N:M forces the format)."""
     from sparsecc.runtime.export import run_artifact_under_qemu
-    from sparsecc.targets.arm import ArmTarget, static_cost_model
+    from sparsecc.formats import Candidate
+    from sparsecc.targets.arm import ArmTarget, static_roofline
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 30)).eval()
     x = torch.randn(3, 3, 64)
-    target = ArmTarget("arm")
-    cost = static_cost_model("arm")
-    c = cost.kernels["nm_2:4"]
-    c.gflops_gemm, c.gflops_gemv, c.gbps = c.gflops_gemm * 10, c.gflops_gemv * 10, c.gbps * 10
-    target._cost_model = cost
+    roofline = static_roofline("arm")
+    gemv, gemm, gbps, oh = roofline[Candidate("nm", (2, 4))]
+    roofline[Candidate("nm", (2, 4))] = (gemv * 10, gemm * 10, gbps * 10, oh)
+
+    class FastNM(ArmTarget):
+        def roofline(self):
+            return roofline
+
+    target = FastNM("arm")
     cm = sparsecc.compile(model, x, target=target, pattern="2:4", sparsity=0.5)
     assert [a.format for a in cm.layers] == ["nm", "nm"]
     w = [m.weight for m in model if isinstance(m, nn.Linear)]

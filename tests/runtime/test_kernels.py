@@ -3,6 +3,8 @@
 import os
 
 import pytest
+
+from sparsecc.cache import KERNELS
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -120,14 +122,14 @@ def test_module_metadata_and_alignment():
 
 def test_kernel_cache_memory_and_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
-    kernels.clear_memory_cache()
+    KERNELS.clear()
     f1 = get_linear_kernel((4, 1), "gemv", False, None)
     assert get_linear_kernel((4, 1), "gemv", False, None) is f1
-    files = list((tmp_path / "kernels").glob("bsr_4x1_gemv-*.so"))
+    files = list((tmp_path / "kernels" / "host").glob("bsr_4x1_gemv-*.so"))
     assert len(files) == 1
-    kernels.clear_memory_cache()
+    KERNELS.clear()
     f2 = get_linear_kernel((4, 1), "gemv", False, None)  # loaded from disk
-    assert f2 is not f1 and len(list((tmp_path / "kernels").glob("*.so"))) == 1
+    assert f2 is not f1 and len(list((tmp_path / "kernels" / "host").glob("*.so"))) == 1
     w = _weight(8, 4, (4, 1), 1.0)
     x = torch.randn(3, 4)
     m = BlockSparseMatrix.from_dense(w, (4, 1))

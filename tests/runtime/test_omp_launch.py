@@ -5,6 +5,8 @@ import os
 import shutil
 
 import pytest
+
+from sparsecc.cache import KERNELS
 import torch
 import torch.nn.functional as F
 
@@ -19,7 +21,7 @@ needs_cc = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc")
 def test_launcher_builds_and_kernels_stay_exact_across_threads(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSECC_PARALLEL", "omp")
     monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path))
-    kernels.clear_memory_cache()
+    KERNELS.clear()
     assert omp_launch.enabled() and omp_launch.launcher_address() is not None
     torch.manual_seed(0)
     w = torch.randn(64, 48) * (torch.rand(4, 48) < 0.3).repeat_interleave(16, 0)
@@ -34,7 +36,7 @@ def test_launcher_builds_and_kernels_stay_exact_across_threads(monkeypatch, tmp_
                 torch.testing.assert_close(mod(x), F.gelu(F.linear(x, w, b)), atol=1e-4, rtol=1e-4)
     finally:
         torch.set_num_threads(old)
-        kernels.clear_memory_cache()
+        KERNELS.clear()
     lib = ctypes.CDLL(next(str(p) for p in tmp_path.rglob("bsr_16x1_gemm*.so")), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
     assert ctypes.c_void_p.in_dll(lib, "__TVMBackendParallelLaunch").value == omp_launch.launcher_address()
 

@@ -10,7 +10,7 @@ from torch import nn
 import sparsecc
 from sparsecc.errors import DataError, InvalidSparsityError
 from sparsecc.sparsify.patterns import Pattern, as_matrix, mask_from_scores
-from sparsecc.sparsify.reconstruct import (InputStatistics, _patches, activation_scores, output_error,
+from sparsecc.sparsify.reconstruct import (InputStatistics, activation_scores, input_patches, output_error,
                                            solve_kept, sparsegpt_keep)
 
 
@@ -61,7 +61,7 @@ def test_conv_patches_match_the_as_matrix_layout():
     conv = nn.Conv2d(3, 5, 3, stride=2, padding=1)
     x = torch.randn(2, 3, 9, 7)
     y = F.conv2d(x, conv.weight, None, stride=2, padding=1)  # (2, 5, 5, 4)
-    cols = _patches(conv, x).float()
+    cols = input_patches(conv, x).float()
     got = (cols @ as_matrix(conv.weight.detach()).T).reshape(2, 5 * 4, 5).permute(0, 2, 1).reshape(y.shape)
     assert torch.allclose(got, y, atol=1e-5)
 

@@ -9,8 +9,9 @@ from torch import nn
 from sparsecc.errors import InvalidSparsityError
 from sparsecc.sparsify.masks import attach_masks, prunable_layers, set_capture, set_mask, strip_masks
 from sparsecc.sparsify.patterns import Pattern
-from sparsecc.sparsify.rigl import erk_densities, rigl_update
-from sparsecc.sparsify.schedule import cubic_sparsity, regularization_penalty, rigl_drop_fraction
+from sparsecc.sparsify.allocation import erk_densities
+from sparsecc.sparsify.regularizers import regularization_penalty
+from sparsecc.sparsify.schedules import cubic_sparsity, rigl_drop_fraction, rigl_update
 
 
 def test_cubic_schedule_values():

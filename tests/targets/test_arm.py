@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from sparsecc.errors import TargetError, ToolchainError
 from sparsecc.formats import BLOCK_SHAPES, BlockSparseMatrix
+from sparsecc.formats import Candidate
+from sparsecc.passes import default_pipeline
 from sparsecc.targets.base import resolve_target
 
 
@@ -48,17 +50,20 @@ def test_resolve_arm_targets():
 
     t = resolve_target("arm")
     assert isinstance(t, ArmTarget) and t.name == "arm"
-    cfg = t.arm_tvm_target().export()
+    cfg = t.deploy_tvm_target().export()
     assert cfg["mtriple"] == "aarch64-linux-gnu" and "+neon" in list(cfg["mattr"])
     assert "mcpu" not in cfg or str(cfg["mcpu"]) in ("", "generic")
-    assert str(resolve_target("graviton2").arm_tvm_target().export()["mcpu"]) == "neoverse-n1"
-    assert str(resolve_target("arm:neoverse-v1").arm_tvm_target().export()["mcpu"]) == "neoverse-v1"
-    assert str(resolve_target("cortex-a76").arm_tvm_target().export()["mcpu"]) == "cortex-a76"
+    assert str(resolve_target("graviton2").deploy_tvm_target().export()["mcpu"]) == "neoverse-n1"
+    assert str(resolve_target("arm:neoverse-v1").deploy_tvm_target().export()["mcpu"]) == "neoverse-v1"
+    assert str(resolve_target("cortex-a76").deploy_tvm_target().export()["mcpu"]) == "cortex-a76"
     with pytest.raises(TargetError, match="unknown ARM device"):
         resolve_target("arm:cortex-z9")
     with pytest.raises(TargetError, match="build_only"):
-        t.prepare_compile(build_only=True)
-    assert t.prepare_compile(measure=True) == (t, False)  # a foreign core is never timed on the host
+        resolve_target("arm", build_only=True)
+    assert not t.can_time_kernels  # a foreign core is never timed on the host
+    assert [type(p).__name__ for p in default_pipeline(t, measure=True) if hasattr(p, "measure")] == \
+        ["ChooseFormat", "ChooseConvFormat"]
+    assert not any(p.measure for p in default_pipeline(t, measure=True) if hasattr(p, "measure"))
 
 
 def test_arm_params_fit_neon_registers():
@@ -74,18 +79,19 @@ def test_arm_params_fit_neon_registers():
 
 
 def test_static_cost_model_orders_devices_and_formats():
-    from sparsecc.targets.arm import static_cost_model
+    from sparsecc.tune.cost_model import cost_model_for
 
-    a72, v1 = static_cost_model("arm"), static_cost_model("graviton3")
+    a72, v1 = cost_model_for(resolve_target("arm")), cost_model_for(resolve_target("graviton3"))
+    bsr, csr, dense = Candidate("bsr", (16, 1)), Candidate("csr", (1, 1)), Candidate("dense")
     n = k = 768
     nnzb = int(0.1 * n * k / 16)
     for m in (1, 128):
-        assert v1.estimate_ms("bsr", n, k, m, nnzb, (16, 1)) < a72.estimate_ms("bsr", n, k, m, nnzb, (16, 1))
+        assert v1.estimate_ms(bsr, n, k, m, nnzb) < a72.estimate_ms(bsr, n, k, m, nnzb)
         # same stored values: a 16x1 block kernel beats CSR, and 10% of dense beats dense
-        assert a72.estimate_ms("bsr", n, k, m, nnzb, (16, 1)) < a72.estimate_ms("csr", n, k, m, nnzb * 16)
-        assert a72.estimate_ms("bsr", n, k, m, nnzb, (16, 1)) < a72.estimate_ms("dense", n, k, m)
+        assert a72.estimate_ms(bsr, n, k, m, nnzb) < a72.estimate_ms(csr, n, k, m, nnzb * 16)
+        assert a72.estimate_ms(bsr, n, k, m, nnzb) < a72.estimate_ms(dense, n, k, m)
     # CSR at density 0.5 loses to dense (as measured on x86)
-    assert a72.estimate_ms("csr", n, k, 128, n * k // 2) > a72.estimate_ms("dense", n, k, 128)
+    assert a72.estimate_ms(csr, n, k, 128, n * k // 2) > a72.estimate_ms(dense, n, k, 128)
     assert "not measured" in a72.source
 
 
@@ -112,7 +118,7 @@ CASES = [
 
 @pytest.mark.parametrize("block,m,n,k,density,bias,act", CASES)
 def test_kernel_under_qemu_matches_torch(toolchain, block, m, n, k, density, bias, act):
-    from sparsecc.targets.arm import run_linear_under_qemu
+    from sparsecc.runtime.qemu import run_linear_under_qemu
 
     w = _weight(n, k, block, density, seed=m + n)
     b = torch.randn(n) if bias else None
@@ -125,7 +131,7 @@ def test_kernel_under_qemu_matches_torch(toolchain, block, m, n, k, density, bia
                                                ((4, 4), 12, False, None), ((16, 1), 5, True, "relu")])
 def test_kernel_under_qemu_edge_weights(toolchain, block, m, bias, act):
     """Empty block rows, density 0 (no stored block at all) and density 1, with the builds of CASES."""
-    from sparsecc.targets.arm import run_linear_under_qemu
+    from sparsecc.runtime.qemu import run_linear_under_qemu
 
     br, bc = block
     n, k = 3 * br if br > 1 else 7, 5 * bc if bc > 1 else 19
@@ -175,7 +181,7 @@ def _nm_weight(n_out, k, n, m, seed):
 ])
 def test_nm_kernel_under_qemu_matches_torch(toolchain, nm, m_rows, n_out, k, bias, act):
     from sparsecc.formats import NMSparseMatrix
-    from sparsecc.targets.arm import run_nm_linear_under_qemu
+    from sparsecc.runtime.qemu import run_nm_linear_under_qemu
 
     n, m = nm
     w = _nm_weight(n_out, k, n, m, seed=k)

@@ -26,6 +26,7 @@ tvm = pytest.importorskip("tvm")
 
 from sparsecc.codegen.linear_cuda import bsr_linear_gpu
 from sparsecc.targets import cuda
+from sparsecc.formats import Candidate
 from sparsecc.targets.base import resolve_target
 
 HAS_GPU = cuda.cuda_device_available()
@@ -215,17 +216,19 @@ def test_resolve_cuda_targets():
 
 
 def test_roofline_cost_model_choices():
-    from sparsecc.passes.choose_format import estimate_candidates
+    from sparsecc.formats import candidates
+    from sparsecc.tune.cost_model import cost_model_for
 
-    cost = cuda.roofline_cost_model("sm_90")
+    cost = cost_model_for(cuda.CudaTarget("sm_90", build_only=True))
     assert "roofline" in cost.source
     n, k = 3072, 768
     fills = {b: 1.0 for b in [(1, 1), (1, 4), (1, 8), (4, 1), (8, 1), (16, 1), (4, 4)]}
-    est = estimate_candidates(cost, (n, k), 1, int(0.1 * n * k), 0.1, fills)
+    est = cost.estimates(candidates((n, k), "auto", 0.1), (n, k), 1, int(0.1 * n * k), fills)
     assert min(est, key=est.get).startswith("bsr")  # bandwidth-bound gemv: 10% of the bytes wins
-    est = estimate_candidates(cost, (n, k), 128, int(0.5 * n * k), 0.5, fills, pattern="unstructured")
+    est = cost.estimates(candidates((n, k), "unstructured", 0.5), (n, k), 128, int(0.5 * n * k), fills)
     assert min(est, key=est.get) == "dense"  # CSR at density 0.5, M = 128: cuBLAS wins
-    assert cuda.roofline_cost_model("sm_89").kernels["dense"].gbps < cost.kernels["dense"].gbps
+    sm89 = cost_model_for(cuda.CudaTarget("sm_89", build_only=True))
+    assert sm89.kernels["dense"].gbps < cost.kernels["dense"].gbps
 
 
 def test_nm_weights_run_on_the_csr_kernel():
@@ -237,12 +240,14 @@ def test_nm_weights_run_on_the_csr_kernel():
     keep[..., :2] = True  # 2:4 along K
     w = w * keep[:, :, torch.randperm(4, generator=g)].reshape(32, 16)
     nm = NMSparseMatrix.from_dense(w, 2, 4)
-    mod = cuda.CudaTarget("sm_80", build_only=True).make_linear(nm, None)
+    from sparsecc.runtime import make_linear
+
+    mod = make_linear(cuda.CudaTarget("sm_80", build_only=True), nm, None)
     assert mod.block == (1, 1) and mod.format == "csr"
     dense = BlockSparseMatrix(mod.shape, mod.block, mod.data, mod.indices, mod.indptr).to_dense()
     assert torch.equal(dense, w)
     assert torch.equal(mod.indptr[1:] - mod.indptr[:-1], torch.full((32,), 8, dtype=torch.int32))  # balanced
-    assert cuda.roofline_cost_model("sm_80").has("nm", (2, 4))
+    assert Candidate("nm", (2, 4)) in cuda.roofline_constants("sm_80")
 
 
 # -- compile without a GPU -------------------------------------------------------------

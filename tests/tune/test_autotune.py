@@ -16,7 +16,7 @@ from sparsecc.errors import TuningError
 from sparsecc.formats import BlockSparseMatrix
 from sparsecc.runtime.kernels import SparseLinear
 from sparsecc.targets import x86
-from sparsecc.tune import autotune, space
+from sparsecc.tune import database, lookup, measure, search, space, tuner
 from sparsecc.tune.space import Workload
 
 
@@ -79,7 +79,7 @@ def tuned_dir(tmp_path_factory):
     """Two workloads (gemv and gemm regime) tuned for 4 trials each; returns (work_dir, results)."""
     d = tmp_path_factory.mktemp("tunedb")
     wls = [Workload.for_layer((16, 1), 64, 48, 6, m, True, "relu") for m in (1, 16)]
-    res = autotune.tune_workloads(wls, d, trials=4, progress=False)
+    res = tuner.tune_workloads(wls, d, trials=4, progress=False)
     return d, wls, res
 
 
@@ -126,7 +126,7 @@ def test_tuned_records_build_correct_kernels(tuned_dir):
     assert [r.trials for r in res] == [4, 4]
     assert all(r.choice in ("tuned", "hand") and r.best_ms > 0 and r.hand_ms > 0 for r in res)
     assert all(r.ratio <= 1.0 for r in res)  # never slower than the hand schedule (same measurement)
-    db = autotune.open_json_database(d)
+    db = database.open_json_database(d)
     records = db.get_all_tuning_records()
     assert len(records) == 8
     w = _weight(64, 48, (16, 1), 0.3)
@@ -136,7 +136,7 @@ def test_tuned_records_build_correct_kernels(tuned_dir):
     for rec in records[:4] + records[-4:]:
         mt = int(rec.workload.mod["main"].attrs["sparsecc.m_tile"])
         sch = space.schedule_from_trace(rec.trace, (16, 1), bias=True, activation="relu", m_tile=mt, k=48)
-        fn = autotune._runnable(x86.build(sch.mod, target))["main"]
+        fn = measure.runnable(x86.build(sch.mod, target))["main"]
         for m in (1, 13, 16):  # 13: not a multiple of the register tile
             x = torch.randn(m, 48)
             torch.testing.assert_close(_run_kernel(fn, mt, mat, bias, x, "relu"), _reference(w, bias, x, "relu"),
@@ -145,8 +145,8 @@ def test_tuned_records_build_correct_kernels(tuned_dir):
 
 def test_database_reloads_to_same_schedules(tuned_dir):
     d, wls, res = tuned_dir
-    first = autotune.open_json_database(d)
-    again = autotune.open_json_database(d)  # a fresh load of the same files
+    first = database.open_json_database(d)
+    again = database.open_json_database(d)  # a fresh load of the same files
     a = sorted(str(r.trace) for r in first.get_all_tuning_records())
     b = sorted(str(r.trace) for r in again.get_all_tuning_records())
     assert a == b and len(a) == 8
@@ -164,17 +164,17 @@ def test_database_reloads_to_same_schedules(tuned_dir):
 def test_resume_skips_done_workloads(tuned_dir):
     d, wls, _ = tuned_dir
     lines = (d / "database_tuning_record.json").read_text().count("\n")
-    res = autotune.tune_workloads(wls, d, trials=4, progress=False)
+    res = tuner.tune_workloads(wls, d, trials=4, progress=False)
     assert all(r.skipped for r in res)
     assert (d / "database_tuning_record.json").read_text().count("\n") == lines
-    res = autotune.tune_workloads(wls, d, trials=2, progress=False)  # fewer trials: also done
+    res = tuner.tune_workloads(wls, d, trials=2, progress=False)  # fewer trials: also done
     assert all(r.skipped for r in res)
 
 
 def test_interrupted_run_leaves_loadable_db(tmp_path, monkeypatch):
     wls = [Workload.for_layer((8, 1), 32, 32, 4, 1, False, None),
            Workload.for_layer((8, 1), 32, 64, 4, 1, False, None)]
-    real = autotune._tune_one
+    real = tuner.tune_one
     calls = []
 
     def crash_on_second(wl, *args, **kwargs):
@@ -183,21 +183,21 @@ def test_interrupted_run_leaves_loadable_db(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated interruption")
         return real(wl, *args, **kwargs)
 
-    monkeypatch.setattr(autotune, "_tune_one", crash_on_second)
+    monkeypatch.setattr(tuner, "tune_one", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        autotune.tune_workloads(wls, tmp_path, trials=2, progress=False)
-    monkeypatch.setattr(autotune, "_tune_one", real)
-    index = json.loads((tmp_path / autotune.INDEX_NAME).read_text())
+        tuner.tune_workloads(wls, tmp_path, trials=2, progress=False)
+    monkeypatch.setattr(tuner, "tune_one", real)
+    index = json.loads((tmp_path / database.INDEX_NAME).read_text())
     (entries,) = index["entries"].values()
     assert list(entries) == [wls[0].key()]
     # a record line cut short by a crash is dropped on load; the complete ones stay
     with open(tmp_path / "database_tuning_record.json", "a") as f:
         f.write('[0,[[["SampleCateg')
-    db = autotune.open_json_database(tmp_path)
+    db = database.open_json_database(tmp_path)
     assert len(db.get_all_tuning_records()) == 2
-    res = autotune.tune_workloads(wls, tmp_path, trials=2, progress=False)
+    res = tuner.tune_workloads(wls, tmp_path, trials=2, progress=False)
     assert [r.skipped for r in res] == [True, False]
-    assert len(autotune.open_json_database(tmp_path).get_all_tuning_records()) == 4
+    assert len(database.open_json_database(tmp_path).get_all_tuning_records()) == 4
 
 
 def test_compile_uses_tuning_db_and_other_model_reuses_it(tmp_path, monkeypatch):
@@ -205,7 +205,7 @@ def test_compile_uses_tuning_db_and_other_model_reuses_it(tmp_path, monkeypatch)
     model = TwoLayer()
     x = torch.randn(16, 512)  # big enough that the cost model picks BSR at 90% sparsity (256x128 stayed dense)
     # choose the tuned schedule whenever one was measured, so the test exercises the tuned path
-    monkeypatch.setattr(autotune, "KEEP_HAND_MARGIN", -100.0)
+    monkeypatch.setattr(tuner, "KEEP_HAND_MARGIN", -100.0)
     summary = sparsecc.tune(model, (x,), sparsity=0.9, pattern="block", block_shape=(16, 1), trials=3,
                             work_dir=tmp_path, rows=[1, 16], progress=False)
     rows = summary.rows()
@@ -240,22 +240,23 @@ def test_compile_uses_tuning_db_and_other_model_reuses_it(tmp_path, monkeypatch)
 
 def test_tune_rejects_bad_arguments(tmp_path):
     with pytest.raises(TuningError):
-        autotune.tune_workloads([Workload.for_layer((16, 1), 64, 48, 6, 1, True)], tmp_path, trials=0)
+        tuner.tune_workloads([Workload.for_layer((16, 1), 64, 48, 6, 1, True)], tmp_path, trials=0)
     with pytest.raises(TuningError):
         sparsecc.tune(TwoLayer(), (torch.randn(2, 512),), target="cuda", work_dir=tmp_path)
-    (tmp_path / autotune.INDEX_NAME).write_text("{not json")
+    (tmp_path / database.INDEX_NAME).write_text("{not json")
     with pytest.raises(TuningError):
-        autotune.TuningDatabase(tmp_path)
+        lookup.TuningDatabase(tmp_path)
 
 
 def test_time_budget_stops_and_resumes(tmp_path, monkeypatch):
     wls = [Workload.for_layer((8, 1), 32, 32, 4, 16, False, None)]
-    assert autotune.tune_workloads(wls, tmp_path, trials=4, time_budget_s=0.0, progress=False) == []
-    assert not (tmp_path / autotune.INDEX_NAME).exists()
+    assert tuner.tune_workloads(wls, tmp_path, trials=4, time_budget_s=0.0, progress=False) == []
+    assert not (tmp_path / database.INDEX_NAME).exists()
     # the deadline passes inside the workload: fewer trials than asked, marked incomplete, resumed later
     import time as real_time
 
-    class Clock:  # autotune's monotonic clock: the budget runs out after the first candidates are handed out
+    # one clock for the tuner and GridSearch: the budget runs out after the first candidates are handed out
+    class Clock:
         calls = 0
         perf_counter = staticmethod(real_time.perf_counter)
 
@@ -264,9 +265,11 @@ def test_time_budget_stops_and_resumes(tmp_path, monkeypatch):
             cls.calls += 1
             return 0.0 if cls.calls <= 4 else 1e9
 
-    monkeypatch.setattr(autotune, "time", Clock)
-    (res,) = autotune.tune_workloads(wls, tmp_path, trials=4, time_budget_s=100.0, progress=False)
+    monkeypatch.setattr(tuner, "time", Clock)
+    monkeypatch.setattr(search, "time", Clock)
+    (res,) = tuner.tune_workloads(wls, tmp_path, trials=4, time_budget_s=100.0, progress=False)
     assert not res.complete and 1 <= res.trials < 4
-    monkeypatch.setattr(autotune, "time", real_time)
-    (again,) = autotune.tune_workloads(wls, tmp_path, trials=4, progress=False)
+    monkeypatch.setattr(tuner, "time", real_time)
+    monkeypatch.setattr(search, "time", real_time)
+    (again,) = tuner.tune_workloads(wls, tmp_path, trials=4, progress=False)
     assert not again.skipped and again.complete and again.trials >= 4

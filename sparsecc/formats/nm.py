@@ -1,10 +1,10 @@
-"""Sparse storage formats for linear weights (pure torch; no TVM import).
+"""N:M storage (at most n nonzeros in every m consecutive weights along K) and its registry entry.
 
-A weight ``W`` of shape ``(N, K)`` (torch ``nn.Linear`` layout) is stored in
-block compressed sparse row form (BSR) with a block of ``br`` rows by ``bc``
-columns.  CSR is the special case ``block == (1, 1)``.  All conversions are
-vectorized torch operations: converting every weight of a MiniLM-sized model
-takes milliseconds.
+Source: N:M structured sparsity as in Mishra et al., "Accelerating Sparse Deep
+Neural Networks" (NVIDIA, 2021). The kernels are :mod:`sparsecc.codegen.nm`
+(x86 rules :mod:`sparsecc.targets.x86_nm`), the runtime module
+:class:`sparsecc.runtime.nm.NMLinear`, which registers itself and its export
+converter on :data:`NM`.
 """
 
 from __future__ import annotations
@@ -14,155 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from sparsecc.errors import InvalidSparsityError
+from sparsecc.formats.base import NM_PATTERN_NAMES, Candidate, Format, M, register_format
 
-__all__ = [
-    "BLOCK_SHAPES",
-    "BlockSparseMatrix",
-    "NM_PATTERNS",
-    "NMSparseMatrix",
-    "block_fill_ratio",
-    "count_nonzero_blocks",
-    "is_nm_sparse",
-    "to_format",
-]
-
-#: Block shapes (rows, cols) the kernel layer supports.  (1, 1) is CSR.
-BLOCK_SHAPES: tuple[tuple[int, int], ...] = ((1, 1), (1, 4), (1, 8), (4, 1), (8, 1), (16, 1), (4, 4))
-
-
-def _check_block(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int]:
-    if len(shape) != 2:
-        raise InvalidSparsityError(f"expected a 2-d weight (N, K), got shape {tuple(shape)}")
-    try:
-        br, bc = (int(block[0]), int(block[1]))
-    except (TypeError, ValueError, IndexError):
-        raise InvalidSparsityError(f"block must be a pair (rows, cols), got {block!r}") from None
-    if br < 1 or bc < 1:
-        raise InvalidSparsityError(f"block shape must be positive, got {(br, bc)}")
-    n, k = int(shape[0]), int(shape[1])
-    if n % br or k % bc:
-        raise InvalidSparsityError(
-            f"block {(br, bc)} does not tile weight shape {(n, k)}: "
-            f"{'N=%d is not a multiple of %d' % (n, br) if n % br else ''}"
-            f"{' and ' if (n % br and k % bc) else ''}"
-            f"{'K=%d is not a multiple of %d' % (k, bc) if k % bc else ''}"
-        )
-    return br, bc
-
-
-def _block_mask(weight: torch.Tensor, br: int, bc: int) -> torch.Tensor:
-    """Boolean (N//br, K//bc) mask of blocks holding at least one nonzero."""
-    n, k = weight.shape
-    return (weight != 0).reshape(n // br, br, k // bc, bc).any(dim=3).any(dim=1)
-
-
-def count_nonzero_blocks(weight: torch.Tensor, block: tuple[int, int]) -> int:
-    """Number of (br, bc) blocks of ``weight`` with at least one nonzero."""
-    br, bc = _check_block(tuple(weight.shape), block)
-    return int(_block_mask(weight.detach(), br, bc).sum())
-
-
-def block_fill_ratio(weight: torch.Tensor, block: tuple[int, int]) -> float:
-    """Stored values / true nonzeros when ``weight`` is stored with ``block``.
-
-    1.0 means no fill-in.  An all-zero weight stores nothing and returns 1.0.
-    """
-    br, bc = _check_block(tuple(weight.shape), block)
-    nnz = int((weight.detach() != 0).sum())
-    if nnz == 0:
-        return 1.0
-    return count_nonzero_blocks(weight, (br, bc)) * br * bc / nnz
-
-
-@dataclass
-class BlockSparseMatrix:
-    """W: (N, K) in BSR with block shape (br, bc); CSR is block (1, 1).
-
-    ``data[p]`` is the ``(br, bc)`` block at block row ``i`` (``indptr[i] <= p <
-    indptr[i + 1]``) and block column ``indices[p]``; block columns are sorted
-    within each block row.
-    """
-
-    shape: tuple[int, int]
-    block: tuple[int, int]
-    data: torch.Tensor  # (nnzb, br, bc) float32, contiguous
-    indices: torch.Tensor  # (nnzb,) int32 block-column index
-    indptr: torch.Tensor  # (N // br + 1,) int32
-
-    def __post_init__(self) -> None:
-        self.shape = (int(self.shape[0]), int(self.shape[1]))
-        self.block = _check_block(self.shape, self.block)
-        br, bc = self.block
-        nbr = self.shape[0] // br
-        if self.data.dim() != 3 or tuple(self.data.shape[1:]) != (br, bc):
-            raise InvalidSparsityError(
-                f"data must have shape (nnzb, {br}, {bc}), got {tuple(self.data.shape)}"
-            )
-        if tuple(self.indices.shape) != (self.data.shape[0],):
-            raise InvalidSparsityError(
-                f"indices must have shape ({self.data.shape[0]},), got {tuple(self.indices.shape)}"
-            )
-        if tuple(self.indptr.shape) != (nbr + 1,):
-            raise InvalidSparsityError(f"indptr must have shape ({nbr + 1},), got {tuple(self.indptr.shape)}")
-
-    # -- construction -----------------------------------------------------
-    @classmethod
-    def from_dense(cls, weight: torch.Tensor, block: tuple[int, int] = (1, 1)) -> "BlockSparseMatrix":
-        """Store ``weight`` (N, K); a block is stored iff any of its elements is nonzero."""
-        if not isinstance(weight, torch.Tensor):
-            raise InvalidSparsityError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-        shape = tuple(weight.shape)
-        br, bc = _check_block(shape, block)
-        n, k = shape
-        w = weight.detach().to(device="cpu", dtype=torch.float32)
-        blocks = w.reshape(n // br, br, k // bc, bc).permute(0, 2, 1, 3)  # (NB, KB, br, bc)
-        mask = (blocks != 0).flatten(2).any(dim=2)  # (NB, KB)
-        rows, cols = mask.nonzero(as_tuple=True)  # row-major: sorted by row then col
-        data = blocks[rows, cols].contiguous()  # (nnzb, br, bc)
-        indptr = torch.zeros(n // br + 1, dtype=torch.int32)
-        torch.cumsum(mask.sum(dim=1), dim=0, out=indptr[1:])
-        return cls(shape=shape, block=(br, bc), data=data, indices=cols.to(torch.int32), indptr=indptr)
-
-    def to_dense(self) -> torch.Tensor:
-        n, k = self.shape
-        br, bc = self.block
-        nb, kb = n // br, k // bc
-        out = torch.zeros(nb, kb, br, bc, dtype=self.data.dtype)
-        counts = (self.indptr[1:] - self.indptr[:-1]).to(torch.int64)
-        rows = torch.repeat_interleave(torch.arange(nb), counts)
-        out[rows, self.indices.to(torch.int64)] = self.data
-        return out.permute(0, 2, 1, 3).reshape(n, k)
-
-    # -- statistics ---------------------------------------------------------
-    @property
-    def nnzb(self) -> int:
-        return int(self.data.shape[0])
-
-    @property
-    def nnz(self) -> int:
-        """Stored values, fill-in zeros included."""
-        return self.nnzb * self.block[0] * self.block[1]
-
-    @property
-    def density(self) -> float:
-        """True nonzeros / (N * K)."""
-        total = self.shape[0] * self.shape[1]
-        return float((self.data != 0).sum()) / total if total else 0.0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.data, self.indices, self.indptr))
-
-    @property
-    def format(self) -> str:
-        return "csr" if self.block == (1, 1) else "bsr"
-
-    def __repr__(self) -> str:
-        return (
-            f"BlockSparseMatrix(shape={self.shape}, block={self.block}, format={self.format!r}, "
-            f"nnzb={self.nnzb}, density={self.density:.4f})"
-        )
-
+__all__ = ["NM", "NM_PATTERNS", "NMFormat", "NMSparseMatrix", "is_nm_sparse", "nm_keep"]
 
 #: N:M patterns (n, m) the kernel layer supports.
 NM_PATTERNS: tuple[tuple[int, int], ...] = ((2, 4), (1, 4))
@@ -337,6 +191,18 @@ class NMSparseMatrix:
                 f"density={self.density:.4f})")
 
 
+def nm_keep(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the N highest-scoring of every M consecutive elements along K. score: (C_out, K), K % M == 0.
+
+    Magnitude N:M pruning (Mishra et al. 2021) with ``score = |w|``; ``sparsecc.sparsify`` uses it with any score.
+    """
+    rows, k = score.shape
+    g = score.reshape(rows, k // m, m)
+    idx = torch.topk(g, n, dim=2).indices
+    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(2, idx, True)
+    return keep.reshape(rows, k)
+
+
 def is_nm_sparse(weight: torch.Tensor, n: int, m: int) -> bool:
     """Whether every group of ``m`` consecutive columns of ``weight`` (N, K) holds at most ``n`` nonzeros."""
     rows, k = weight.shape
@@ -346,14 +212,46 @@ def is_nm_sparse(weight: torch.Tensor, n: int, m: int) -> bool:
     return bool((nz.reshape(rows, g, m).sum(dim=2) <= n).all())
 
 
-def to_format(weight: torch.Tensor, fmt: str, block: tuple):
-    """Store ``weight`` (N, K) in ``fmt``: ``"nm"`` with ``block = (n, m)``, else BSR/CSR with block ``(br, bc)``.
+class NMFormat(Format):
+    """N:M along K: values (N, G·n) plus packed positions; every group stores exactly n slots."""
 
-    Raises
-    ------
-    InvalidSparsityError
-        The weight does not fit the format (see the constructors).
-    """
-    if fmt == "nm":
-        return NMSparseMatrix.from_dense(weight, int(block[0]), int(block[1]))
-    return BlockSparseMatrix.from_dense(weight, block)
+    name = "nm"
+    storage = NMSparseMatrix
+    patterns = ("auto",) + tuple(NM_PATTERN_NAMES)
+
+    def key(self, params):
+        return "nm_%d:%d" % tuple(params)
+
+    def label(self, params):
+        return "nm %d:%d" % tuple(params)
+
+    def candidates(self, shape, pattern, *, nm=None, column_group=None):
+        """``nm`` (the detected pattern) and every denser supported pattern with the same m;
+        an N:M pattern name allows only its own pattern."""
+        if nm is None or pattern not in self.patterns:
+            return []
+        want = NM_PATTERN_NAMES.get(pattern)
+        return [Candidate("nm", p) for p in NM_PATTERNS
+                if p[1] == nm[1] and p[0] >= nm[0] and (want is None or p == want)]
+
+    def stored(self, params, shape, nnz, fill_ratio):
+        n, k = shape
+        return n * (-(-k // params[1])) * params[0]
+
+    def flops(self, params, n, k, stored):
+        return 2 * M * stored
+
+    def bytes(self, params, n, k, stored):
+        # fp32 value + int16 column per slot; X^T tiles written and read once more
+        return 6 * stored + 4 * M * k + 4 * M * n + 8 * M * k
+
+    def calibration_weight(self, params, n, k, density, seed=0):
+        """Exactly ``n`` nonzeros in every group of ``m`` columns (K % m == 0); ``density`` is n/m."""
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+        return w * nm_keep(w.abs(), params[0], params[1])
+
+    def calibration_candidates(self):
+        return [Candidate("nm", p) for p in NM_PATTERNS]
+
+
+NM = register_format(NMFormat())
