@@ -177,7 +177,7 @@ def candidate_patterns(tgt, pattern, block_shape: Optional[tuple], sparsity: Opt
     """The candidate patterns of a ``pattern=`` argument.
 
     ``"auto"``: unstructured and the target's block shape for the linears (its
-    ``prune_block``; none if that is 1x1); ``"block"`` without ``block_shape``: the
+    ``best_block``; none if that is 1x1); ``"block"`` without ``block_shape``: the
     target's block shape; anything else: :func:`~sparsecc.sparsify.patterns.parse_pattern`.
 
     Raises
@@ -188,10 +188,10 @@ def candidate_patterns(tgt, pattern, block_shape: Optional[tuple], sparsity: Opt
     lin_shapes = [infos[n][1] for n in infos if infos[n][0] == "linear"]
     lin_rows = max([infos[n][2] for n in infos if infos[n][0] == "linear"], default=1)
     if pattern == "auto":
-        blk = tgt.prune_block(lin_shapes, 1.0 - (sparsity or 0.8), lin_rows) if lin_shapes else (4, 1)
+        blk = cost_model_for(tgt).best_block(lin_shapes, 1.0 - (sparsity or 0.8), lin_rows) if lin_shapes else (4, 1)
         return [UNSTRUCTURED] + ([Pattern("block", block=tuple(blk))] if tuple(blk) != (1, 1) else [])
     if pattern == "block" and block_shape is None:
-        return [parse_pattern("block", tgt.prune_block(lin_shapes, 1.0 - (sparsity or 0.8), lin_rows)
+        return [parse_pattern("block", cost_model_for(tgt).best_block(lin_shapes, 1.0 - (sparsity or 0.8), lin_rows)
                               if lin_shapes else (4, 1))]
     return [parse_pattern(pattern, block_shape)]
 
