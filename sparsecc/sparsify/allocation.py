@@ -35,7 +35,7 @@ from .masks import strip_masks
 from .patterns import UNSTRUCTURED, as_matrix, global_keep, group_scores
 from .problem import SparsifyProblem
 from .select import plan_from_choice, select_for_sparsity
-from .sensitivity import candidate_key, model_fingerprint, sensitivity_analysis
+from .sensitivity import option_key, model_fingerprint, sensitivity_analysis
 
 __all__ = ["ALLOCATIONS", "Allocation", "Error", "Global", "NEEDS_EVAL_FN", "Sensitivity", "Uniform", "erk_densities"]
 
@@ -260,7 +260,7 @@ class Sensitivity(Allocation):
 
         root = Path(self.cache_dir) if self.cache_dir is not None else cache_root() / "sensitivity"
         key = "%s-%s-%s-%s" % (model_fingerprint(probe.layers), score.name, problem.metric_dense,
-                               "|".join(candidate_key(p, d) for n in names for p, d in problem.candidates(n)))
+                               "|".join(option_key(p, d) for n in names for p, d in problem.candidates(n)))
         path = root / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
         probe.model.eval()
         table = sensitivity_analysis(probe.layers, {n: problem.candidates(n) for n in names}, score.score,

@@ -27,7 +27,7 @@ from .problem import SparsifyProblem, build_problem
 from .regularizers import REGULARIZERS
 from .schedules import SCHEDULES, Gradual, OneShot, RigL, Schedule
 from .scores import SCORES
-from .sensitivity import candidate_key
+from .sensitivity import option_key
 
 #: Densities tried per layer by the sensitivity analysis (1.0, dense, is always an option).
 CANDIDATE_DENSITIES = (0.5, 0.3, 0.2, 0.1, 0.05)
@@ -115,7 +115,7 @@ class SparsifyResult:
                f"{'est ms':>8} {'dense ms':>8} {'speedup':>7}"
         lines = [head, "-" * len(head)]
         for c in self.layers:
-            key = candidate_key(parse_pattern(c.pattern), c.density) if c.pattern != "dense" else None
+            key = option_key(parse_pattern(c.pattern), c.density) if c.pattern != "dense" else None
             drop = c.sensitivity.get(key) if key else 0.0
             drop_s = "-" if drop is None else f"{drop:+.4f}"
             lines.append(f"{c.name:<40} {'x'.join(map(str, c.shape)):<18} {c.rows:>6} {c.pattern:<14} "

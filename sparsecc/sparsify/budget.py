@@ -21,7 +21,7 @@ from typing import Callable
 
 from ..errors import AccuracyBudgetError
 from .select import Option, plan_from_choice, select_under_budget
-from .sensitivity import candidate_key
+from .sensitivity import option_key
 
 __all__ = ["penalized_options", "search_budget"]
 
@@ -76,7 +76,7 @@ def search_budget(options: dict, budget: float, metric_dense: float, run: Callab
         plan = plan_from_choice(choice)
         pred = sum(o.latency_ms for o in choice.values())
         cost = (round(pred, 9), sum(o.kept for o in choice.values()))  # latency, then fewer weights
-        key = {n: candidate_key(*v) for n, v in plan.items()}
+        key = {n: option_key(*v) for n, v in plan.items()}
         seen = next((r_ for r_ in rounds if r_["plan"] == key), None)
         if not plan:
             if lo is None:

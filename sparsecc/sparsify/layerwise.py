@@ -24,7 +24,7 @@ from .masks import original_weight, set_mask
 from .patterns import as_matrix, from_matrix
 from .reconstruct import collect_statistics, layer_keep, output_error, solve_kept
 from .scores import ImportanceScore
-from .sensitivity import candidate_key
+from .sensitivity import option_key
 
 __all__ = ["LayerwisePruning", "execution_order"]
 
@@ -150,7 +150,7 @@ class LayerwisePruning:
             for p, d in candidates(n):
                 keep = layer_keep(score.name, wm, stats, d, p, sc, self.damp)
                 new = solve_kept(wm, keep, stats, self.damp) if self.refit else wm * keep
-                row[candidate_key(p, d)] = output_error(wm, new, stats)
+                row[option_key(p, d)] = output_error(wm, new, stats)
             table[n] = row
         return table
 

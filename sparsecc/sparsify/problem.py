@@ -20,7 +20,7 @@ from .masks import prunable_layers
 from .patterns import UNSTRUCTURED, Pattern, as_matrix, parse_pattern
 from .scores import ImportanceScore
 from .select import Option
-from .sensitivity import candidate_key
+from .sensitivity import option_key
 from ..formats import Candidate
 from ..tune.cost_model import cost_model_for
 
@@ -124,7 +124,7 @@ class SparsifyProblem:
             n_el = math.prod(self.infos[name][1])
             opts = [Option("dense", self.latency(name, None, 1.0), 0.0, n_el)]
             for p, d in self.candidates(name):
-                k = candidate_key(p, d)
+                k = option_key(p, d)
                 opts.append(Option(k, self.latency(name, p, d), table.get(name, {}).get(k, 0.0), int(round(d * n_el))))
             out[name] = opts
         return out

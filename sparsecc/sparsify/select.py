@@ -122,7 +122,7 @@ def plan_from_choice(choice: dict) -> dict:
     ----------
     choice : dict name -> Option
         Keys ``"dense"`` or a candidate key ``"<pattern>@<density>"`` (see
-        :func:`~sparsecc.sparsify.sensitivity.candidate_key`).
+        :func:`~sparsecc.sparsify.sensitivity.option_key`).
     """
     plan = {}
     for n, o in choice.items():

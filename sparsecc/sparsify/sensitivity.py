@@ -24,8 +24,11 @@ from ..fileio import atomic_path
 from .patterns import Pattern, as_matrix, from_matrix, mask_from_scores
 
 
-def candidate_key(pattern: Pattern, density: float) -> str:
-    """``"block 8x1@0.200"`` — a (pattern, density) candidate as a cache key."""
+def option_key(pattern: Pattern, density: float) -> str:
+    """``"block 8x1@0.200"``: a (pattern, density) option of the sparsity allocation, as a cache key.
+
+    Not a format candidate (:class:`sparsecc.formats.Candidate`): an option is what pruning does to a layer.
+    """
     return f"{pattern}@{density:.3f}"
 
 
@@ -82,7 +85,7 @@ def sensitivity_analysis(layers: dict, candidates: dict, scores: Callable[[str, 
         cache = {"base": float(eval_fn()), "drop": {}}
     drops = cache["drop"]
     todo = [(n, p, d) for n, cands in candidates.items() for p, d in cands
-            if candidate_key(p, d) not in drops.get(n, {})]
+            if option_key(p, d) not in drops.get(n, {})]
     bar = tqdm(total=len(todo), desc="sensitivity", disable=not progress or not todo, leave=False)
     try:
         for name, mod in layers.items():
@@ -97,7 +100,7 @@ def sensitivity_analysis(layers: dict, candidates: dict, scores: Callable[[str, 
                     keep = from_matrix(mask_from_scores(sc, d, p), saved.shape)
                     with torch.no_grad():
                         w.copy_(saved * keep)
-                    drops.setdefault(name, {})[candidate_key(p, d)] = cache["base"] - float(eval_fn())
+                    drops.setdefault(name, {})[option_key(p, d)] = cache["base"] - float(eval_fn())
                     bar.update(1)
             finally:
                 with torch.no_grad():

@@ -9,7 +9,7 @@ from torch import nn
 from sparsecc.errors import InvalidSparsityError
 from sparsecc.sparsify.patterns import Pattern
 from sparsecc.sparsify.select import Option, select_for_sparsity, select_under_budget
-from sparsecc.sparsify.sensitivity import candidate_key, sensitivity_analysis
+from sparsecc.sparsify.sensitivity import option_key, sensitivity_analysis
 
 
 def _options():
@@ -70,7 +70,7 @@ def test_sensitivity_measures_each_layer_alone_and_caches(tmp_path):
     d = table["drop"]
     for n in layers:
         assert torch.equal(layers[n].weight, before[n])  # weights restored
-        assert 0 < d[n][candidate_key(Pattern("unstructured"), 0.5)] < d[n][candidate_key(Pattern("unstructured"), 0.0)]
+        assert 0 < d[n][option_key(Pattern("unstructured"), 0.5)] < d[n][option_key(Pattern("unstructured"), 0.0)]
     # the measured drop equals the metric with that layer pruned alone, by hand
     with torch.no_grad():
         w = layers["2"].weight
