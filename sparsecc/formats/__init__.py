@@ -18,13 +18,14 @@ cost model, calibration, report and export need is on the entry (see :mod:`.base
 from sparsecc.formats.base import (M, NM_PATTERN_NAMES, PATTERN_CHOICES, Candidate, Format, all_formats, as_matrix,
                                    describe, format_of, from_matrix, get_format, register_format)
 from sparsecc.formats.dense import DENSE
-from sparsecc.formats.bsr import BLOCK_SHAPES, BSR, BlockFormat, BlockSparseMatrix, block_fill_ratio, count_nonzero_blocks
+from sparsecc.formats.bsr import (BLOCK_SHAPES, BSR, BlockFormat, BlockSparseMatrix, block_candidate, block_fill_ratio,
+                                  count_nonzero_blocks)
 from sparsecc.formats.csr import CSR
 from sparsecc.formats.nm import NM, NM_PATTERNS, NMSparseMatrix, is_nm_sparse, nm_keep
 
 __all__ = ["BLOCK_SHAPES", "BSR", "CSR", "DENSE", "M", "NM", "NM_PATTERNS", "NM_PATTERN_NAMES", "PATTERN_CHOICES",
            "BlockFormat", "BlockSparseMatrix", "Candidate", "Format", "NMSparseMatrix", "all_formats", "as_matrix",
-           "block_fill_ratio", "candidates", "count_nonzero_blocks", "describe", "format_of", "from_matrix",
+           "block_candidate", "block_fill_ratio", "candidates", "count_nonzero_blocks", "describe", "format_of", "from_matrix",
            "get_format", "is_nm_sparse", "nm_keep", "register_format"]
 
 

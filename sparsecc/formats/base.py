@@ -175,6 +175,10 @@ class Format:
         """Stored units of one weight (nonzero blocks; N:M slots), the ``stored`` of the cost expressions."""
         return 0
 
+    def units_of(self, matrix) -> int:
+        """Stored units of a storage object of this format (the ``stored`` of :meth:`flops` and :meth:`bytes`)."""
+        return 0
+
     def flops(self, params: tuple, n: int, k: int, stored: int) -> sympy.Expr:
         """Floating-point operations of one call, a sympy expression in :data:`M`."""
         raise NotImplementedError

@@ -16,7 +16,8 @@ import torch
 from sparsecc.errors import InvalidSparsityError
 from sparsecc.formats.base import Candidate, Format, M, register_format
 
-__all__ = ["BLOCK_SHAPES", "BSR", "BlockFormat", "BlockSparseMatrix", "block_fill_ratio", "count_nonzero_blocks"]
+__all__ = ["BLOCK_SHAPES", "BSR", "BlockFormat", "BlockSparseMatrix", "block_candidate", "block_fill_ratio",
+           "count_nonzero_blocks"]
 
 #: Block shapes (rows, cols) the kernel layer supports.  (1, 1) is CSR.
 BLOCK_SHAPES: tuple[tuple[int, int], ...] = ((1, 1), (1, 4), (1, 8), (4, 1), (8, 1), (16, 1), (4, 4))
@@ -147,7 +148,7 @@ class BlockSparseMatrix:
 
     @property
     def format(self) -> str:
-        return "csr" if self.block == (1, 1) else "bsr"
+        return block_candidate(self.block).format
 
     def __repr__(self) -> str:
         return (
@@ -192,6 +193,9 @@ class BlockFormat(Format):
     def stored(self, params, shape, nnz, fill_ratio):
         return int(round(fill_ratio.get(tuple(params), 1.0) * nnz / (params[0] * params[1])))
 
+    def units_of(self, matrix) -> int:
+        return matrix.nnzb
+
     def flops(self, params, n, k, stored):
         # fill-in zeros count: the kernel multiplies them too
         return 2 * M * stored * params[0] * params[1]
@@ -214,3 +218,9 @@ class BlockFormat(Format):
 
 #: BSR: every block shape of :data:`BLOCK_SHAPES` but (1, 1) (that one is CSR, :mod:`sparsecc.formats.csr`).
 BSR = register_format(BlockFormat("bsr", tuple(b for b in BLOCK_SHAPES if b != (1, 1)), ("auto", "block")))
+
+
+def block_candidate(block) -> Candidate:
+    """The candidate of a block shape: CSR for (1, 1), else BSR with that block."""
+    block = tuple(int(b) for b in block)
+    return Candidate("csr" if block == (1, 1) else "bsr", block)

@@ -238,6 +238,9 @@ class NMFormat(Format):
         n, k = shape
         return n * (-(-k // params[1])) * params[0]
 
+    def units_of(self, matrix) -> int:
+        return matrix.nnz
+
     def flops(self, params, n, k, stored):
         return 2 * M * stored
 

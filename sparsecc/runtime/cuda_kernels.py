@@ -20,7 +20,8 @@ from sparsecc.errors import (
     TargetUnavailableError,
 )
 from sparsecc.formats import BSR, CSR, NM, BlockSparseMatrix
-from sparsecc.runtime.kernels import block_candidate, check_activation, load_or_build
+from sparsecc.formats import block_candidate
+from sparsecc.runtime.kernels import check_activation, load_or_build
 from sparsecc.targets import cuda
 
 __all__ = ["CudaBuildArtifact", "CudaKernel", "CudaSparseLinear", "cuda_linear", "get_cuda_linear_kernel"]

@@ -23,7 +23,7 @@ import torch
 
 from sparsecc.cache import KERNELS
 from sparsecc.errors import InputDtypeError, InputShapeError, UnsupportedOpError
-from sparsecc.formats import BSR, CSR, BlockSparseMatrix, Candidate
+from sparsecc.formats import BSR, CSR, BlockSparseMatrix, block_candidate
 from sparsecc.runtime import omp_launch
 from sparsecc.targets import x86
 
@@ -60,12 +60,6 @@ def get_linear_kernel(fmt_block: tuple[int, int], regime: str, bias: bool, activ
                              target)
 
     return KERNELS.get(key, make)
-
-
-def block_candidate(block) -> Candidate:
-    """The CSR (block (1, 1)) or BSR candidate of a block shape."""
-    block = tuple(block)
-    return Candidate("csr" if block == (1, 1) else "bsr", block)
 
 
 def load_or_build(sch, name: str, target, build=None):

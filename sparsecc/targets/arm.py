@@ -42,7 +42,7 @@ import tvm
 from sparsecc.cache import KERNELS
 from sparsecc.errors import KernelBuildError, TargetError, ToolchainError
 from sparsecc.fileio import atomic_path
-from sparsecc.formats import Candidate
+from sparsecc.formats import Candidate, block_candidate
 from sparsecc.targets import x86
 from sparsecc.targets.base import Target
 from sparsecc.targets.toolchain import aarch64_toolchain
@@ -179,7 +179,7 @@ def build_linear_kernel(block, regime: str, *, bias: bool, activation=None, devi
     target = arm_target(device)
     block = tuple(block)
     sch = schedule_linear(block, regime, bias=bias, activation=activation, k=k)
-    name = Candidate("csr" if block == (1, 1) else "bsr", block).kernel_name("linear", regime, bias, activation)
+    name = block_candidate(block).kernel_name("linear", regime, bias, activation)
     return _cross_built(sch, name, target)
 
 

@@ -54,7 +54,7 @@ import tvm.s_tir
 
 from sparsecc.codegen.linear_cuda import bsr_linear_gpu
 from sparsecc.errors import KernelBuildError, TargetError, TargetUnavailableError
-from sparsecc.formats import BLOCK_SHAPES, NM_PATTERNS, Candidate
+from sparsecc.formats import BLOCK_SHAPES, NM_PATTERNS, Candidate, block_candidate
 from sparsecc.targets.base import Target, apply_rules
 
 __all__ = [
@@ -338,7 +338,7 @@ def roofline_constants(arch: str = "sm_80") -> dict:
     num = int(arch[3:]) if arch[3:].isdigit() else 80
     base = [a for a in known if int(a[3:]) <= num]
     peak_tf, bw = ROOFLINE[base[-1] if base else known[0]]
-    cands = [Candidate("dense")] + [Candidate("csr" if b == (1, 1) else "bsr", b) for b in BLOCK_SHAPES]
+    cands = [Candidate("dense")] + [block_candidate(b) for b in BLOCK_SHAPES]
     cands += [Candidate("nm", p) for p in NM_PATTERNS]  # run on the CSR kernel (see CudaSparseLinear)
     out = {}
     for cand in cands:

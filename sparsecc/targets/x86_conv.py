@@ -21,7 +21,7 @@ from sparsecc.codegen.conv import bsr_conv1x1_nchw, bsr_conv_nhwc
 from sparsecc.errors import KernelBuildError
 from sparsecc.targets import x86
 from sparsecc.targets.base import apply_rules
-from sparsecc.formats import Candidate
+from sparsecc.formats import block_candidate
 
 __all__ = ["CONV_RULES", "ConvParams", "conv_kernel_name", "default_conv_params", "schedule_conv"]
 
@@ -64,9 +64,7 @@ def default_conv_params(block: tuple[int, int], kind: str) -> ConvParams:
 
 def conv_kernel_name(kind: str, block: tuple[int, int], bias: bool, activation, residual: bool = False) -> str:
     """``conv_<kind>_<format>[_bias][_res][_act]``, e.g. ``conv_nhwc_bsr_16x1_bias_relu``."""
-    block = tuple(block)
-    cand = Candidate("csr" if block == (1, 1) else "bsr", block)
-    return cand.kernel_name(f"conv_{kind}", "", bias, activation, residual)
+    return block_candidate(block).kernel_name(f"conv_{kind}", "", bias, activation, residual)
 
 
 def rule_nchw1x1(func, target=None, params=ConvParams()):

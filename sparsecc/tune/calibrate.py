@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from sparsecc.cache import cache_root
 from sparsecc.fileio import atomic_path
-from sparsecc.formats import Candidate, all_formats
+from sparsecc.formats import all_formats
 from sparsecc.runtime.modules import make_linear
 from sparsecc.runtime.timing import measure_ms
 from sparsecc.tune.cost_model import CostModel, KernelCalibration, M
@@ -99,7 +99,7 @@ def calibrate(target, use_cache: bool = True, verbose: bool = False, candidates=
 
         times = _measure_candidate(make, n, k)
         w = fmt.calibration_weight(cand.params, n, k, CAL_DENSITY)
-        stored = 0 if cand.is_dense else _stored_units(cand.to_storage(w), cand)
+        stored = fmt.units_of(cand.to_storage(w))
         fl = fmt.flops(cand.params, n, k, stored)
         by = fmt.bytes(cand.params, n, k, stored)
         cal = _fit(*times, lambda m: float(fl.subs(M, m)), lambda m: float(by.subs(M, m)))
@@ -111,8 +111,3 @@ def calibrate(target, use_cache: bool = True, verbose: bool = False, candidates=
         with atomic_path(path) as tmp:
             tmp.write_text(model.to_json())
     return model
-
-
-def _stored_units(matrix, cand: Candidate) -> int:
-    """Stored units of a calibration weight: nonzero blocks (BSR/CSR) or N:M slots."""
-    return matrix.nnz // (cand.params[0] * cand.params[1]) if cand.format in ("csr", "bsr") else matrix.nnz

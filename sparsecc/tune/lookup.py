@@ -99,7 +99,8 @@ class TuningDatabase:
             return None
         key = (wl, target_key(target))
         if key not in self._kernels:
-            from sparsecc.runtime.kernels import block_candidate, load_or_build
+            from sparsecc.formats import block_candidate
+            from sparsecc.runtime.kernels import load_or_build
 
             mt = int(entry["params"]["m_tile"])
             rec = self.record(wl, mt, target)

@@ -40,6 +40,7 @@ import numpy as np
 import tvm
 
 from sparsecc.errors import KernelBuildError
+from sparsecc.formats import block_candidate
 from sparsecc.targets import x86
 
 __all__ = [
@@ -132,7 +133,7 @@ class Workload:
 
     @property
     def fmt(self) -> str:
-        return "csr" if tuple(self.block) == (1, 1) else "bsr"
+        return block_candidate(self.block).format
 
     @property
     def regime(self) -> str:
