@@ -1,6 +1,6 @@
 """x86 host target: :class:`X86Target`, CPU detection, schedule rules for the linear templates, build.
 
-Rules follow the dlight style: ``rule(func, target, **tile) -> tvm.s_tir.Schedule``
+Rules follow the dlight style: ``rule(func, target, params) -> tvm.s_tir.Schedule``
 or ``None`` when the rule does not apply.  A rule gets the *unscheduled*
 template of :mod:`sparsecc.codegen.linear` (built with the rule's ``m_tile``,
 see :func:`template_for`), so tile sizes stay plain parameters a tuner can turn
