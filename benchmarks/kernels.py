@@ -11,6 +11,10 @@ Sections (``--section``, repeatable; default: all):
   (W, M) cell is timed in the same interleaved rounds
   (:func:`sparsecc.runtime.timing.interleaved_ms`), and printed as the ratio
   to torch dense (lower is better).
+* ``unstructured``: the unstructured families on the same six shapes at M in {1, 16, 128, 1024} and
+  densities 0.5, 0.3, 0.1: CSR (scalar FMAs over an M tile) and ``xcsr`` (vectorized along M over a
+  transposed X panel, :mod:`sparsecc.codegen.xcsr`), with a bias, as ratios to torch dense in the
+  same interleaved rounds.
 * ``batched``: a weight shared across a batch of sequences, X (B, S, K): one
   call on the (B, S, K) tensor (sparsecc folds it into M = B·S rows) against
   B calls of one sequence each (what a per-sequence batched kernel would do
@@ -45,6 +49,8 @@ from sparsecc.passes.nm import nm_prune_weight  # noqa: E402
 from sparsecc.runtime.kernels import SparseLinear  # noqa: E402
 from sparsecc.runtime.nm import NMLinear  # noqa: E402
 from sparsecc.runtime.timing import interleaved_ms  # noqa: E402
+from sparsecc.runtime.xcsr import XCSRLinear  # noqa: E402
+from sparsecc.formats import RowSparseMatrix  # noqa: E402
 from sparsecc.formats import BSR  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -135,6 +141,35 @@ def section_linear(args) -> dict:
     return {"density": args.density, "rows": rows, "columns": header}
 
 
+def section_unstructured(args) -> dict:
+    shapes = (BERT[1:2] if args.quick else MINILM + BERT)
+    ms = (128,) if args.quick else (1, 16, 128, 1024)
+    print(f"\n## unstructured: time / torch dense time, {args.threads} threads, {args.clock} clock, medians of "
+          f"{args.runs} interleaved rounds")
+    print("| W (N x K) | M | density | torch ms | csr | xcsr |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for n, k in shapes:
+        for density in (0.5, 0.3, 0.1):
+            g = torch.Generator().manual_seed(n * k)
+            w = torch.randn(n, k, generator=g) * (torch.rand(n, k, generator=g) < density)
+            b = torch.randn(n, generator=g)
+            fns = {"torch": lambda x, w=w: F.linear(x, w, b),
+                   "csr": SparseLinear(BlockSparseMatrix.from_dense(w, (1, 1)), b, eager=True),
+                   "xcsr": XCSRLinear(RowSparseMatrix.from_dense(w), b)}
+            for m in ms:
+                x = torch.randn(m, k, generator=g)
+                for name, fn in fns.items():
+                    err = float((fn(x) - F.linear(x, w, b)).abs().max())
+                    if err > 1e-3 * max(1.0, k ** 0.5):
+                        raise SystemExit(f"{name} disagrees with torch for W {n}x{k}, M={m}: {err}")
+                t = interleaved_ms(fns, x, runs=args.runs, clock=_clock(args))
+                r = {kname: v / t["torch"] for kname, v in t.items()}
+                print(f"| {n}x{k} | {m} | {density} | {t['torch']:.3f} | {r['csr']:.2f} | {r['xcsr']:.2f} |", flush=True)
+                rows.append({"n": n, "k": k, "m": m, "density": density, "ms": t, "ratio": r})
+    return {"rows": rows}
+
+
 def section_batched(args) -> dict:
     """(B, S, K) with a shared weight: one folded call vs a call per sequence."""
     print(f"\n## batched: X (B, S, K), W shared; ms and ratio to torch dense on (B, S, K), {args.threads} threads")
@@ -193,7 +228,7 @@ def section_tune(args) -> dict:
     return _external("tune", args)
 
 
-SECTIONS = {"linear": section_linear, "batched": section_batched, "conv": section_conv, "tune": section_tune}
+SECTIONS = {"linear": section_linear, "unstructured": section_unstructured, "batched": section_batched, "conv": section_conv, "tune": section_tune}
 
 
 def parse_args(argv=None):

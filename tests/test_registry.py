@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import sparsecc.runtime  # noqa: F401 - registers the runtime modules and export converters
 from sparsecc.errors import InvalidSparsityError, UnsupportedOpError
 from sparsecc.formats import (BSR, CSR, DENSE, NM, BlockFormat, BlockSparseMatrix, Candidate, M, NMSparseMatrix,
+                              RowSparseMatrix,
                               all_formats, candidates, count_nonzero_blocks, describe, format_of, get_format,
                               register_format)
 
@@ -46,7 +47,7 @@ def test_candidates_follow_the_pattern_argument():
     shape = (64, 48)
     assert candidates(shape, "dense", 0.1) == [Candidate("dense")]
     assert candidates(shape, "auto", 1.0) == [Candidate("dense")]
-    assert candidates(shape, "unstructured", 0.1) == [Candidate("dense"), Candidate("csr", (1, 1))]
+    assert candidates(shape, "unstructured", 0.1) == [Candidate("dense"), Candidate("csr", (1, 1)), Candidate("xcsr")]
     block = candidates(shape, "block", 0.1)
     assert block[0] == Candidate("dense") and {c.format for c in block[1:]} == {"bsr"}
     assert {c.params for c in block[1:]} == set(BSR.blocks)  # 64x48 is tiled by every block
@@ -82,7 +83,7 @@ def test_entries_name_where_their_pieces_live():
        density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
 def test_storage_round_trip_of_every_format(cand, rows, cols, density, seed):
     fmt = cand.entry
-    unit = cand.params if cand.format != "nm" else (1, cand.params[1])
+    unit = {"nm": (1, cand.params[1] if cand.params else 1), "xcsr": (1, 1)}.get(cand.format, cand.params)
     n, k = rows * unit[0] * 2, cols * unit[1] * 2
     w = fmt.calibration_weight(cand.params, n, k, density, seed)
     s = cand.to_storage(w)
@@ -90,5 +91,7 @@ def test_storage_round_trip_of_every_format(cand, rows, cols, density, seed):
     assert torch.equal(s.to_dense(), w)
     if cand.format == "nm":
         assert isinstance(s, NMSparseMatrix) and fmt.units_of(s) == n * (k // cand.params[1]) * cand.params[0]
+    elif cand.format == "xcsr":
+        assert isinstance(s, RowSparseMatrix) and fmt.units_of(s) == int(torch.count_nonzero(w))
     else:
         assert isinstance(s, BlockSparseMatrix) and fmt.units_of(s) == count_nonzero_blocks(w, cand.params)

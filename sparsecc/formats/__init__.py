@@ -9,6 +9,7 @@ dense      :mod:`.dense`               the torch tensor
 csr        :mod:`.csr`                 :class:`BlockSparseMatrix` with block (1, 1)
 bsr        :mod:`.bsr`                 :class:`BlockSparseMatrix` with block (rows, cols)
 nm         :mod:`.nm`                  :class:`NMSparseMatrix` (n, m)
+xcsr       :mod:`.xcsr`                :class:`RowSparseMatrix` (kernels vectorized along M)
 =========  ==========================  =============================================
 
 The candidates a weight may take are :func:`candidates`; everything else the passes,
@@ -22,8 +23,9 @@ from sparsecc.formats.bsr import (BLOCK_SHAPES, BSR, BlockFormat, BlockSparseMat
                                   count_nonzero_blocks)
 from sparsecc.formats.csr import CSR
 from sparsecc.formats.nm import NM, NM_PATTERNS, NMSparseMatrix, is_nm_sparse, nm_keep
+from sparsecc.formats.xcsr import XCSR, RowSparseMatrix
 
-__all__ = ["BLOCK_SHAPES", "BSR", "CSR", "DENSE", "M", "NM", "NM_PATTERNS", "NM_PATTERN_NAMES", "PATTERN_CHOICES",
+__all__ = ["BLOCK_SHAPES", "BSR", "CSR", "DENSE", "M", "NM", "XCSR", "RowSparseMatrix", "NM_PATTERNS", "NM_PATTERN_NAMES", "PATTERN_CHOICES",
            "BlockFormat", "BlockSparseMatrix", "Candidate", "Format", "NMSparseMatrix", "all_formats", "as_matrix",
            "block_candidate", "block_fill_ratio", "candidates", "count_nonzero_blocks", "describe", "format_of", "from_matrix",
            "get_format", "is_nm_sparse", "nm_keep", "register_format"]

@@ -229,6 +229,7 @@ STATIC_EFFICIENCY = {
     Candidate("bsr", (4, 1)): (0.20, 0.60), Candidate("bsr", (8, 1)): (0.28, 0.70),
     Candidate("bsr", (16, 1)): (0.35, 0.75), Candidate("bsr", (4, 4)): (0.25, 0.65),
     Candidate("nm", (2, 4)): (0.30, 0.60), Candidate("nm", (1, 4)): (0.25, 0.60),
+    Candidate("xcsr"): (0.35, 0.55),
 }
 #: Fixed cost of one kernel call on the board (ms).
 STATIC_OVERHEAD_MS = 0.005
@@ -264,7 +265,7 @@ class ArmTarget(Target):
     """
 
     kind = "arm"
-    layer_formats = {"linear": frozenset({"csr", "bsr", "nm"}), "conv2d": frozenset({"csr", "bsr"})}
+    layer_formats = {"linear": frozenset({"csr", "bsr", "nm", "xcsr"}), "conv2d": frozenset({"csr", "bsr"})}
     can_time_kernels = False
 
     def __init__(self, device: str = "arm"):

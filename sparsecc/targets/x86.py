@@ -269,13 +269,13 @@ class X86Target(Target):
 
     name = "x86"
     kind = "x86"
-    layer_formats = {"linear": frozenset({"csr", "bsr", "nm"}), "conv2d": frozenset({"csr", "bsr"})}
+    layer_formats = {"linear": frozenset({"csr", "bsr", "nm", "xcsr"}), "conv2d": frozenset({"csr", "bsr"})}
     can_time_kernels = True
 
     def __init__(self):
-        from sparsecc.targets import x86_conv, x86_nm
+        from sparsecc.targets import x86_conv, x86_nm, x86_xcsr
 
-        self.rules = RULES + x86_nm.NM_RULES + x86_conv.CONV_RULES
+        self.rules = RULES + x86_nm.NM_RULES + x86_conv.CONV_RULES + x86_xcsr.XCSR_RULES
 
     def tvm_target(self):
         """The detected host CPU (:func:`host_target`)."""
@@ -288,8 +288,8 @@ class X86Target(Target):
         return f"{self.name}|{self.tvm_target()}|tvm {tvm.__version__}"
 
     def kernel_params(self, family: str, regime: str, **shape):
-        """Hand-picked tiles: ``"linear"`` (``block=``), ``"nm"``, ``"conv"`` (``block=``, ``layout=``)."""
-        from sparsecc.targets import x86_conv, x86_nm
+        """Hand-picked tiles: ``"linear"`` (``block=``), ``"nm"``, ``"conv"`` (``block=``, ``layout=``), ``"xcsr"``."""
+        from sparsecc.targets import x86_conv, x86_nm, x86_xcsr
 
         if family == "linear":
             return default_params(tuple(shape["block"]), regime)
@@ -297,6 +297,8 @@ class X86Target(Target):
             return x86_nm.default_nm_params(regime, target=self.tvm_target())
         if family == "conv":
             return x86_conv.default_conv_params(tuple(shape["block"]), shape.get("layout", "nhwc"))
+        if family == "xcsr":
+            return x86_xcsr.default_xcsr_params(regime)
         return super().kernel_params(family, regime, **shape)
 
     def build(self, mod):

@@ -188,3 +188,47 @@ def test_arm_nm_linears_under_qemu(toolchain, tmp_path):
     torch.testing.assert_close(y, ref(x), rtol=1e-4, atol=1e-5)
     assert float((y - model(x)).abs().max()) > 1e-3  # the weights really were pruned to 2:4
     assert all(float((v == 0).float().mean()) < 0.01 for v in w)  # and the user's model was not
+
+
+class _FastXCSR:
+    """Mixin: a roofline that makes the M-vectorized unstructured kernel win, so every layer takes it."""
+
+    def roofline(self):
+        from sparsecc.formats import Candidate
+
+        return {Candidate("dense"): (10.0, 10.0, 10.0, 0.01), Candidate("xcsr"): (1000.0, 1000.0, 1000.0, 0.001)}
+
+
+def _unstructured_mlp():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(64, 200), nn.GELU(), nn.Linear(200, 30)).eval()
+
+
+def test_host_export_of_unstructured_layers(tmp_path):
+    from sparsecc.targets.x86 import X86Target
+
+    class Target(_FastXCSR, X86Target):
+        pass
+
+    model = _unstructured_mlp()
+    x = torch.randn(3, 23, 64)  # M = 69: one full 64-row panel and a padded one
+    cm = sparsecc.compile(model, x, target=Target(), sparsity=0.7, pattern="unstructured", measure=False)
+    assert [a.format for a in cm.layers] == ["xcsr", "xcsr"]
+    loaded = sparsecc.load(cm.export(tmp_path / "u"))
+    torch.testing.assert_close(loaded(x), cm(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cm(x), sparsecc.prune(model, 0.7)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_arm_export_of_unstructured_layers_under_qemu(toolchain, tmp_path):
+    from sparsecc.runtime.export import run_artifact_under_qemu
+    from sparsecc.targets.arm import ArmTarget
+
+    class Target(_FastXCSR, ArmTarget):
+        pass
+
+    model = _unstructured_mlp()
+    x = torch.randn(2, 9, 64)
+    cm = sparsecc.compile(model, x, target=Target("arm"), sparsity=0.7, pattern="unstructured")
+    assert [a.format for a in cm.layers] == ["xcsr", "xcsr"]
+    y, _ = run_artifact_under_qemu(cm.export(tmp_path / "u"), x)
+    torch.testing.assert_close(y, sparsecc.prune(model, 0.7)(x), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,209 @@
+"""Unstructured sparse linears vectorized along M: :class:`XCSRLinear`, its kernels and export converter.
+
+Kernels come from :mod:`sparsecc.codegen.xcsr` scheduled by :mod:`sparsecc.targets.x86_xcsr` and built
+through :func:`sparsecc.runtime.kernels.load_or_build` (the one kernel cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from sparsecc.cache import KERNELS
+from sparsecc.errors import InputShapeError, InvalidSparsityError
+from sparsecc.formats import XCSR, RowSparseMatrix
+from sparsecc.runtime.kernels import ALIGN, aligned, aligned_empty, check_activation, load_or_build, rows_of, target_key
+from sparsecc.targets import x86, x86_xcsr
+
+__all__ = ["XCSRLinear", "cpu_xcsr_linear", "export_xcsr_linear", "get_xcsr_kernel", "pack_xt", "params_for"]
+
+
+def get_xcsr_kernel(regime: str, bias: bool, activation: str | None, index_dtype: str, target=None, params=None):
+    """The compiled kernel (packed function) for ``regime``; arguments as :mod:`sparsecc.codegen.xcsr` lists."""
+    check_activation(activation)
+    target = target or x86.host_target()
+    params = params or x86_xcsr.default_xcsr_params(regime)
+    key = ("xcsr", regime, bool(bias), activation, index_dtype, target_key(target), params)
+
+    def make():
+        sch = x86_xcsr.schedule_xcsr(regime, bias=bool(bias), activation=activation, index_dtype=index_dtype,
+                                     target=target, params=params)
+        name = (f"xcsr_{regime}" + ("_bias" if bias else "") + (f"_{activation}" if activation else "")
+                + f"_mt{params.m_tile}_rg{params.row_group}_{index_dtype}")
+        return load_or_build(sch, name, target)
+
+    return KERNELS.get(key, make)
+
+
+def params_for(params: dict, m: int):
+    """The tiles for ``m`` rows of X: the gemv tiles below 8 rows, else the gemm tiles with the panel
+    halved (down to 16 rows) while half of it still holds ``m`` (16 rows of X run in a 16-row panel,
+    not a 64-row one that is three-quarters padding)."""
+    if m < x86.GEMM_MIN_M:
+        return params["gemv"]
+    p = params["gemm"]
+    mt = p.m_tile
+    while mt > 16 and mt // 2 >= m:
+        mt //= 2
+    return p if mt == p.m_tile else replace(p, m_tile=mt)
+
+
+def pack_xt(x2: torch.Tensor, mt: int) -> torch.Tensor:
+    """XT (ceil(M / mt), K, mt): X (M, K) transposed in panels of ``mt`` rows, the last one zero-padded."""
+    m, k = x2.shape
+    if mt == 1:
+        return aligned(x2).view(m, k, 1)
+    mtiles = -(-m // mt)
+    xt = aligned_empty((mtiles, k, mt))
+    view = xt.permute(0, 2, 1)  # (MT, mt, K)
+    full = m // mt
+    if full:
+        view[:full].copy_(x2[:full * mt].reshape(full, mt, k))
+    rem = m - full * mt
+    if rem:
+        view[full, :rem].copy_(x2[full * mt:])
+        view[full, rem:].zero_()
+    return xt
+
+
+class XCSRLinear(torch.nn.Module):
+    """``act(x @ W.T + b)`` with an unstructured ``W`` (:class:`RowSparseMatrix`), vectorized along the tokens.
+
+    Inputs of any leading shape ``(..., K)`` are folded into ``M`` rows; for ``M >= 8`` X is packed
+    transposed in panels of ``m_tile`` rows (one copy of X per call), for ``M < 8`` the kernel gathers
+    along X's rows directly.
+
+    Parameters
+    ----------
+    matrix : RowSparseMatrix
+        W: (N, K).
+    bias : Tensor (N,), optional
+    activation : {None, "relu", "gelu"}
+    target : tvm.target.Target, optional
+        Default: the host CPU.
+    params : dict regime -> XCSRParams, optional
+        Tiles (default: :func:`sparsecc.targets.x86_xcsr.default_xcsr_params`).
+
+    Raises
+    ------
+    InvalidSparsityError
+        ``matrix`` is not a :class:`RowSparseMatrix`.
+    UnsupportedOpError
+        Unknown activation.
+    InputShapeError
+        Bias of the wrong shape.
+    """
+
+    layer_kind = "linear"
+    format = "xcsr"
+
+    def __init__(self, matrix: RowSparseMatrix, bias: torch.Tensor | None = None, activation: str | None = None,
+                 target=None, params: dict | None = None):
+        super().__init__()
+        if not isinstance(matrix, RowSparseMatrix):
+            raise InvalidSparsityError(f"XCSRLinear needs a RowSparseMatrix, got {type(matrix).__name__}")
+        check_activation(activation)
+        n, k = matrix.shape
+        self.shape = (n, k)
+        self.density = matrix.density
+        self.activation = activation
+        self.target = target or x86.host_target()
+        self.params = dict(params) if params else {r: x86_xcsr.default_xcsr_params(r) for r in ("gemv", "gemm")}
+        rgs = {p.row_group for p in self.params.values()}
+        if len(rgs) != 1:
+            raise InvalidSparsityError(f"both regimes must share row_group (one row padding), got {sorted(rgs)}")
+        rg = rgs.pop()
+        self.n_padded = -(-n // rg) * rg
+        self.index_dtype = "int16" if matrix.indices.dtype == torch.int16 else "int32"
+        data, indices = matrix.data.detach().to(torch.float32), matrix.indices
+        if data.numel() == 0:  # TVM refuses empty tensors; indptr keeps the one slot unread
+            data, indices = torch.zeros(1), torch.zeros(1, dtype=indices.dtype)
+        indptr = torch.full((self.n_padded + 1,), int(matrix.indptr[-1]), dtype=torch.int32)
+        indptr[:n + 1] = matrix.indptr
+        self.register_buffer("data", aligned(data.contiguous()))
+        self.register_buffer("indices", aligned(indices.contiguous()))
+        self.register_buffer("indptr", aligned(indptr))
+        if bias is not None:
+            if tuple(bias.shape) != (n,):
+                raise InputShapeError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+            b = torch.zeros(self.n_padded, dtype=torch.float32)
+            b[:n] = bias.detach().to(torch.float32)
+            self.register_buffer("bias", aligned(b))
+        else:
+            self.bias = None
+        self._kernels: dict = {}
+
+    def _kernel(self, p):
+        fn = self._kernels.get(p)
+        if fn is None:
+            regime = "gemv" if p.m_tile == 1 else "gemm"
+            fn = get_xcsr_kernel(regime, self.bias is not None, self.activation, self.index_dtype, self.target, p)
+            self._kernels[p] = fn
+        return fn
+
+    @property
+    def kernel_name(self) -> str:
+        return "xcsr_gemm" + ("_bias" if self.bias is not None else "") + (
+            f"_{self.activation}" if self.activation else "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.shape
+        lead, x2 = rows_of(x, k)
+        m = x2.shape[0]
+        if m == 0:
+            return x.new_empty(lead + (n,))
+        p = params_for(self.params, m)
+        xt = pack_xt(x2, p.m_tile)
+        y = torch.empty(m, self.n_padded, dtype=torch.float32)
+        if y.data_ptr() % ALIGN:
+            y = aligned_empty((m, self.n_padded))
+        b = self._buffers
+        args = (xt, b["data"], b["indices"], b["indptr"]) + ((b["bias"],) if b.get("bias") is not None else ())
+        (self._kernels.get(p) or self._kernel(p))(*args, y)  # the kernel is opaque to autograd
+        if self.n_padded != n:
+            y = y[:, :n].contiguous()
+        return y.view(lead + (n,))
+
+    def extra_repr(self) -> str:
+        return (f"shape={self.shape}, density={self.density:.3f}, bias={self.bias is not None}, "
+                f"activation={self.activation}, index={self.index_dtype}")
+
+
+@XCSR.register_module("x86")
+@XCSR.register_module("arm")
+def cpu_xcsr_linear(matrix: RowSparseMatrix, bias=None, activation=None, target=None, tuning_db=None) -> XCSRLinear:
+    """:class:`XCSRLinear` for a CPU target (host kernels; ARM export cross-builds the same rule)."""
+    return XCSRLinear(matrix, bias, activation=activation, target=target.tvm_target(),
+                      params={r: target.kernel_params("xcsr", r) for r in ("gemv", "gemm")})
+
+
+@XCSR.register_exporter("linear")
+def export_xcsr_linear(ctx, bb, x, mod: XCSRLinear):
+    """Relax for one :class:`XCSRLinear`: X (..., K) -> XT panels (zero-padded), kernel, Y (M, NR) -> (..., N)."""
+    from tvm import relax
+
+    from sparsecc.runtime.export import rows_for_export
+
+    n, k = mod.shape
+    lead, m = rows_for_export(x)
+    regime = x86.regime_for(m)
+    p = params_for(mod.params, m)
+    mt = p.m_tile
+    mtiles = -(-max(m, 1) // mt)
+    x2 = bb.emit(relax.op.reshape(x, (m, k)))
+    if mtiles * mt != m:
+        x2 = bb.emit(relax.op.nn.pad(x2, [0, mtiles * mt - m, 0, 0]))
+    xt = bb.emit(relax.op.permute_dims(relax.op.reshape(x2, (mtiles, mt, k)), [0, 2, 1]))
+    args = [xt, ctx.const(mod.data), ctx.const(mod.indices), ctx.const(mod.indptr)]
+    if mod.bias is not None:
+        args.append(ctx.const(mod.bias))
+    sch = x86_xcsr.schedule_xcsr(regime, bias=mod.bias is not None, activation=mod.activation,
+                                 index_dtype=mod.index_dtype, target=ctx.tvm_target, params=p)
+    name = (f"sparsecc_xcsr_{regime}" + ("_bias" if mod.bias is not None else "")
+            + (f"_{mod.activation}" if mod.activation else "") + f"_mt{mt}_rg{p.row_group}_{mod.index_dtype}")
+    gv = ctx.gvar(bb, name, sch)
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType((m, mod.n_padded), "float32")))
+    if mod.n_padded != n:
+        y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
+    return bb.emit(relax.op.reshape(y, (*lead, n)))

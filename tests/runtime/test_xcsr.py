@@ -1,0 +1,68 @@
+"""The unstructured kernel family vectorized along M (``xcsr``) against torch, on random and edge shapes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsecc.errors import InputShapeError, InvalidSparsityError
+from sparsecc.formats import RowSparseMatrix
+from sparsecc.runtime.xcsr import XCSRLinear
+from sparsecc.targets.x86_xcsr import XCSRParams
+from tests.conftest import check_close
+
+
+def _weight(n, k, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * (torch.rand(n, k, generator=g) < density)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), k=st.integers(1, 70), m=st.integers(0, 140), density=st.sampled_from([0.0, 0.05, 0.3, 1.0]),
+       bias=st.booleans(), act=st.sampled_from([None, "relu", "gelu"]), seed=st.integers(0, 2**16))
+def test_matches_torch(n, k, m, density, bias, act, seed):
+    w = _weight(n, k, density, seed)
+    b = torch.randn(n) if bias else None
+    mod = XCSRLinear(RowSparseMatrix.from_dense(w), b, act)
+    x = torch.randn(m, k)
+    ref = F.linear(x, w, b)
+    ref = torch.relu(ref) if act == "relu" else F.gelu(ref) if act == "gelu" else ref
+    check_close(mod(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_edge_rows_columns_and_leading_dims():
+    w = torch.zeros(33, 19)
+    w[0, 0] = 2.0    # one nonzero
+    w[5, :] = 1.0    # a dense row
+    w[:, 7] = -1.0   # a dense column; rows 1-4 and 6-32 otherwise empty
+    m = RowSparseMatrix.from_dense(w)
+    assert torch.equal(m.to_dense(), w) and m.indices.dtype == torch.int16
+    mod = XCSRLinear(m, torch.arange(33.0))
+    for shape in ((3, 19), (2, 5, 19), (64, 19), (65, 19), (1, 19)):
+        x = torch.randn(*shape)
+        check_close(mod(x), F.linear(x, w, torch.arange(33.0)), atol=1e-5, rtol=1e-5)
+    nt = x.t().contiguous().t()  # a non-contiguous input
+    check_close(mod(nt), F.linear(nt, w, torch.arange(33.0)), atol=1e-5, rtol=1e-5)
+
+
+def test_wide_k_uses_32_bit_indices_and_small_tiles():
+    w = _weight(3, 40000, 0.001, 1)
+    m = RowSparseMatrix.from_dense(w)
+    assert m.indices.dtype == torch.int32
+    mod = XCSRLinear(m, params={"gemv": XCSRParams(1, 4), "gemm": XCSRParams(16, 4)})
+    for rows in (2, 20):
+        x = torch.randn(rows, 40000)
+        check_close(mod(x), F.linear(x, w), atol=1e-4, rtol=1e-4)
+
+
+def test_errors():
+    m = RowSparseMatrix.from_dense(_weight(8, 8, 0.5, 0))
+    with pytest.raises(InvalidSparsityError, match="RowSparseMatrix"):
+        XCSRLinear(torch.zeros(8, 8))
+    with pytest.raises(InputShapeError, match=r"bias must have shape \(8,\)"):
+        XCSRLinear(m, torch.zeros(3))
+    with pytest.raises(InputShapeError, match=r"\(\.\.\., 8\)"):
+        XCSRLinear(m)(torch.zeros(2, 9))
+    with pytest.raises(InvalidSparsityError, match="row_group"):
+        XCSRLinear(m, params={"gemv": XCSRParams(1, 8), "gemm": XCSRParams(64, 16)})
