@@ -8,8 +8,8 @@ Loop structure (unscheduled)::
 
     for mo, ig in grid(MT, N / rg):            # block "row": one panel of X x a group of rg rows of W
         C = alloc (rg, mt)                     # accumulators
-        for r in range(rg):                    # block "wrow" (its extent names a block variable)
-            for p in range(indptr[n], indptr[n+1]),  n = ig·rg + r:
+        for kb, r in grid(KB, rg):             # block "wrow": column block kb of row n = ig·rg + r
+            for p in range(ptr[n, kb], ptr[n, kb + 1]):
                 for mi in range(mt):           # block "compute": the vector axis
                     C[r, mi] += data[p] * XT[mo, indices[p], mi]
         for mi, r in grid(mt, rg):             # block "epilogue"
@@ -23,9 +23,9 @@ single row of W writes a column of Y: measured 2.5x slower at N = 3072, density 
 XNNPACK's sparse 1x1 convolution (NCHW: vectorized along pixels, one output channel at a time) and
 Sputnik's row-wise SpMM (Gale et al., SC 2020) are organised the same way.
 
-Arguments of the built function: ``XT (MT, K, mt)``, ``data (nnz,)``, ``indices (nnz,)``, ``indptr
-(NR + 1,) int32``, [``bias (NR,)``], ``Y (M, NR)``, where ``NR`` is N padded to a multiple of ``rg``
-(padded rows are empty; their columns of Y are sliced off by the caller).
+Arguments of the built function: ``XT (MT, K, mt)``, ``data (nnz,)``, ``indices (nnz,)``, ``PTR
+(NR, KB + 1) int32`` (row pointers per column block), [``bias (NR,)``], ``Y (M, NR)``, where ``NR`` is N
+padded to a multiple of ``rg`` (padded rows are empty; their columns of Y are sliced off by the caller).
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ def xcsr_linear(*, bias: bool = False, activation: str | None = None, m_tile: in
                 index_dtype: str = "int16"):
     """Unscheduled template (a ``tvm.tirx.PrimFunc``) for ``m_tile`` rows of X and ``row_group`` rows of W per tile.
 
+    ``PTR`` is ``(NR, KB + 1)``: ``PTR[n, j]`` is the first nonzero of row ``n`` in column block ``j``
+    (``KB`` blocks of columns; KB = 1 is plain CSR). The column blocks are walked outermost inside a
+    tile, so the part of the X panel they read stays in L1 while every row of the group uses it.
+
     Raises
     ------
     UnsupportedOpError
@@ -59,34 +63,34 @@ def xcsr_linear(*, bias: bool = False, activation: str | None = None, m_tile: in
     def bias_val(B, n):
         return T.float32(0) if B is None else B[n]
 
-    def row_reads(XT, D, IND, PTR, B, vmo, vig, NNZ):
-        regions = [XT[vmo, 0:KDIM, 0:mt], D[0:NNZ], IND[0:NNZ], PTR[vig * rg:vig * rg + rg + 1]]
+    def row_reads(XT, D, IND, PTR, B, vmo, vig, NNZ, KB):
+        regions = [XT[vmo, 0:KDIM, 0:mt], D[0:NNZ], IND[0:NNZ], PTR[vig * rg:vig * rg + rg, 0:KB + 1]]
         return regions if B is None else regions + [B[vig * rg:vig * rg + rg]]
 
     @T.macro
-    def body(XT, D, IND, PTR, B, Y, M, MT, NG, NNZ):
+    def body(XT, D, IND, PTR, B, Y, M, MT, NG, NNZ, KB):
         for mo, ig in T.grid(MT, NG):
             with T.sblock("row"):
                 vmo, vig = T.axis.remap("SS", [mo, ig])
-                T.reads(row_reads(XT, D, IND, PTR, B, vmo, vig, NNZ))
+                T.reads(row_reads(XT, D, IND, PTR, B, vmo, vig, NNZ, KB))
                 T.writes(Y[vmo * mt:vmo * mt + mt, vig * rg:vig * rg + rg])
                 C = T.alloc_buffer((rg, mt), "float32")
                 for r, mi in T.grid(rg, mt):
                     with T.sblock("init"):
                         vr, vmi = T.axis.remap("SS", [r, mi])
                         C[vr, vmi] = T.float32(0)
-                for r in T.serial(rg):
-                    with T.sblock("wrow"):  # the row's extent must name a block variable (well-formedness)
-                        vr = T.axis.remap("S", [r])
-                        T.reads(XT[vmo, 0:KDIM, 0:mt], D[0:NNZ], IND[0:NNZ], PTR[vig * rg + vr:vig * rg + vr + 2],
+                for kb, r in T.grid(KB, rg):
+                    with T.sblock("wrow"):  # the row's extent must name block variables (well-formedness)
+                        vkb, vr = T.axis.remap("RS", [kb, r])
+                        T.reads(XT[vmo, 0:KDIM, 0:mt], D[0:NNZ], IND[0:NNZ], PTR[vig * rg + vr, vkb:vkb + 2],
                                 C[vr, 0:mt])
                         T.writes(C[vr, 0:mt])
-                        for k in T.serial(PTR[vig * rg + vr + 1] - PTR[vig * rg + vr]):
+                        for k in T.serial(PTR[vig * rg + vr, vkb + 1] - PTR[vig * rg + vr, vkb]):
                             for mi in T.serial(mt):
                                 with T.sblock("compute"):
                                     vk, vmi = T.axis.remap("RS", [k, mi])
-                                    C[vr, vmi] = C[vr, vmi] + D[PTR[vig * rg + vr] + vk] * XT[
-                                        vmo, T.Cast("int32", IND[PTR[vig * rg + vr] + vk]), vmi]
+                                    C[vr, vmi] = C[vr, vmi] + D[PTR[vig * rg + vr, vkb] + vk] * XT[
+                                        vmo, T.Cast("int32", IND[PTR[vig * rg + vr, vkb] + vk]), vmi]
                 for mi, r in T.grid(mt, rg):
                     with T.sblock("epilogue"):
                         vmi, vr = T.axis.remap("SS", [mi, r])
@@ -103,15 +107,15 @@ def xcsr_linear(*, bias: bool = False, activation: str | None = None, m_tile: in
             M = T.int32()
             MT = T.int32()
             NR = T.int32()
-            NP = T.int32()
+            KB1 = T.int32()
             NNZ = T.int32()
             XT = T.match_buffer(xt_h, (MT, KDIM, mt), "float32")
             D = T.match_buffer(d_h, (NNZ,), "float32")
             IND = T.match_buffer(ind_h, (NNZ,), index_dtype)
-            PTR = T.match_buffer(ptr_h, (NP,), "int32")
+            PTR = T.match_buffer(ptr_h, (NR, KB1), "int32")
             B = T.match_buffer(b_h, (NR,), "float32")
             Y = T.match_buffer(y_h, (M, NR), "float32")
-            body(XT, D, IND, PTR, B, Y, M, MT, NR // rg, NNZ)
+            body(XT, D, IND, PTR, B, Y, M, MT, NR // rg, NNZ, KB1 - 1)
 
     else:
 
@@ -121,13 +125,13 @@ def xcsr_linear(*, bias: bool = False, activation: str | None = None, m_tile: in
             M = T.int32()
             MT = T.int32()
             NR = T.int32()
-            NP = T.int32()
+            KB1 = T.int32()
             NNZ = T.int32()
             XT = T.match_buffer(xt_h, (MT, KDIM, mt), "float32")
             D = T.match_buffer(d_h, (NNZ,), "float32")
             IND = T.match_buffer(ind_h, (NNZ,), index_dtype)
-            PTR = T.match_buffer(ptr_h, (NP,), "int32")
+            PTR = T.match_buffer(ptr_h, (NR, KB1), "int32")
             Y = T.match_buffer(y_h, (M, NR), "float32")
-            body(XT, D, IND, PTR, None, Y, M, MT, NR // rg, NNZ)
+            body(XT, D, IND, PTR, None, Y, M, MT, NR // rg, NNZ, KB1 - 1)
 
     return func

@@ -16,7 +16,7 @@ from sparsecc.formats import XCSR, RowSparseMatrix
 from sparsecc.runtime.kernels import ALIGN, aligned, aligned_empty, check_activation, load_or_build, rows_of, target_key
 from sparsecc.targets import x86, x86_xcsr
 
-__all__ = ["XCSRLinear", "cpu_xcsr_linear", "export_xcsr_linear", "get_xcsr_kernel", "pack_xt", "params_for"]
+__all__ = ["XCSRLinear", "block_pointers", "cpu_xcsr_linear", "export_xcsr_linear", "get_xcsr_kernel", "pack_xt", "params_for"]
 
 
 def get_xcsr_kernel(regime: str, bias: bool, activation: str | None, index_dtype: str, target=None, params=None):
@@ -30,7 +30,7 @@ def get_xcsr_kernel(regime: str, bias: bool, activation: str | None, index_dtype
         sch = x86_xcsr.schedule_xcsr(regime, bias=bool(bias), activation=activation, index_dtype=index_dtype,
                                      target=target, params=params)
         name = (f"xcsr_{regime}" + ("_bias" if bias else "") + (f"_{activation}" if activation else "")
-                + f"_mt{params.m_tile}_rg{params.row_group}_{index_dtype}")
+                + f"_mt{params.m_tile}_rg{params.row_group}_{index_dtype}")  # k_block is in the data, not the code
         return load_or_build(sch, name, target)
 
     return KERNELS.get(key, make)
@@ -47,6 +47,28 @@ def params_for(params: dict, m: int):
     while mt > 16 and mt // 2 >= m:
         mt //= 2
     return p if mt == p.m_tile else replace(p, m_tile=mt)
+
+
+def block_pointers(matrix: RowSparseMatrix, k_block: int, rows: int) -> torch.Tensor:
+    """PTR (rows, KB + 1) int32: ``PTR[n, j]`` is the first nonzero of row ``n`` with column ≥ ``j · k_block``.
+
+    Rows are sorted by column, so each column block of a row is a contiguous range of its nonzeros;
+    ``k_block = 0`` gives one block (``PTR[n] = (indptr[n], indptr[n + 1])``). Rows past N are empty.
+    """
+    n, k = matrix.shape
+    nblocks = -(-k // k_block) if k_block else 1
+    ptr = matrix.indptr.to(torch.int64)
+    counts = torch.zeros(rows, nblocks, dtype=torch.int64)
+    if matrix.nnz:
+        row_of = torch.repeat_interleave(torch.arange(n), ptr[1:] - ptr[:-1])
+        blk = matrix.indices.to(torch.int64) // k_block if k_block else torch.zeros(matrix.nnz, dtype=torch.int64)
+        counts.index_put_((row_of, blk), torch.ones(matrix.nnz, dtype=torch.int64), accumulate=True)
+    start = torch.full((rows,), int(ptr[-1]), dtype=torch.int64)
+    start[:n] = ptr[:-1]
+    out = torch.empty(rows, nblocks + 1, dtype=torch.int32)
+    out[:, 0] = start
+    out[:, 1:] = start[:, None] + counts.cumsum(1)
+    return out.contiguous()
 
 
 def pack_xt(x2: torch.Tensor, mt: int) -> torch.Tensor:
@@ -110,17 +132,17 @@ class XCSRLinear(torch.nn.Module):
         self.activation = activation
         self.target = target or x86.host_target()
         self.params = dict(params) if params else {r: x86_xcsr.default_xcsr_params(r) for r in ("gemv", "gemm")}
-        rgs = {p.row_group for p in self.params.values()}
-        if len(rgs) != 1:
-            raise InvalidSparsityError(f"both regimes must share row_group (one row padding), got {sorted(rgs)}")
-        rg = rgs.pop()
+        layouts = {(p.row_group, p.k_block) for p in self.params.values()}
+        if len(layouts) != 1:
+            raise InvalidSparsityError(f"both regimes must share row_group and k_block (one storage layout), got "
+                                       f"{sorted(layouts)}")
+        rg, kb = layouts.pop()
         self.n_padded = -(-n // rg) * rg
         self.index_dtype = "int16" if matrix.indices.dtype == torch.int16 else "int32"
         data, indices = matrix.data.detach().to(torch.float32), matrix.indices
         if data.numel() == 0:  # TVM refuses empty tensors; indptr keeps the one slot unread
             data, indices = torch.zeros(1), torch.zeros(1, dtype=indices.dtype)
-        indptr = torch.full((self.n_padded + 1,), int(matrix.indptr[-1]), dtype=torch.int32)
-        indptr[:n + 1] = matrix.indptr
+        indptr = block_pointers(matrix, kb, self.n_padded)
         self.register_buffer("data", aligned(data.contiguous()))
         self.register_buffer("indices", aligned(indices.contiguous()))
         self.register_buffer("indptr", aligned(indptr))
