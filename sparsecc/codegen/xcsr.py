@@ -39,7 +39,7 @@ from sparsecc.errors import UnsupportedOpError
 __all__ = ["xcsr_linear"]
 
 
-def xcsr_linear(*, bias: bool = False, activation: str | None = None, m_tile: int = 64, row_group: int = 16,
+def xcsr_linear(*, bias: bool = False, activation: str | None = None, m_tile: int = 64, row_group: int = 32,
                 index_dtype: str = "int16"):
     """Unscheduled template (a ``tvm.tirx.PrimFunc``) for ``m_tile`` rows of X and ``row_group`` rows of W per tile.
 

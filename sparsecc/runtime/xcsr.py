@@ -6,6 +6,8 @@ through :func:`sparsecc.runtime.kernels.load_or_build` (the one kernel cache).
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import replace
 
 import torch
@@ -87,6 +89,25 @@ def pack_xt(x2: torch.Tensor, mt: int) -> torch.Tensor:
         view[full, :rem].copy_(x2[full * mt:])
         view[full, rem:].zero_()
     return xt
+
+
+class _LastPacked(threading.local):
+    """The X^T panels of the last input packed in this thread: the layers that read the same tensor (an
+    attention block's query, key and value projections) pack it once. Reused only for the very same tensor
+    object at the same version (an in-place change bumps ``_version``) and panel height."""
+
+    def __init__(self):
+        self.ref = self.version = self.mt = self.xt = None
+
+    def panels(self, x: torch.Tensor, x2: torch.Tensor, mt: int) -> torch.Tensor:
+        if self.ref is not None and self.ref() is x and self.version == x._version and self.mt == mt:
+            return self.xt
+        xt = pack_xt(x2, mt)
+        self.ref, self.version, self.mt, self.xt = weakref.ref(x), x._version, mt, xt
+        return xt
+
+
+_LAST = _LastPacked()
 
 
 class XCSRLinear(torch.nn.Module):
@@ -176,7 +197,7 @@ class XCSRLinear(torch.nn.Module):
         if m == 0:
             return x.new_empty(lead + (n,))
         p = params_for(self.params, m)
-        xt = pack_xt(x2, p.m_tile)
+        xt = _LAST.panels(x, x2, p.m_tile) if p.m_tile > 1 else pack_xt(x2, 1)
         y = torch.empty(m, self.n_padded, dtype=torch.float32)
         if y.data_ptr() % ALIGN:
             y = aligned_empty((m, self.n_padded))

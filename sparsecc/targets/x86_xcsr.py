@@ -31,7 +31,7 @@ class XCSRParams:
     """
 
     m_tile: int = 64
-    row_group: int = 16
+    row_group: int = 32
     #: columns per column block (0: one block); a block of the X panel (k_block x m_tile floats, 32 KiB for
     #: 128 x 64) stays in L1 while the rows of a group use it
     k_block: int = 128
@@ -42,10 +42,12 @@ def default_xcsr_params(regime: str) -> XCSRParams:
     BERT/MiniLM shapes): ``m_tile`` 64 (4 vectors of AVX-512) was fastest at densities 0.1–0.5 (16: 1.5–1.9x
     slower, 32: 1.1–1.4x slower, 128: within 10%, slower on most shapes); ``row_group`` 16 (see the template);
     ``k_block`` 128 (against one block: 0.87 -> 0.74 of dense at 384x384, M = 128, density 0.5; 1.03 -> 0.72 at
-    M = 1024; 64 was within noise of 128)."""
+    M = 1024; 64 was within noise of 128); ``row_group`` 32 (against 16: 0.75 -> 0.57 at 3072x768, M = 128,
+    density 0.5, 0.42 -> 0.28 at 768x3072 density 0.1, 3-10% elsewhere; 64 rows and 256-column blocks were
+    within noise of it; all from one interleaved run)."""
     if regime == "gemv":
-        return XCSRParams(m_tile=1, row_group=16, k_block=128)
-    return XCSRParams(m_tile=64, row_group=16, k_block=128)
+        return XCSRParams(m_tile=1, row_group=32, k_block=128)
+    return XCSRParams(m_tile=64, row_group=32, k_block=128)
 
 
 def rule_xcsr(func, target=None, params: XCSRParams = XCSRParams()):

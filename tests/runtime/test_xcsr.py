@@ -66,3 +66,19 @@ def test_errors():
         XCSRLinear(m)(torch.zeros(2, 9))
     with pytest.raises(InvalidSparsityError, match="row_group"):
         XCSRLinear(m, params={"gemv": XCSRParams(1, 8), "gemm": XCSRParams(64, 16)})
+
+
+def test_layers_reading_one_tensor_pack_it_once_and_see_in_place_changes():
+    from sparsecc.runtime import xcsr
+
+    a, b = (XCSRLinear(RowSparseMatrix.from_dense(_weight(16, 24, 0.4, s))) for s in (1, 2))
+    x = torch.randn(70, 24)
+    ya = a(x)
+    packed = xcsr._LAST.xt
+    yb = b(x)
+    assert xcsr._LAST.xt is packed  # the second layer reused the panels
+    check_close(yb, F.linear(x, b_dense := RowSparseMatrix.from_dense(_weight(16, 24, 0.4, 2)).to_dense()))
+    x.mul_(2)  # in place: a new version, so the panels are packed again
+    check_close(a(x), 2 * ya, atol=1e-5, rtol=1e-5)
+    assert xcsr._LAST.xt is not packed
+    check_close(b(x.clone()), 2 * F.linear(x / 2, b_dense), atol=1e-5, rtol=1e-5)
