@@ -59,6 +59,8 @@ def rule_xcsr(func, target=None, params: XCSRParams = XCSRParams()):
     if mt > 1:
         sch.vectorize(sch.get_loops(sch.get_sblock("compute"))[-1])
         sch.vectorize(sch.get_loops(sch.get_sblock("init"))[-1])
+    else:  # the gather kernel: its u partial sums unrolled
+        sch.unroll(sch.get_loops(sch.get_sblock("compute"))[-1])
     emi, er = sch.get_loops(sch.get_sblock("epilogue"))[-2:]
     sch.unroll(er)
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("row"))))  # parallel last (see tvm notes)
