@@ -22,7 +22,7 @@ Sections (``--section``, repeatable; default: all):
 * ``conv``: ``benchmarks/conv.py``'s ``run(args)`` (sparse convolutions), if present.
 * ``tune``: ``benchmarks/tune.py``'s ``run(args)`` (MetaSchedule), if present.
 
-Results go to ``benchmarks/results/kernels.{md,json}``. The machine is
+Results go to ``benchmarks/results/kernels.{md,json}`` (``kernels_<section>`` when one section runs). The machine is
 shared and noisy: compare ratios within one run, not absolute times across runs.
 
 Run: ``python benchmarks/kernels.py [--section linear] [--threads 2] [--runs 30] [--quick]``
@@ -243,7 +243,9 @@ def parse_args(argv=None):
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: this process's CPU time (time.process_time), robust to other jobs stealing the "
                         "cores; only meaningful with --threads 1 (spinning pool threads would count)")
-    p.add_argument("--out", default=str(RESULTS / "kernels"), help="results path without extension")
+    p.add_argument("--out", default=None,
+                   help="results path without extension (default: benchmarks/results/kernels, or kernels_<section> "
+                        "when one section runs)")
     p.add_argument("--note", default="", help="a line written at the top of the results (e.g. machine load)")
     return p.parse_args(argv)
 
@@ -277,7 +279,7 @@ def main(argv=None) -> dict:
             res["sections"][name] = SECTIONS[name](args)
         log.append(buf.getvalue())
     res["seconds"] = round(time.time() - t0, 1)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else RESULTS / ("kernels" if len(sections) != 1 else f"kernels_{sections[0]}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     out.with_suffix(".md").write_text(
