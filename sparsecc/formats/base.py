@@ -187,6 +187,10 @@ class Format:
         """Bytes moved by one call (weights once, X and Y once), a sympy expression in :data:`M`."""
         raise NotImplementedError
 
+    def weight_bytes(self, params: tuple, n: int, k: int, stored: int) -> int:
+        """Bytes of the stored weight (values and indices): :meth:`bytes` without the activations (M = 0)."""
+        return int(self.bytes(params, n, k, stored).subs(M, 0))
+
     def calibration_weight(self, params: tuple, n: int, k: int, density: float, seed: int = 0) -> torch.Tensor:
         """A random dense W: (N, K) this format stores, at ``density`` where the format has a free density."""
         raise NotImplementedError

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import InvalidSparsityError
-from ..formats import NM_PATTERN_NAMES, PATTERN_CHOICES, Candidate, candidates
+from ..formats import NM_PATTERN_NAMES, PATTERN_CHOICES, Candidate, candidates, no_larger_than_dense
 from ..ir.annotations import annotate, get_annotation
 from ..ir.graph import SparseGraph
 from ..ir.rewrite import example_rows
@@ -74,7 +74,8 @@ class ChooseFormat(Pass):
 
     For each annotated linear, every candidate allowed by ``pattern`` and built by the target
     (:func:`sparsecc.formats.candidates`) gets an estimate from the target's cost model at the
-    example M (``est_ms``). With ``measure=True`` (and a target that can time kernels here) the
+    example M (``est_ms``); candidates whose stored weight would be larger than the dense weight are not
+    offered (:func:`sparsecc.formats.no_larger_than_dense`). With ``measure=True`` (and a target that can time kernels here) the
     best sparse candidate is then built and timed against torch dense, and the faster one wins.
 
     Parameters
@@ -108,7 +109,8 @@ class ChooseFormat(Pass):
                 annotate(site.node, site.name, format="dense", format_params=None, kernel="torch.linear",
                          reason=f"input dtype {x_val.dtype} (sparse kernels are float32)")
                 continue
-            cands = candidates((n, k), self.pattern, ann.density, nm=ann.nm, allowed=allowed)
+            cands = no_larger_than_dense(candidates((n, k), self.pattern, ann.density, nm=ann.nm, allowed=allowed),
+                                         (n, k), ann.nnz, ann.fill_ratio)
             est = cost.estimates(cands, (n, k), m, ann.nnz, ann.fill_ratio)
             bias = graph.tensor(site.bias).detach() if site.bias else None
 

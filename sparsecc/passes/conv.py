@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from ..formats import BLOCK_SHAPES, as_matrix, candidates
+from ..formats import BLOCK_SHAPES, as_matrix, candidates, no_larger_than_dense
 from ..ir.annotations import annotate, get_annotation
 from ..ir.graph import SparseGraph
 from ..ir.rewrite import delete_unused_attrs, fresh_attr, val_shape
@@ -261,7 +261,8 @@ class ChooseConvFormat(Pass):
                 continue
             w = graph.tensor(site.weight).detach()
             m, n, k = conv_gemm_dims(site, tuple(w.shape))
-            cands = conv_candidates(self.pattern, tuple(w.shape), ann.density, allowed)
+            cands = no_larger_than_dense(conv_candidates(self.pattern, tuple(w.shape), ann.density, allowed), (n, k),
+                                         ann.nnz, ann.fill_ratio)
             est = cost.estimates(cands, (n, k), m, ann.nnz, ann.fill_ratio)
             x_shape = val_shape(site.input)
             measure = None
