@@ -150,8 +150,8 @@ def main():
     if ds_py is None:
         print(f"DeepSparse skipped: {ds_why}")
     rows = []
-    head = (f"| weights | batch | torch dense ms | torch pruned | onnxruntime | DeepSparse | sparsecc | "
-            f"sparsecc weights / dense | max diff (sparsecc, DeepSparse) |")
+    head = ("| weights | batch | torch dense ms | torch pruned | onnxruntime | DeepSparse | sparsecc | "
+            "sparsecc weights / dense | max diff (sparsecc, DeepSparse) |")
     lines = [f"# all-MiniLM-L6-v2, seq 128, {args.threads} threads, ratio = torch dense time / engine time",
              "", head, "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)

@@ -28,7 +28,7 @@ from sparsecc.runtime import omp_launch
 from sparsecc.targets import x86
 
 __all__ = ["ALIGN", "SparseLinear", "aligned", "aligned_empty", "check_activation", "get_linear_kernel",
-           "load_or_build", "rows_of", "target_key"]
+           "load_or_build", "output_buffer", "rows_of", "target_key"]
 
 ALIGN = 64
 
@@ -158,6 +158,13 @@ def aligned_empty(shape, dtype=torch.float32) -> torch.Tensor:
     return raw[off:off + numel].view(*shape)
 
 
+def output_buffer(rows: int, cols: int) -> torch.Tensor:
+    """An uninitialized float32 (rows, cols) tensor, 64-byte aligned (torch's CPU allocations are; never trusted
+    blindly, since the kernels do not check)."""
+    y = torch.empty(rows, cols, dtype=torch.float32)
+    return y if y.data_ptr() % ALIGN == 0 else aligned_empty((rows, cols))
+
+
 def aligned(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when contiguous and 64-byte aligned, else an aligned contiguous copy."""
     if t.is_contiguous() and t.data_ptr() % ALIGN == 0:
@@ -239,9 +246,7 @@ class SparseLinear(torch.nn.Module):
             x2 = xp
         else:
             x2 = aligned(x2)
-        y = torch.empty(mp, n, dtype=torch.float32)
-        if y.data_ptr() % ALIGN:  # torch CPU allocations are 64-byte aligned; never trust it blindly
-            y = aligned_empty((mp, n))
+        y = output_buffer(mp, n)
         if fn is None:
             fn = self._kernel(regime)
         br = self.block[0]

@@ -8,14 +8,14 @@ families share) and kept per process.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from sparsecc.cache import KERNELS
 from sparsecc.codegen.nm import column_dtype, offset_dtype
 from sparsecc.errors import InputShapeError, InvalidSparsityError, UnsupportedOpError
 from sparsecc.formats import NM, Candidate, NMSparseMatrix
-from sparsecc.runtime.kernels import ALIGN, aligned, aligned_empty, check_activation, load_or_build, rows_of, target_key
+from sparsecc.runtime.kernels import (aligned, aligned_empty, check_activation, load_or_build, output_buffer, rows_of,
+                                      target_key)
 from sparsecc.targets import x86, x86_nm
 
 __all__ = ["NMLinear", "get_nm_kernel", "nm_kernel_name", "pack_nm"]
@@ -238,9 +238,7 @@ class NMLinear(torch.nn.Module):
             return self._forward_permute(x2, regime, mt).view(lead + (n_out,))
         xt = self.transpose_x(x2, mt)
         mp = xt.shape[0] * mt
-        y = torch.empty(mp, self.n_padded, dtype=torch.float32)
-        if y.data_ptr() % ALIGN:
-            y = aligned_empty((mp, self.n_padded))
+        y = output_buffer(mp, self.n_padded)
         fn = self._kernel(regime)
         y4 = y.view(xt.shape[0], mt, -1, self.r_tile)
         meta = getattr(self, self.meta_names[regime])
@@ -271,9 +269,7 @@ class NMLinear(torch.nn.Module):
             x2 = xp
         else:
             x2 = aligned(x2)
-        y = torch.empty(mp, self.n_padded, dtype=torch.float32)
-        if y.data_ptr() % ALIGN:
-            y = aligned_empty((mp, self.n_padded))
+        y = output_buffer(mp, self.n_padded)
         fn = self._kernels.get(regime) or self._kernel(regime)
         args = self._args.get(regime)
         if args is None:  # (values, meta[, bias]): looked up once, nn.Module attribute access costs µs per call

@@ -15,7 +15,8 @@ import torch
 from sparsecc.cache import KERNELS
 from sparsecc.errors import InputShapeError, InvalidSparsityError
 from sparsecc.formats import XCSR, RowSparseMatrix
-from sparsecc.runtime.kernels import ALIGN, aligned, aligned_empty, check_activation, load_or_build, rows_of, target_key
+from sparsecc.runtime.kernels import (aligned, aligned_empty, check_activation, load_or_build, output_buffer, rows_of,
+                                      target_key)
 from sparsecc.targets import x86, x86_xcsr
 
 __all__ = ["XCSRLinear", "block_pointers", "cpu_xcsr_linear", "export_xcsr_linear", "get_xcsr_kernel", "pack_xt", "params_for"]
@@ -198,9 +199,7 @@ class XCSRLinear(torch.nn.Module):
             return x.new_empty(lead + (n,))
         p = params_for(self.params, m)
         xt = _LAST.panels(x, x2, p.m_tile) if p.m_tile > 1 else pack_xt(x2, 1)
-        y = torch.empty(m, self.n_padded, dtype=torch.float32)
-        if y.data_ptr() % ALIGN:
-            y = aligned_empty((m, self.n_padded))
+        y = output_buffer(m, self.n_padded)
         b = self._buffers
         args = (xt, b["data"], b["indices"], b["indptr"]) + ((b["bias"],) if b.get("bias") is not None else ())
         (self._kernels.get(p) or self._kernel(p))(*args, y)  # the kernel is opaque to autograd

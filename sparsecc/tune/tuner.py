@@ -41,7 +41,7 @@ import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import tvm
 from tvm.s_tir import meta_schedule as ms
@@ -56,7 +56,7 @@ from sparsecc.tune.measure import (InProcessBuilder, InProcessRunner, Measuremen
 from sparsecc.tune.search import GridSearch
 from sparsecc.tune.space import Workload
 
-__all__ = ["TuningSummary", "WorkloadResult", "model_workloads", "tune", "tune_one", "tune_workloads"]
+__all__ = ["WorkloadResult", "tune_one", "tune_workloads"]
 
 #: A tuned schedule replaces the hand one only when at least this much faster in the final comparison.
 KEEP_HAND_MARGIN = 0.03
