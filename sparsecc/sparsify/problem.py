@@ -21,7 +21,7 @@ from .patterns import UNSTRUCTURED, Pattern, as_matrix, parse_pattern
 from .scores import ImportanceScore
 from .select import Option
 from .sensitivity import option_key
-from ..formats import Candidate
+from ..formats import Candidate, candidates, no_larger_than_dense
 from ..tune.cost_model import cost_model_for
 
 __all__ = ["SparsifyProblem", "build_problem", "candidate_patterns", "latency_fn"]
@@ -130,13 +130,14 @@ class SparsifyProblem:
         return out
 
 
-def pattern_candidate(pattern: Pattern) -> Candidate:
-    """The storage format a pruned weight of ``pattern`` compiles to: BSR for blocks, N:M for N:M, else CSR."""
+def pattern_candidates(pattern: Pattern, shape: tuple, density: float) -> list:
+    """The sparse formats a weight (C_out, K) pruned to ``pattern`` can compile to (from the format registry):
+    BSR of its block, N:M of its (n, m), else every unstructured format (CSR, xcsr)."""
     if pattern.kind == "block" and tuple(pattern.block) != (1, 1):
-        return Candidate("bsr", tuple(pattern.block))
+        return [Candidate("bsr", tuple(pattern.block))]
     if pattern.kind == "n:m":
-        return Candidate("nm", (pattern.n, pattern.m))
-    return Candidate("csr", (1, 1))
+        return [Candidate("nm", (pattern.n, pattern.m))]
+    return [c for c in candidates(shape, "unstructured", density) if not c.is_dense]
 
 
 def latency_fn(tgt, infos: dict) -> Callable[[str, Optional[Pattern], float], float]:
@@ -163,12 +164,8 @@ def latency_fn(tgt, infos: dict) -> Callable[[str, Optional[Pattern], float], fl
         if pattern is None or density >= 1.0 or kind != "linear":
             return dense
         nnz = max(0, int(round(density * n * k)))
-        cand = pattern_candidate(pattern)
-        if not cost.has(cand):
-            cand = Candidate("csr", (1, 1))
-        if not cost.has(cand):
-            return dense
-        return min(dense, cost.estimate_weight_ms(cand, (n, k), m, nnz))
+        cands = no_larger_than_dense(pattern_candidates(pattern, (n, k), density), (n, k), nnz, {})
+        return min([dense] + [cost.estimate_weight_ms(c, (n, k), m, nnz) for c in cands if cost.has(c)])
 
     return lat
 
