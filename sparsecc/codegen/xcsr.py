@@ -24,8 +24,8 @@ XNNPACK's sparse 1x1 convolution (NCHW: vectorized along pixels, one output chan
 Sputnik's row-wise SpMM (Gale et al., SC 2020) are organised the same way.
 
 Arguments of the built function: ``XT (MT, K, mt)``, ``data (nnz,)``, ``indices (nnz,)``, ``PTR
-(NR, KB + 1) int32`` (row pointers per column block), [``bias (NR,)``], ``Y (M, NR)``, where ``NR`` is N
-padded to a multiple of ``rg`` (padded rows are empty; their columns of Y are sliced off by the caller).
+(N, KB + 1) int32`` (row pointers per column block), [``bias (N,)``], ``Y (M, N)``; ``rg`` must divide N
+(the runtime module picks the largest power of two up to its tile height that does).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from sparsecc.errors import UnsupportedOpError
 __all__ = ["xcsr_linear"]
 
 
-def xcsr_linear(*, bias: bool = False, activation: str | None = None, m_tile: int = 64, row_group: int = 32,
+def xcsr_linear(*, bias: bool = False, activation: str | None = None, m_tile: int = 64, row_group: int = 128,
                 index_dtype: str = "int16"):
     """Unscheduled template (a ``tvm.tirx.PrimFunc``) for ``m_tile`` rows of X and ``row_group`` rows of W per tile.
 

@@ -159,21 +159,21 @@ class XCSRLinear(torch.nn.Module):
             raise InvalidSparsityError(f"both regimes must share row_group and k_block (one storage layout), got "
                                        f"{sorted(layouts)}")
         rg, kb = layouts.pop()
-        self.n_padded = -(-n // rg) * rg
+        if n % rg:  # the largest power of two below the tile height that divides N: no padded rows or copies
+            rg = next(g for g in (64, 32, 16, 8, 4, 2, 1) if g < rg and n % g == 0)
+            self.params = {r: replace(p, row_group=rg) for r, p in self.params.items()}
         self.index_dtype = "int16" if matrix.indices.dtype == torch.int16 else "int32"
         data, indices = matrix.data.detach().to(torch.float32), matrix.indices
         if data.numel() == 0:  # TVM refuses empty tensors; indptr keeps the one slot unread
             data, indices = torch.zeros(1), torch.zeros(1, dtype=indices.dtype)
-        indptr = block_pointers(matrix, kb, self.n_padded)
+        indptr = block_pointers(matrix, kb, n)
         self.register_buffer("data", aligned(data.contiguous()))
         self.register_buffer("indices", aligned(indices.contiguous()))
         self.register_buffer("indptr", aligned(indptr))
         if bias is not None:
             if tuple(bias.shape) != (n,):
                 raise InputShapeError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-            b = torch.zeros(self.n_padded, dtype=torch.float32)
-            b[:n] = bias.detach().to(torch.float32)
-            self.register_buffer("bias", aligned(b))
+            self.register_buffer("bias", aligned(bias.detach().to(torch.float32).contiguous()))
         else:
             self.bias = None
         self._kernels: dict = {}
@@ -199,12 +199,10 @@ class XCSRLinear(torch.nn.Module):
             return x.new_empty(lead + (n,))
         p = params_for(self.params, m)
         xt = _LAST.panels(x, x2, p.m_tile) if p.m_tile > 1 else pack_xt(x2, 1)
-        y = output_buffer(m, self.n_padded)
+        y = output_buffer(m, n)
         b = self._buffers
         args = (xt, b["data"], b["indices"], b["indptr"]) + ((b["bias"],) if b.get("bias") is not None else ())
         (self._kernels.get(p) or self._kernel(p))(*args, y)  # the kernel is opaque to autograd
-        if self.n_padded != n:
-            y = y[:, :n].contiguous()
         return y.view(lead + (n,))
 
     def extra_repr(self) -> str:
@@ -222,7 +220,7 @@ def cpu_xcsr_linear(matrix: RowSparseMatrix, bias=None, activation=None, target=
 
 @XCSR.register_exporter("linear")
 def export_xcsr_linear(ctx, bb, x, mod: XCSRLinear):
-    """Relax for one :class:`XCSRLinear`: X (..., K) -> XT panels (zero-padded), kernel, Y (M, NR) -> (..., N)."""
+    """Relax for one :class:`XCSRLinear`: X (..., K) -> XT panels (zero-padded), kernel, Y (M, N) -> (..., N)."""
     from tvm import relax
 
     from sparsecc.runtime.export import rows_for_export
@@ -245,7 +243,5 @@ def export_xcsr_linear(ctx, bb, x, mod: XCSRLinear):
     name = (f"sparsecc_xcsr_{regime}" + ("_bias" if mod.bias is not None else "")
             + (f"_{mod.activation}" if mod.activation else "") + f"_mt{mt}_rg{p.row_group}_{mod.index_dtype}")
     gv = ctx.gvar(bb, name, sch)
-    y = bb.emit(relax.call_tir(gv, args, relax.TensorType((m, mod.n_padded), "float32")))
-    if mod.n_padded != n:
-        y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType((m, n), "float32")))
     return bb.emit(relax.op.reshape(y, (*lead, n)))

@@ -31,7 +31,7 @@ class XCSRParams:
     """
 
     m_tile: int = 64
-    row_group: int = 32
+    row_group: int = 128
     #: columns per column block (0: one block); a block of the X panel (k_block x m_tile floats, 32 KiB for
     #: 128 x 64) stays in L1 while the rows of a group use it
     k_block: int = 128
@@ -44,10 +44,14 @@ def default_xcsr_params(regime: str) -> XCSRParams:
     ``k_block`` 128 (against one block: 0.87 -> 0.74 of dense at 384x384, M = 128, density 0.5; 1.03 -> 0.72 at
     M = 1024; 64 was within noise of 128); ``row_group`` 32 (against 16: 0.75 -> 0.57 at 3072x768, M = 128,
     density 0.5, 0.42 -> 0.28 at 768x3072 density 0.1, 3-10% elsewhere; 64 rows and 256-column blocks were
-    within noise of it; all from one interleaved run)."""
+    within noise of it; all from one interleaved run); then 128 rows per tile (the accumulators of a tile,
+    128 x 64 floats, stay in L2 while each 128-column block of the X panel is read once from L1 for all of them:
+    against 32, 0.57 -> 0.38 at 768x3072, M = 128, density 0.3, 0.28 -> 0.17 at density 0.1, 0.24 -> 0.15 at
+    3072x768, 2-10% elsewhere; 384 rows were no better). A layer whose N is not a multiple takes the largest
+    power of two that divides N (:class:`~sparsecc.runtime.xcsr.XCSRLinear`)."""
     if regime == "gemv":
-        return XCSRParams(m_tile=1, row_group=32, k_block=128)
-    return XCSRParams(m_tile=64, row_group=32, k_block=128)
+        return XCSRParams(m_tile=1, row_group=128, k_block=128)
+    return XCSRParams(m_tile=64, row_group=128, k_block=128)
 
 
 def rule_xcsr(func, target=None, params: XCSRParams = XCSRParams()):
