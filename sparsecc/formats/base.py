@@ -33,7 +33,7 @@ import torch
 
 from sparsecc.errors import InvalidSparsityError, UnsupportedOpError
 
-__all__ = ["M", "Candidate", "as_matrix", "from_matrix", "Format", "all_formats", "describe", "format_of", "get_format", "register_format"]
+__all__ = ["M", "Candidate", "StorageStats", "as_matrix", "from_matrix", "Format", "all_formats", "describe", "format_of", "get_format", "register_format"]
 
 #: Batch/token dim of a linear's input (rows of X); cost expressions are in M.
 M = sympy.Symbol("M", positive=True, integer=True)
@@ -243,6 +243,28 @@ class Format:
 
     def __repr__(self) -> str:
         return f"<Format {self.name!r}>"
+
+
+class StorageStats:
+    """``density`` and ``nbytes`` of a storage class from its fields: mixed into every storage dataclass.
+
+    Subclasses name the field holding the stored values (``value_field``) and every stored array
+    (``array_fields``); ``shape`` is (N, K).
+    """
+
+    value_field = "data"
+    array_fields = ("data", "indices", "indptr")
+
+    @property
+    def density(self) -> float:
+        """True nonzeros / (N * K)."""
+        total = self.shape[0] * self.shape[1]
+        return float((getattr(self, self.value_field) != 0).sum()) / total if total else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored arrays."""
+        return sum(t.numel() * t.element_size() for t in (getattr(self, f) for f in self.array_fields))
 
 
 def as_matrix(w: torch.Tensor) -> torch.Tensor:

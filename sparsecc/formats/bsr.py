@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsecc.errors import InvalidSparsityError
-from sparsecc.formats.base import Candidate, Format, M, register_format
+from sparsecc.formats.base import Candidate, Format, M, StorageStats, register_format
 
 __all__ = ["BLOCK_SHAPES", "BSR", "BlockFormat", "BlockSparseMatrix", "block_candidate", "block_fill_ratio",
            "count_nonzero_blocks"]
@@ -68,7 +68,7 @@ def block_fill_ratio(weight: torch.Tensor, block: tuple[int, int]) -> float:
 
 
 @dataclass
-class BlockSparseMatrix:
+class BlockSparseMatrix(StorageStats):
     """W: (N, K) in BSR with block shape (br, bc); CSR is block (1, 1).
 
     ``data[p]`` is the ``(br, bc)`` block at block row ``i`` (``indptr[i] <= p <
@@ -135,16 +135,6 @@ class BlockSparseMatrix:
     def nnz(self) -> int:
         """Stored values, fill-in zeros included."""
         return self.nnzb * self.block[0] * self.block[1]
-
-    @property
-    def density(self) -> float:
-        """True nonzeros / (N * K)."""
-        total = self.shape[0] * self.shape[1]
-        return float((self.data != 0).sum()) / total if total else 0.0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.data, self.indices, self.indptr))
 
     @property
     def format(self) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsecc.errors import InvalidSparsityError
-from sparsecc.formats.base import NM_PATTERN_NAMES, Candidate, Format, M, register_format
+from sparsecc.formats.base import NM_PATTERN_NAMES, Candidate, Format, M, StorageStats, register_format
 
 __all__ = ["NM", "NM_PATTERNS", "NMFormat", "NMSparseMatrix", "is_nm_sparse", "nm_keep"]
 
@@ -46,7 +46,7 @@ def _check_nm(n, m) -> tuple[int, int]:
 
 
 @dataclass
-class NMSparseMatrix:
+class NMSparseMatrix(StorageStats):
     """W: (N, K) with at most ``n`` nonzeros in every group of ``m`` consecutive columns (N:M along K).
 
     K is padded with zero columns to ``Kp = G·m`` (``G = ceil(K / m)`` groups),
@@ -73,6 +73,9 @@ class NMSparseMatrix:
     across groups) keeps every group's metadata one aligned byte load and one
     shift/mask per slot in the kernel.
     """
+
+    value_field = "values"
+    array_fields = ("values", "meta")
 
     shape: tuple[int, int]
     n: int
@@ -167,16 +170,6 @@ class NMSparseMatrix:
     def nnz(self) -> int:
         """Stored values (N·G·n), zero slots included."""
         return int(self.values.numel())
-
-    @property
-    def density(self) -> float:
-        """True nonzeros / (N * K)."""
-        total = self.shape[0] * self.shape[1]
-        return float((self.values != 0).sum()) / total if total else 0.0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.values, self.meta))
 
     @property
     def format(self) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsecc.errors import InvalidSparsityError
-from sparsecc.formats.base import Candidate, Format, M, register_format
+from sparsecc.formats.base import Candidate, Format, M, StorageStats, register_format
 
 __all__ = ["XCSR", "RowSparseMatrix", "XCSRFormat", "index_dtype_for"]
 
@@ -34,7 +34,7 @@ def index_dtype_for(k: int) -> torch.dtype:
 
 
 @dataclass
-class RowSparseMatrix:
+class RowSparseMatrix(StorageStats):
     """W: (N, K) row by row: ``data[p]`` at column ``indices[p]`` of row ``i`` for ``indptr[i] <= p < indptr[i+1]``.
 
     Attributes
@@ -91,15 +91,6 @@ class RowSparseMatrix:
     @property
     def nnz(self) -> int:
         return int(self.data.shape[0])
-
-    @property
-    def density(self) -> float:
-        total = self.shape[0] * self.shape[1]
-        return float((self.data != 0).sum()) / total if total else 0.0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.data, self.indices, self.indptr))
 
     def __repr__(self) -> str:
         return f"RowSparseMatrix(shape={self.shape}, nnz={self.nnz}, density={self.density:.4f})"
