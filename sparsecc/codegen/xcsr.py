@@ -24,7 +24,7 @@ XNNPACK's sparse 1x1 convolution (NCHW: vectorized along pixels, one output chan
 Sputnik's row-wise SpMM (Gale et al., SC 2020) are organised the same way.
 
 Arguments of the built function: ``XT (MT, K, mt)``, ``data (nnz,)``, ``indices (nnz,)``, ``PTR
-(N, KB + 1) int32`` (row pointers per column block), [``bias (N,)``], ``Y (M, N)``; ``rg`` must divide N
+(N, KB + 1) int32`` (row pointers per column block), ``bias (N,)`` (zeros for layers without one), ``Y (M, N)``; ``rg`` must divide N
 (the runtime module picks the largest power of two up to its tile height that does).
 """
 
@@ -39,8 +39,7 @@ from sparsecc.errors import UnsupportedOpError
 __all__ = ["xcsr_linear"]
 
 
-def xcsr_linear(*, bias: bool = False, activation: str | None = None, m_tile: int = 64, row_group: int = 128,
-                index_dtype: str = "int16"):
+def xcsr_linear(*, activation: str | None = None, m_tile: int = 64, row_group: int = 128, index_dtype: str = "int16"):
     """Unscheduled template (a ``tvm.tirx.PrimFunc``) for ``m_tile`` rows of X and ``row_group`` rows of W per tile.
 
     ``PTR`` is ``(NR, KB + 1)``: ``PTR[n, j]`` is the first nonzero of row ``n`` in column block ``j``
@@ -62,12 +61,9 @@ def xcsr_linear(*, bias: bool = False, activation: str | None = None, m_tile: in
     u = 4  # M = 1: partial sums per row (FMA latency 4 cycles: one chain ran 2.4 cycles per nonzero)
     ca = mt if mt > 1 else u  # accumulator columns per row
 
-    def bias_val(B, n):
-        return T.float32(0) if B is None else B[n]
-
     def row_reads(XT, D, IND, PTR, B, vmo, vig, NNZ, KB):
-        regions = [XT[vmo, 0:KDIM, 0:mt], D[0:NNZ], IND[0:NNZ], PTR[vig * rg:vig * rg + rg, 0:KB + 1]]
-        return regions if B is None else regions + [B[vig * rg:vig * rg + rg]]
+        return [XT[vmo, 0:KDIM, 0:mt], D[0:NNZ], IND[0:NNZ], PTR[vig * rg:vig * rg + rg, 0:KB + 1],
+                B[vig * rg:vig * rg + rg]]
 
     @T.macro
     def vector_row(XT, D, IND, PTR, C, vmo, n, vkb, vr):
@@ -127,43 +123,25 @@ def xcsr_linear(*, bias: bool = False, activation: str | None = None, m_tile: in
                     with T.sblock("epilogue"):
                         vmi, vr = T.axis.remap("SS", [mi, r])
                         T.where(vmo * mt + mi < M)
-                        Y[vmo * mt + vmi, vig * rg + vr] = act(acc_val(C, vr, vmi) + bias_val(B, vig * rg + vr))
+                        Y[vmo * mt + vmi, vig * rg + vr] = act(acc_val(C, vr, vmi) + B[vig * rg + vr])
 
     attrs = {"global_symbol": "main", "tir.noalias": True, "sparsecc.kind": "xcsr", "sparsecc.m_tile": mt,
              "sparsecc.row_group": rg}
-    if bias:
-
-        @T.prim_func(s_tir=True)
-        def func(xt_h: T.handle, d_h: T.handle, ind_h: T.handle, ptr_h: T.handle, b_h: T.handle, y_h: T.handle):
-            T.func_attr(attrs)
-            M = T.int32()
-            MT = T.int32()
-            NR = T.int32()
-            KB1 = T.int32()
-            NNZ = T.int32()
-            XT = T.match_buffer(xt_h, (MT, KDIM, mt), "float32")
-            D = T.match_buffer(d_h, (NNZ,), "float32")
-            IND = T.match_buffer(ind_h, (NNZ,), index_dtype)
-            PTR = T.match_buffer(ptr_h, (NR, KB1), "int32")
-            B = T.match_buffer(b_h, (NR,), "float32")
-            Y = T.match_buffer(y_h, (M, NR), "float32")
-            body(XT, D, IND, PTR, B, Y, M, MT, NR // rg, NNZ, KB1 - 1)
-
-    else:
-
-        @T.prim_func(s_tir=True)
-        def func(xt_h: T.handle, d_h: T.handle, ind_h: T.handle, ptr_h: T.handle, y_h: T.handle):
-            T.func_attr(attrs)
-            M = T.int32()
-            MT = T.int32()
-            NR = T.int32()
-            KB1 = T.int32()
-            NNZ = T.int32()
-            XT = T.match_buffer(xt_h, (MT, KDIM, mt), "float32")
-            D = T.match_buffer(d_h, (NNZ,), "float32")
-            IND = T.match_buffer(ind_h, (NNZ,), index_dtype)
-            PTR = T.match_buffer(ptr_h, (NR, KB1), "int32")
-            Y = T.match_buffer(y_h, (M, NR), "float32")
-            body(XT, D, IND, PTR, None, Y, M, MT, NR // rg, NNZ, KB1 - 1)
+    # one signature with a bias (zeros for layers without one): N adds per row of X, against nnz / N FMAs
+    @T.prim_func(s_tir=True)
+    def func(xt_h: T.handle, d_h: T.handle, ind_h: T.handle, ptr_h: T.handle, b_h: T.handle, y_h: T.handle):
+        T.func_attr(attrs)
+        M = T.int32()
+        MT = T.int32()
+        NR = T.int32()
+        KB1 = T.int32()
+        NNZ = T.int32()
+        XT = T.match_buffer(xt_h, (MT, KDIM, mt), "float32")
+        D = T.match_buffer(d_h, (NNZ,), "float32")
+        IND = T.match_buffer(ind_h, (NNZ,), index_dtype)
+        PTR = T.match_buffer(ptr_h, (NR, KB1), "int32")
+        B = T.match_buffer(b_h, (NR,), "float32")
+        Y = T.match_buffer(y_h, (M, NR), "float32")
+        body(XT, D, IND, PTR, B, Y, M, MT, NR // rg, NNZ, KB1 - 1)
 
     return func

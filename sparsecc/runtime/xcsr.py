@@ -19,24 +19,29 @@ from sparsecc.runtime.kernels import (aligned, aligned_empty, check_activation, 
                                       target_key)
 from sparsecc.targets import x86, x86_xcsr
 
-__all__ = ["XCSRLinear", "block_pointers", "cpu_xcsr_linear", "export_xcsr_linear", "get_xcsr_kernel", "pack_xt", "params_for"]
+__all__ = ["XCSRLinear", "block_pointers", "cpu_xcsr_linear", "export_xcsr_linear", "get_xcsr_kernel", "kernel_name",
+           "pack_xt", "params_for"]
 
 
-def get_xcsr_kernel(regime: str, bias: bool, activation: str | None, index_dtype: str, target=None, params=None):
+def get_xcsr_kernel(regime: str, activation: str | None, index_dtype: str, target=None, params=None):
     """The compiled kernel (packed function) for ``regime``; arguments as :mod:`sparsecc.codegen.xcsr` lists."""
     check_activation(activation)
     target = target or x86.host_target()
     params = params or x86_xcsr.default_xcsr_params(regime)
-    key = ("xcsr", regime, bool(bias), activation, index_dtype, target_key(target), params)
+    key = ("xcsr", regime, activation, index_dtype, target_key(target), params)
 
     def make():
-        sch = x86_xcsr.schedule_xcsr(regime, bias=bool(bias), activation=activation, index_dtype=index_dtype,
-                                     target=target, params=params)
-        name = (f"xcsr_{regime}" + ("_bias" if bias else "") + (f"_{activation}" if activation else "")
-                + f"_mt{params.m_tile}_rg{params.row_group}_{index_dtype}")  # k_block is in the data, not the code
-        return load_or_build(sch, name, target)
+        sch = x86_xcsr.schedule_xcsr(regime, activation=activation, index_dtype=index_dtype, target=target,
+                                     params=params)
+        return load_or_build(sch, kernel_name(regime, activation, index_dtype, params), target)
 
     return KERNELS.get(key, make)
+
+
+def kernel_name(regime: str, activation, index_dtype: str, params) -> str:
+    """``xcsr_<regime>[_act]_mt<m_tile>_rg<row_group>_<index dtype>`` (``k_block`` is in the data, not the code)."""
+    return (f"xcsr_{regime}" + (f"_{activation}" if activation else "")
+            + f"_mt{params.m_tile}_rg{params.row_group}_{index_dtype}")
 
 
 def params_for(params: dict, m: int):
@@ -170,26 +175,25 @@ class XCSRLinear(torch.nn.Module):
         self.register_buffer("data", aligned(data.contiguous()))
         self.register_buffer("indices", aligned(indices.contiguous()))
         self.register_buffer("indptr", aligned(indptr))
-        if bias is not None:
-            if tuple(bias.shape) != (n,):
-                raise InputShapeError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-            self.register_buffer("bias", aligned(bias.detach().to(torch.float32).contiguous()))
-        else:
-            self.bias = None
+        if bias is not None and tuple(bias.shape) != (n,):
+            raise InputShapeError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        self.has_bias = bias is not None
+        # the kernel always adds a bias (zeros when the layer has none: N adds per row of X)
+        b = bias.detach().to(torch.float32) if bias is not None else torch.zeros(n)
+        self.register_buffer("bias", aligned(b.contiguous()))
         self._kernels: dict = {}
 
     def _kernel(self, p):
         fn = self._kernels.get(p)
         if fn is None:
             regime = "gemv" if p.m_tile == 1 else "gemm"
-            fn = get_xcsr_kernel(regime, self.bias is not None, self.activation, self.index_dtype, self.target, p)
+            fn = get_xcsr_kernel(regime, self.activation, self.index_dtype, self.target, p)
             self._kernels[p] = fn
         return fn
 
     @property
     def kernel_name(self) -> str:
-        return "xcsr_gemm" + ("_bias" if self.bias is not None else "") + (
-            f"_{self.activation}" if self.activation else "")
+        return kernel_name("gemm", self.activation, self.index_dtype, self.params["gemm"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.shape
@@ -201,12 +205,11 @@ class XCSRLinear(torch.nn.Module):
         xt = _LAST.panels(x, x2, p.m_tile) if p.m_tile > 1 else pack_xt(x2, 1)
         y = output_buffer(m, n)
         b = self._buffers
-        args = (xt, b["data"], b["indices"], b["indptr"]) + ((b["bias"],) if b.get("bias") is not None else ())
-        (self._kernels.get(p) or self._kernel(p))(*args, y)  # the kernel is opaque to autograd
+        (self._kernels.get(p) or self._kernel(p))(xt, b["data"], b["indices"], b["indptr"], b["bias"], y)
         return y.view(lead + (n,))
 
     def extra_repr(self) -> str:
-        return (f"shape={self.shape}, density={self.density:.3f}, bias={self.bias is not None}, "
+        return (f"shape={self.shape}, density={self.density:.3f}, bias={self.has_bias}, "
                 f"activation={self.activation}, index={self.index_dtype}")
 
 
@@ -235,13 +238,9 @@ def export_xcsr_linear(ctx, bb, x, mod: XCSRLinear):
     if mtiles * mt != m:
         x2 = bb.emit(relax.op.nn.pad(x2, [0, mtiles * mt - m, 0, 0]))
     xt = bb.emit(relax.op.permute_dims(relax.op.reshape(x2, (mtiles, mt, k)), [0, 2, 1]))
-    args = [xt, ctx.const(mod.data), ctx.const(mod.indices), ctx.const(mod.indptr)]
-    if mod.bias is not None:
-        args.append(ctx.const(mod.bias))
-    sch = x86_xcsr.schedule_xcsr(regime, bias=mod.bias is not None, activation=mod.activation,
-                                 index_dtype=mod.index_dtype, target=ctx.tvm_target, params=p)
-    name = (f"sparsecc_xcsr_{regime}" + ("_bias" if mod.bias is not None else "")
-            + (f"_{mod.activation}" if mod.activation else "") + f"_mt{mt}_rg{p.row_group}_{mod.index_dtype}")
-    gv = ctx.gvar(bb, name, sch)
+    args = [xt, ctx.const(mod.data), ctx.const(mod.indices), ctx.const(mod.indptr), ctx.const(mod.bias)]
+    sch = x86_xcsr.schedule_xcsr(regime, activation=mod.activation, index_dtype=mod.index_dtype,
+                                 target=ctx.tvm_target, params=p)
+    gv = ctx.gvar(bb, "sparsecc_" + kernel_name(regime, mod.activation, mod.index_dtype, p), sch)
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType((m, n), "float32")))
     return bb.emit(relax.op.reshape(y, (*lead, n)))

@@ -74,7 +74,7 @@ def rule_xcsr(func, target=None, params: XCSRParams = XCSRParams()):
 XCSR_RULES = (rule_xcsr,)
 
 
-def schedule_xcsr(regime: str, *, bias: bool, activation=None, index_dtype: str = "int16", target=None,
+def schedule_xcsr(regime: str, *, activation=None, index_dtype: str = "int16", target=None,
                   params: XCSRParams | None = None) -> tvm.s_tir.Schedule:
     """Template + the first applicable rule.
 
@@ -84,6 +84,6 @@ def schedule_xcsr(regime: str, *, bias: bool, activation=None, index_dtype: str 
         No rule applies.
     """
     params = params or default_xcsr_params(regime)
-    func = xcsr_linear(bias=bias, activation=activation, m_tile=params.m_tile, row_group=params.row_group,
+    func = xcsr_linear(activation=activation, m_tile=params.m_tile, row_group=params.row_group,
                        index_dtype=index_dtype)
     return apply_rules(XCSR_RULES, func, target, params)
