@@ -15,7 +15,20 @@ import torch
 
 from sparsecc.formats import Candidate, format_of
 
-__all__ = ["finish", "make_conv", "make_linear"]
+__all__ = ["cpu_factory", "finish", "make_conv", "make_linear"]
+
+
+def cpu_factory(module_class, family: str, name: str):
+    """A module factory for CPU targets: ``module_class(matrix, bias, activation, target=<host tvm target>,
+    params={regime: target.kernel_params(family, regime)})``, so the module is packed with the target's tiles
+    (ARM: NEON tiles, host kernels in ``cm()``) and the exported kernel reads the same arrays."""
+    def factory(matrix, bias=None, activation=None, target=None, tuning_db=None):
+        return module_class(matrix, bias, activation=activation, target=target.tvm_target(),
+                            params={r: target.kernel_params(family, r) for r in ("gemv", "gemm")})
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__module__ = module_class.__module__
+    return factory
 
 
 def make_linear(target, matrix, bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,

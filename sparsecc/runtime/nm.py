@@ -14,6 +14,7 @@ from sparsecc.cache import KERNELS
 from sparsecc.codegen.nm import column_dtype, offset_dtype
 from sparsecc.errors import InputShapeError, InvalidSparsityError, UnsupportedOpError
 from sparsecc.formats import NM, Candidate, NMSparseMatrix
+from sparsecc.runtime.modules import cpu_factory
 from sparsecc.runtime.kernels import (aligned, aligned_empty, check_activation, load_or_build, output_buffer, rows_of,
                                       target_key)
 from sparsecc.targets import x86, x86_nm
@@ -286,13 +287,7 @@ class NMLinear(torch.nn.Module):
                 f"bias={self.bias is not None}, activation={self.activation}, r_tile={self.r_tile}")
 
 
-@NM.register_module("x86")
-@NM.register_module("arm")
-def cpu_nm_linear(matrix: NMSparseMatrix, bias=None, activation=None, target=None, tuning_db=None) -> NMLinear:
-    """:class:`NMLinear` for a CPU target, packed with the target's N:M tiles (``kernel_params("nm", ...)``)
-    so that the exported kernel reads the same values and indices (ARM: NEON tiles, host kernels in ``cm()``)."""
-    return NMLinear(matrix, bias, activation=activation, target=target.tvm_target(),
-                    params={r: target.kernel_params("nm", r) for r in ("gemv", "gemm")})
+cpu_nm_linear = NM.register_module("x86")(NM.register_module("arm")(cpu_factory(NMLinear, "nm", "cpu_nm_linear")))
 
 
 @NM.register_exporter("linear")

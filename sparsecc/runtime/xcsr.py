@@ -15,6 +15,7 @@ import torch
 from sparsecc.cache import KERNELS
 from sparsecc.errors import InputShapeError, InvalidSparsityError
 from sparsecc.formats import XCSR, RowSparseMatrix
+from sparsecc.runtime.modules import cpu_factory
 from sparsecc.runtime.kernels import (aligned, aligned_empty, check_activation, load_or_build, output_buffer, rows_of,
                                       target_key)
 from sparsecc.targets import x86, x86_xcsr
@@ -213,12 +214,7 @@ class XCSRLinear(torch.nn.Module):
                 f"activation={self.activation}, index={self.index_dtype}")
 
 
-@XCSR.register_module("x86")
-@XCSR.register_module("arm")
-def cpu_xcsr_linear(matrix: RowSparseMatrix, bias=None, activation=None, target=None, tuning_db=None) -> XCSRLinear:
-    """:class:`XCSRLinear` for a CPU target (host kernels; ARM export cross-builds the same rule)."""
-    return XCSRLinear(matrix, bias, activation=activation, target=target.tvm_target(),
-                      params={r: target.kernel_params("xcsr", r) for r in ("gemv", "gemm")})
+cpu_xcsr_linear = XCSR.register_module("x86")(XCSR.register_module("arm")(cpu_factory(XCSRLinear, "xcsr", "cpu_xcsr_linear")))
 
 
 @XCSR.register_exporter("linear")
