@@ -44,7 +44,8 @@ from sparsecc.errors import (
 )
 from sparsecc.formats import get_format
 
-__all__ = ["ExportContext", "ExportedModule", "export_compiled", "load", "rows_for_export", "run_artifact_under_qemu"]
+__all__ = ["ExportContext", "ExportedModule", "export_compiled", "load", "panels_for_export", "rows_for_export",
+           "run_artifact_under_qemu"]
 
 FORMAT_VERSION = 1
 FILES = ("model.so", "params.bin", "manifest.json")
@@ -198,6 +199,22 @@ class ExportContext:
 
     def convert_map(self):
         return {"export_linear.default": self.linear, "export_conv.default": self.conv}
+
+
+def panels_for_export(bb, x, m: int, k: int, mt: int, kp: int | None = None):
+    """Relax X^T panels of X (..., K): ``XT (MT, Kp, mt)`` with ``MT = ceil(M / mt)``, rows and columns zero-padded.
+
+    The layout :func:`sparsecc.runtime.xcsr.pack_xt` and the N:M module's tiled transpose build at run time.
+    Returns ``(XT, MT)``.
+    """
+    from tvm import relax
+
+    kp = k if kp is None else kp
+    mtiles = -(-max(m, 1) // mt)
+    x2 = bb.emit(relax.op.reshape(x, (m, k)))
+    if mtiles * mt != m or kp != k:
+        x2 = bb.emit(relax.op.nn.pad(x2, [0, mtiles * mt - m, 0, kp - k]))
+    return bb.emit(relax.op.permute_dims(relax.op.reshape(x2, (mtiles, mt, kp)), [0, 2, 1])), mtiles
 
 
 def rows_for_export(x) -> tuple:

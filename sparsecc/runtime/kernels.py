@@ -186,7 +186,7 @@ class SparseLinear(torch.nn.Module):
     def __init__(self, matrix: BlockSparseMatrix, bias: torch.Tensor | None = None,
                  activation: str | None = None, target=None, eager: bool = False, tuned=None):
         super().__init__()
-        # tuned: sparsecc.tune.autotune.TunedKernels of this layer (kernel(regime, m) -> (fn, m_tile)
+        # tuned: sparsecc.tune.lookup.TunedKernels of this layer (kernel(regime, m) -> (fn, m_tile)
         # or None for the hand schedule), from compile(..., tuning_db=...)
         self.tuned = tuned
         check_activation(activation)

@@ -295,7 +295,7 @@ def export_nm_linear(ctx, bb, x, mod: NMLinear):
     """N:M: X (M, K) -> XT (MT, Kp, mt) tiles (zero-padded), kernel, Y (MT, mt, NR, rt) -> (M, N)."""
     from tvm import relax
 
-    from sparsecc.runtime.export import rows_for_export
+    from sparsecc.runtime.export import panels_for_export, rows_for_export
 
     n_out, k = mod.shape
     lead, m = rows_for_export(x)
@@ -305,11 +305,7 @@ def export_nm_linear(ctx, bb, x, mod: NMLinear):
         raise UnsupportedOpError("N:M layers on the x86 permute template (AVX vpermps) have no export path "
                                  "yet; export for target='arm' or keep them dense")
     mt, kp = p.m_tile, mod.groups * mod.m
-    mtiles = -(-max(m, 1) // mt)
-    x2 = bb.emit(relax.op.reshape(x, (m, k)))
-    if mtiles * mt != m or kp != k:
-        x2 = bb.emit(relax.op.nn.pad(x2, [0, mtiles * mt - m, 0, kp - k]))
-    xt = bb.emit(relax.op.permute_dims(relax.op.reshape(x2, (mtiles, mt, kp)), [0, 2, 1]))
+    xt, mtiles = panels_for_export(bb, x, m, k, mt, kp)
     if p.index == "offset":
         xt = bb.emit(relax.op.reshape(xt, (mtiles, kp * mt)))
     meta = getattr(mod, mod.meta_names[regime])

@@ -222,18 +222,13 @@ def export_xcsr_linear(ctx, bb, x, mod: XCSRLinear):
     """Relax for one :class:`XCSRLinear`: X (..., K) -> XT panels (zero-padded), kernel, Y (M, N) -> (..., N)."""
     from tvm import relax
 
-    from sparsecc.runtime.export import rows_for_export
+    from sparsecc.runtime.export import panels_for_export, rows_for_export
 
     n, k = mod.shape
     lead, m = rows_for_export(x)
     regime = x86.regime_for(m)
     p = params_for(mod.params, m)
-    mt = p.m_tile
-    mtiles = -(-max(m, 1) // mt)
-    x2 = bb.emit(relax.op.reshape(x, (m, k)))
-    if mtiles * mt != m:
-        x2 = bb.emit(relax.op.nn.pad(x2, [0, mtiles * mt - m, 0, 0]))
-    xt = bb.emit(relax.op.permute_dims(relax.op.reshape(x2, (mtiles, mt, k)), [0, 2, 1]))
+    xt, _ = panels_for_export(bb, x, m, k, p.m_tile)
     args = [xt, ctx.const(mod.data), ctx.const(mod.indices), ctx.const(mod.indptr), ctx.const(mod.bias)]
     sch = x86_xcsr.schedule_xcsr(regime, activation=mod.activation, index_dtype=mod.index_dtype,
                                  target=ctx.tvm_target, params=p)

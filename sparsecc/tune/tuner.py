@@ -1,7 +1,7 @@
-"""``sparsecc.tune``: find a model's sparse kernel workloads and autotune them into a database.
+"""The tuning loop: autotune sparse kernel workloads into a database (``sparsecc.tune`` for a whole model is
+:func:`sparsecc.api.tune`, which finds its workloads and calls :func:`tune_workloads`).
 
-How one workload (:class:`~sparsecc.tune.space.Workload`) is tuned
-(:func:`tune_one`; :func:`tune_workloads` for many, :func:`tune` for a model):
+How one workload (:class:`~sparsecc.tune.space.Workload`) is tuned (:func:`tune_one`; :func:`tune_workloads` for many):
 
 1. One MetaSchedule task (``TuneContext``) per register tile ``m_tile``
    (:func:`~sparsecc.tune.space.m_tile_choices`), each with a ``ScheduleFn``
