@@ -63,6 +63,8 @@ def rule_xcsr(func, target=None, params: XCSRParams = XCSRParams()):
     if mt > 1:
         sch.vectorize(sch.get_loops(sch.get_sblock("compute"))[-1])
         sch.vectorize(sch.get_loops(sch.get_sblock("init"))[-1])
+        for name in ("acc_load", "acc_store"):
+            sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
     else:  # the gather kernel: its u partial sums unrolled
         sch.unroll(sch.get_loops(sch.get_sblock("compute"))[-1])
     emi, er = sch.get_loops(sch.get_sblock("epilogue"))[-2:]
