@@ -65,7 +65,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from sparsecc.codegen.linear import _activation, _hsum
+from sparsecc.codegen.linear import _activation, _hsum, stack_floats
 from sparsecc.errors import UnsupportedOpError
 
 __all__ = ["CONV_ACTIVATIONS", "bsr_conv1x1_nchw", "bsr_conv_nhwc", "conv_activation"]
@@ -140,7 +140,7 @@ def bsr_conv_nhwc(block: tuple[int, int], *, bias: bool = False, activation: str
                 T.reads(X[0:XN], PB[vmo * mt:vmo * mt + mt], D[0:NNZB, 0:br, 0:bc], OFF[0:NNZB],
                         PTR[vio:vio + 2])
                 T.writes(Y[vmo * mt:vmo * mt + mt, vio, 0:br])
-                C = T.alloc_buffer((mt, br, cj), "float32")
+                C = T.decl_buffer((mt, br, cj), "float32", data=stack_floats(mt * br * cj), scope="local")
                 for mi, ii, jj in T.grid(mt, br, cj):
                     with T.sblock("init"):
                         vmi, vii, vjj = T.axis.remap("SSS", [mi, ii, jj])
@@ -252,7 +252,7 @@ def bsr_conv1x1_nchw(block: tuple[int, int] = (1, 1), *, bias: bool = False, act
                 vn, vio, vho = T.axis.remap("SSS", [n, io, ho])
                 T.reads(X[vn, 0:CIN, vho * ht:vho * ht + ht], D[0:NNZB, 0:br, 0:1], IND[0:NNZB], PTR[vio:vio + 2])
                 T.writes(Y[vn, vio, 0:br, vho * ht:vho * ht + ht])
-                C = T.alloc_buffer((br, ht), "float32")
+                C = T.decl_buffer((br, ht), "float32", data=stack_floats(br * ht), scope="local")
                 for ii, hi in T.grid(br, ht):
                     with T.sblock("init"):
                         vii, vhi = T.axis.remap("SS", [ii, hi])

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from sparsecc.codegen.linear import _activation
+from sparsecc.codegen.linear import _activation, stack_floats
 from sparsecc.errors import UnsupportedOpError
 
 __all__ = ["INDEX_MODES", "PERMUTE_INTRINSICS", "column_dtype", "nm_linear", "nm_linear_permute"]
@@ -263,8 +263,8 @@ def nm_linear_permute(n: int, m: int, chunks: int, *, lanes: int = 16, bias: boo
                 vmo, vro = T.axis.remap("SS", [mo, ro])
                 T.reads(row_reads(X, V, P, B, vmo, vro))
                 T.writes(Y[vmo * mt:vmo * mt + mt, vro, 0:L])
-                C = T.alloc_buffer((mt, L), "float32")
-                XC = T.alloc_buffer((mt, L), "float32")
+                C = T.decl_buffer((mt, L), "float32", data=stack_floats(mt * L), scope="local")
+                XC = T.decl_buffer((mt, L), "float32", data=stack_floats(mt * L), scope="local")
                 for mi in T.unroll(mt):
                     C[mi, T.ramp(0, 1, L)] = T.broadcast(T.float32(0), L)
                 for ch in T.serial(CH):
@@ -299,8 +299,8 @@ def nm_linear_permute(n: int, m: int, chunks: int, *, lanes: int = 16, bias: boo
                 vro = T.axis.spatial(NR, ro)
                 T.reads(X[0:MP, 0:KL], V[vro, 0:GN, 0:L], P[vro, 0:GN, 0:L], B[vro, 0:L] if B is not None else [])
                 T.writes(Y[0:MP, vro, 0:L])
-                C = T.alloc_buffer((mt, L), "float32")
-                XC = T.alloc_buffer((mt, L), "float32")
+                C = T.decl_buffer((mt, L), "float32", data=stack_floats(mt * L), scope="local")
+                XC = T.decl_buffer((mt, L), "float32", data=stack_floats(mt * L), scope="local")
                 for kb in T.serial(CH // KB - 1):  # partial sums of all but the last K block, kept in Y
                     for mo in T.serial(MP // mt):
                         for mi in T.unroll(mt):

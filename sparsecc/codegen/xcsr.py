@@ -33,7 +33,7 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
-from sparsecc.codegen.linear import _activation
+from sparsecc.codegen.linear import _activation, stack_floats
 from sparsecc.errors import UnsupportedOpError
 
 __all__ = ["xcsr_linear"]
@@ -91,12 +91,6 @@ def xcsr_linear(*, activation: str | None = None, m_tile: int = 64, row_group: i
                 A[0] = A[0] + D[PTR[n, vkb + 1] - vt - 1] * XT[
                     vmo, T.Cast("int32", IND[PTR[n, vkb + 1] - vt - 1]), 0]
 
-    def stack_floats(n):
-        # A stack array (an LLVM alloca, which LLVM keeps in registers): TVM lowers every allocation
-        # to a TVMBackendAllocWorkspace call, a pointer LLVM cannot prove unaliased, so an accumulator
-        # there is stored back and PTR reloaded on every nonzero (measured: 4 vector stores per nonzero)
-        return T.reinterpret("handle", T.tvm_stack_alloca("shape", (n + 1) // 2))
-
     row_body = vector_row if mt > 1 else gather_row
 
     def acc_val(C, vr, vmi):
@@ -125,7 +119,7 @@ def xcsr_linear(*, activation: str | None = None, m_tile: int = 64, row_group: i
                         T.reads(XT[vmo, 0:KDIM, 0:mt], D[0:NNZ], IND[0:NNZ], PTR[vig * rg + vr, vkb:vkb + 2],
                                 C[vr, 0:ca])
                         T.writes(C[vr, 0:ca])
-                        A = T.decl_buffer((ca,), "float32", data=stack_floats(ca), scope="local")
+                        A = T.decl_buffer((ca,), "float32", data=stack_floats(ca), scope="local")  # registers
                         for mi in T.serial(ca):
                             with T.sblock("acc_load"):
                                 vmi = T.axis.remap("S", [mi])
