@@ -12,8 +12,10 @@ Loop structure (unscheduled)::
             for p in range(ptr[n, kb], ptr[n, kb + 1]):
                 for mi in range(mt):           # block "compute": the vector axis
                     C[r, mi] += data[p] * XT[mo, indices[p], mi]
+        for r, mi in grid(rg, mt):             # block "act" (vectorized along mi)
+            C[r, mi] = act(C[r, mi] + b[n])
         for mi, r in grid(mt, rg):             # block "epilogue"
-            Y[mo·mt + mi, ig·rg + r] = act(C[r, mi] + b[n])
+            Y[mo·mt + mi, ig·rg + r] = C[r, mi]
 
 Every nonzero is one scalar broadcast against ``mt / lanes`` vector loads of the X panel and as
 many FMAs; no gather. The panel (K x mt floats) is read by every row group, so it stays in L1/L2.
@@ -129,11 +131,15 @@ def xcsr_linear(*, activation: str | None = None, m_tile: int = 64, row_group: i
                             with T.sblock("acc_store"):
                                 vmi = T.axis.remap("S", [mi])
                                 C[vr, vmi] = A[vmi]
+                for r, mi in T.grid(rg, mt):  # bias and activation in C, vectorized along its rows
+                    with T.sblock("act"):
+                        vr, vmi = T.axis.remap("SS", [r, mi])
+                        C[vr, vmi] = act(acc_val(C, vr, vmi) + B[vig * rg + vr])
                 for mi, r in T.grid(mt, rg):
                     with T.sblock("epilogue"):
                         vmi, vr = T.axis.remap("SS", [mi, r])
                         T.where(vmo * mt + mi < M)
-                        Y[vmo * mt + vmi, vig * rg + vr] = act(acc_val(C, vr, vmi) + B[vig * rg + vr])
+                        Y[vmo * mt + vmi, vig * rg + vr] = C[vr, vmi]
 
     attrs = {"global_symbol": "main", "tir.noalias": True, "sparsecc.kind": "xcsr", "sparsecc.m_tile": mt,
              "sparsecc.row_group": rg}

@@ -1,7 +1,8 @@
 """x86 (and ARM NEON) schedule rule of the unstructured template :mod:`sparsecc.codegen.xcsr`.
 
 The template is written with the vector axis innermost (``mt`` rows of X), so the rule only
-vectorizes it (LLVM splits an ``mt``-wide vector into ``mt / lanes`` registers: 4 zmm for mt = 64),
+vectorizes it and the bias-and-activation block (LLVM splits an ``mt``-wide vector into ``mt / lanes``
+registers: 4 zmm for mt = 64),
 unrolls the epilogue's transpose into Y and parallelizes the (panel, row group) tiles.
 """
 
@@ -63,7 +64,7 @@ def rule_xcsr(func, target=None, params: XCSRParams = XCSRParams()):
     if mt > 1:
         sch.vectorize(sch.get_loops(sch.get_sblock("compute"))[-1])
         sch.vectorize(sch.get_loops(sch.get_sblock("init"))[-1])
-        for name in ("acc_load", "acc_store"):
+        for name in ("acc_load", "acc_store", "act"):
             sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
     else:  # the gather kernel: its u partial sums unrolled
         sch.unroll(sch.get_loops(sch.get_sblock("compute"))[-1])
