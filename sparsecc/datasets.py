@@ -83,8 +83,8 @@ FORTUNE_CATEGORIES = (
     "pratchett", "science", "songs-poems", "sports", "startrek", "tao", "translate-me", "wisdom", "work",
     "zippy",
 )
-# Bump when the cleaning rules change: the cached JSON is keyed by it.
-_FORTUNES_RULES_VERSION = 1
+# Bump when the cleaning rules or the cached fields change: the cached JSON is keyed by it (v2 adds the labels).
+_FORTUNES_RULES_VERSION = 2
 _FORTUNES_MIN_CHARS, _FORTUNES_MAX_CHARS = 20, 400
 _FORTUNES_MIN_LETTER_FRACTION = 0.6
 _FORTUNES_HELDOUT_FRACTION = 0.10
@@ -354,9 +354,11 @@ def _clean_fortune(text: str) -> str | None:
     return s
 
 
-def _parse_fortune_files(folder: Path) -> list[str]:
-    """Clean, filter and dedupe the quotes of :data:`FORTUNE_CATEGORIES` under ``folder`` (file, then quote order)."""
+def _parse_fortune_files(folder: Path) -> tuple[list[str], list[str]]:
+    """Clean, filter and dedupe the quotes of :data:`FORTUNE_CATEGORIES` under ``folder`` (file, then quote order);
+    also the category (file name) of each quote."""
     out: list[str] = []
+    labels: list[str] = []
     seen: set[str] = set()
     for name in FORTUNE_CATEGORIES:
         path = folder / name
@@ -378,23 +380,28 @@ def _parse_fortune_files(folder: Path) -> list[str]:
             if key not in seen:
                 seen.add(key)
                 out.append(s)
-    return out
+                labels.append(name)
+    return out, labels
 
 
-def _fortunes_all() -> list[str]:
+def _fortunes_all() -> tuple[list[str], list[str]]:
+    """Every cleaned quote and its category, from the cache (built on first use)."""
     path = cache_root() / "datasets" / "fortunes" / f"sentences-v{_FORTUNES_RULES_VERSION}.json"
     if path.is_file():
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            sentences = data["sentences"]
+            sentences, labels = data["sentences"], data["labels"]
             if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
                 raise TypeError("'sentences' is not a list of strings")
-            return sentences
+            if not isinstance(labels, list) or len(labels) != len(sentences) or not set(labels) <= set(
+                    FORTUNE_CATEGORIES):
+                raise TypeError("'labels' is not one category per sentence")
+            return sentences, labels
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DatasetError(f"corrupt fortunes cache {path}: {e}; delete it to rebuild") from e
     if all((_FORTUNES_SYSTEM_DIR / n).is_file() for n in FORTUNE_CATEGORIES):
         source = str(_FORTUNES_SYSTEM_DIR)
-        sentences = _parse_fortune_files(_FORTUNES_SYSTEM_DIR)
+        sentences, labels = _parse_fortune_files(_FORTUNES_SYSTEM_DIR)
     else:
         with tempfile.TemporaryDirectory(prefix="sparsecc-fortunes-") as tmp:
             _fetch_debian_package(_FORTUNES_PACKAGE, Path(tmp))
@@ -403,11 +410,20 @@ def _fortunes_all() -> list[str]:
             if missing:
                 raise DatasetError(f"Debian package {_FORTUNES_PACKAGE} lacks the fortune files {missing}")
             source = f"apt-get download {_FORTUNES_PACKAGE}"
-            sentences = _parse_fortune_files(folder)
+            sentences, labels = _parse_fortune_files(folder)
     payload = {"source": source, "package": _FORTUNES_PACKAGE, "rules_version": _FORTUNES_RULES_VERSION,
-               "categories": list(FORTUNE_CATEGORIES), "sentences": sentences}
+               "categories": list(FORTUNE_CATEGORIES), "sentences": sentences, "labels": labels}
     _atomic_write_bytes(path, json.dumps(payload, ensure_ascii=False, indent=0).encode("utf-8"))
-    return sentences
+    return sentences, labels
+
+
+def _fortunes_split(n: int, split: str, seed: int) -> np.ndarray:
+    """Indices of ``split`` ("train" or "heldout") among ``n`` quotes."""
+    if split not in ("train", "heldout"):
+        raise InvalidArgumentError(f"split must be 'train' or 'heldout', got {split!r}")
+    perm = np.random.default_rng(int(seed)).permutation(n)
+    n_held = math.ceil(_FORTUNES_HELDOUT_FRACTION * n)
+    return perm[:n_held] if split == "heldout" else perm[n_held:]
 
 
 def fortunes_sentences(split: str = "train", seed: int = 0) -> list[str]:
@@ -418,7 +434,7 @@ def fortunes_sentences(split: str = "train", seed: int = 0) -> list[str]:
     ``/usr/share/games/fortunes`` when the package is installed, otherwise
     fetched once with ``apt-get download fortunes`` (under 1 MB, no root).
     The cleaned list is cached as JSON in
-    ``<cache_root>/datasets/fortunes/sentences-v1.json``.
+    ``<cache_root>/datasets/fortunes/sentences-v2.json`` (with each quote's category).
 
     Files used: every category of :data:`FORTUNE_CATEGORIES` (computers,
     cookie, debian, definitions, ..., wisdom, work, zippy); the pictures
@@ -453,13 +469,55 @@ def fortunes_sentences(split: str = "train", seed: int = 0) -> list[str]:
         apt-get is missing or fails, the package lacks a category file, or the
         cached JSON is corrupt (the message names the file).
     """
-    if split not in ("train", "heldout"):
-        raise InvalidArgumentError(f"split must be 'train' or 'heldout', got {split!r}")
-    sentences = _fortunes_all()
-    perm = np.random.default_rng(int(seed)).permutation(len(sentences))
-    n_held = math.ceil(_FORTUNES_HELDOUT_FRACTION * len(sentences))
-    chosen = perm[:n_held] if split == "heldout" else perm[n_held:]
-    return [sentences[i] for i in chosen]
+    sentences, _ = _fortunes_all()
+    return [sentences[i] for i in _fortunes_split(len(sentences), split, seed)]
+
+
+#: The categories of the fortune topic task (:func:`fortunes_topics`): files with one subject each.
+TOPIC_CATEGORIES = ("computers", "food", "law", "love", "medicine", "politics", "science", "sports")
+
+
+def fortunes_topics(split: str = "train", seed: int = 0,
+                    categories: tuple = TOPIC_CATEGORIES) -> tuple[list[str], torch.Tensor, tuple]:
+    """A labeled text task that ships offline: which fortune file (topic) a quote comes from.
+
+    The quotes of :func:`fortunes_sentences` (same cleaning and the same train / held-out split, so a
+    held-out quote here is held out there too) whose file is one of ``categories``; the label is the
+    file's index in ``categories``. Default: 8 topics (computers, food, law, love, medicine, politics,
+    science, sports).
+
+    Parameters
+    ----------
+    split : {"train", "heldout"}
+    seed : int
+        As :func:`fortunes_sentences`.
+    categories : tuple of str
+        Fortune files (names in :data:`FORTUNE_CATEGORIES`), at least two.
+
+    Returns
+    -------
+    sentences : list of str
+    labels : torch.Tensor (n,) int64
+        Index into ``categories``.
+    categories : tuple of str
+
+    Raises
+    ------
+    InvalidArgumentError
+        Bad ``split``, fewer than two categories, or a name not in :data:`FORTUNE_CATEGORIES`.
+    DatasetError
+        As :func:`fortunes_sentences`.
+    """
+    categories = tuple(categories)
+    unknown = [c for c in categories if c not in FORTUNE_CATEGORIES]
+    if len(set(categories)) < 2 or unknown:
+        raise InvalidArgumentError(f"categories must be at least two distinct fortune files of "
+                                   f"FORTUNE_CATEGORIES, got {categories}" + (f" (unknown: {unknown})" if unknown else ""))
+    sentences, labels = _fortunes_all()
+    index = {c: i for i, c in enumerate(categories)}
+    chosen = [i for i in _fortunes_split(len(sentences), split, seed) if labels[i] in index]
+    return ([sentences[i] for i in chosen], torch.tensor([index[labels[i]] for i in chosen], dtype=torch.int64),
+            categories)
 
 
 # --------------------------------------------------------------------------------------------- loader

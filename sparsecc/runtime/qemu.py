@@ -11,10 +11,11 @@ import torch
 
 from sparsecc.runtime.nm import NMLinear
 from sparsecc.targets import x86
-from sparsecc.targets.arm import arm_params, arm_target, build_linear_kernel, build_nm_kernel, nm_params
+from sparsecc.targets.arm import (arm_params, arm_target, build_linear_kernel, build_nm_kernel, build_xcsr_kernel,
+                                  nm_params)
 from sparsecc.targets.qemu import run_under_qemu
 
-__all__ = ["run_linear_under_qemu", "run_nm_linear_under_qemu"]
+__all__ = ["run_linear_under_qemu", "run_nm_linear_under_qemu", "run_xcsr_linear_under_qemu"]
 
 
 def run_linear_under_qemu(matrix, x, bias=None, activation=None, *, device: str = "arm", static_k: bool = False,
@@ -92,3 +93,30 @@ def run_nm_linear_under_qemu(matrix, x, bias=None, activation=None, *, device: s
     outs, t = run_under_qemu(lib, args, repeat=repeat)
     y = torch.from_numpy(outs[-1].reshape(mp, mod.n_padded)[:rows, :n_out].copy())
     return y, t
+
+
+def run_xcsr_linear_under_qemu(matrix, x, bias=None, activation=None, *, device: str = "arm", repeat: int = 1):
+    """``act(x @ W.T + b)`` for an unstructured ``matrix`` (RowSparseMatrix, W: (N, K)) by the aarch64 xcsr kernel
+    under qemu, with the packing of :class:`sparsecc.runtime.xcsr.XCSRLinear` (the X^T panels below 8 rows
+    of X are X itself).
+
+    Returns
+    -------
+    y : torch.Tensor
+        (M, N).
+    time_ms : float or None
+    """
+    from sparsecc.runtime.xcsr import XCSRLinear, pack_xt, params_for
+
+    mod = XCSRLinear(matrix, bias, activation, target=arm_target(device))
+    n_out, k = mod.shape
+    x2 = x.reshape(-1, k).contiguous()
+    rows = x2.shape[0]
+    p = params_for(mod.params, rows)
+    regime = "gemv" if p.m_tile == 1 else "gemm"
+    y = torch.zeros(rows, n_out)
+    b = mod._buffers
+    args = [pack_xt(x2, p.m_tile), b["data"], b["indices"], b["indptr"], b["bias"], y]
+    lib = build_xcsr_kernel(regime, activation=activation, index_dtype=mod.index_dtype, device=device, params=p)
+    outs, t = run_under_qemu(lib, args, repeat=repeat)
+    return torch.from_numpy(outs[-1].reshape(rows, n_out).copy()), t

@@ -39,10 +39,7 @@ def get_xcsr_kernel(regime: str, activation: str | None, index_dtype: str, targe
     return KERNELS.get(key, make)
 
 
-def kernel_name(regime: str, activation, index_dtype: str, params) -> str:
-    """``xcsr_<regime>[_act]_mt<m_tile>_rg<row_group>_<index dtype>`` (``k_block`` is in the data, not the code)."""
-    return (f"xcsr_{regime}" + (f"_{activation}" if activation else "")
-            + f"_mt{params.m_tile}_rg{params.row_group}_{index_dtype}")
+kernel_name = x86_xcsr.xcsr_kernel_name
 
 
 def params_for(params: dict, m: int):

@@ -183,6 +183,24 @@ def build_linear_kernel(block, regime: str, *, bias: bool, activation=None, devi
     return _cross_built(sch, name, target)
 
 
+def build_xcsr_kernel(regime: str, *, activation=None, index_dtype: str = "int16", device: str = "arm",
+                      params=None) -> Path:
+    """Cross-build one unstructured (xcsr) linear kernel (:mod:`sparsecc.codegen.xcsr`), return its aarch64 ``.so``.
+
+    Arguments of the kernel: those of :func:`sparsecc.runtime.xcsr.get_xcsr_kernel`.
+
+    Raises
+    ------
+    KernelBuildError, ToolchainError
+    """
+    from sparsecc.targets.x86_xcsr import default_xcsr_params, schedule_xcsr, xcsr_kernel_name
+
+    target = arm_target(device)
+    params = params or default_xcsr_params(regime)
+    sch = schedule_xcsr(regime, activation=activation, index_dtype=index_dtype, target=target, params=params)
+    return _cross_built(sch, xcsr_kernel_name(regime, activation, index_dtype, params), target)
+
+
 def _cross_built(sch, name: str, target) -> Path:
     digest = KERNELS.digest(sch.mod.script(), str(target), tvm.__version__)
     return KERNELS.library(name, digest, lambda tmp: export_library(build(sch, target), tmp), target_dir="aarch64")

@@ -16,7 +16,7 @@ import tvm.s_tir
 from sparsecc.codegen.xcsr import xcsr_linear
 from sparsecc.targets.base import apply_rules
 
-__all__ = ["XCSR_RULES", "XCSRParams", "default_xcsr_params", "rule_xcsr", "schedule_xcsr"]
+__all__ = ["XCSR_RULES", "XCSRParams", "default_xcsr_params", "rule_xcsr", "schedule_xcsr", "xcsr_kernel_name"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,12 @@ def rule_xcsr(func, target=None, params: XCSRParams = XCSRParams()):
 
 
 XCSR_RULES = (rule_xcsr,)
+
+
+def xcsr_kernel_name(regime: str, activation, index_dtype: str, params: XCSRParams) -> str:
+    """``xcsr_<regime>[_act]_mt<m_tile>_rg<row_group>_<index dtype>`` (``k_block`` is in the data, not the code)."""
+    return (f"xcsr_{regime}" + (f"_{activation}" if activation else "")
+            + f"_mt{params.m_tile}_rg{params.row_group}_{index_dtype}")
 
 
 def schedule_xcsr(regime: str, *, activation=None, index_dtype: str = "int16", target=None,

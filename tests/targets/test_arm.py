@@ -193,3 +193,26 @@ def test_nm_kernel_under_qemu_matches_torch(toolchain, nm, m_rows, n_out, k, bia
     # density 0 with the same build
     y0, _ = run_nm_linear_under_qemu(NMSparseMatrix.from_dense(torch.zeros(n_out, k), n, m), x, b, act)
     torch.testing.assert_close(y0, _ref(x, torch.zeros(n_out, k), b, act), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m_rows,n_out,k,density,bias,act", [
+    (1, 24, 37, 0.3, True, "gelu"),       # gather kernel, K not a multiple of the vector width
+    (5, 8, 16, 1.0, False, None),         # density 1
+    (13, 40, 150, 0.1, True, "relu"),     # panel kernel, M and N not multiples of the tiles, 2 column blocks
+    (70, 16, 9, 0.0, True, None),         # density 0: bias only
+])
+def test_xcsr_kernel_under_qemu_matches_torch(toolchain, m_rows, n_out, k, density, bias, act):
+    from sparsecc.formats import RowSparseMatrix
+    from sparsecc.runtime.qemu import run_xcsr_linear_under_qemu
+
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(n_out, k, generator=g) * (torch.rand(n_out, k, generator=g) < density)
+    if density not in (0.0, 1.0):
+        w[2] = 0      # an empty row
+        w[:, 1] = 0   # an empty column
+        w[3] = 0
+        w[3, k - 1] = 1.5  # one nonzero in the last column
+    b = torch.randn(n_out) if bias else None
+    x = torch.randn(m_rows, k)
+    y, _ = run_xcsr_linear_under_qemu(RowSparseMatrix.from_dense(w), x, b, act)
+    torch.testing.assert_close(y, _ref(x, w, b, act), rtol=1e-4, atol=1e-4)
