@@ -182,6 +182,23 @@ def test_fortunes_sentences_bounds_and_split():
         datasets.fortunes_sentences("test")
 
 
+def test_fortunes_topics_labels_and_split():
+    train_s, train_y, cats = datasets.fortunes_topics("train")
+    held_s, held_y, _ = datasets.fortunes_topics("heldout")
+    assert cats == datasets.TOPIC_CATEGORIES and len(cats) == 8
+    assert len(train_s) == len(train_y) and len(held_s) == len(held_y) and len(held_s) >= 100
+    assert train_y.dtype == torch.int64 and set(train_y.tolist()) == set(range(8))
+    assert not set(train_s) & set(held_s)
+    assert set(held_s) <= set(datasets.fortunes_sentences("heldout"))  # the same held-out split
+    assert set(train_s) <= set(datasets.fortunes_sentences("train"))
+    two, y2, c2 = datasets.fortunes_topics("train", categories=("sports", "law"))
+    assert c2 == ("sports", "law") and set(y2.tolist()) == {0, 1}
+    assert set(two) <= set(train_s)
+    for bad in (("sports",), ("sports", "sports"), ("sports", "nope")):
+        with pytest.raises(ValueError, match="categories"):
+            datasets.fortunes_topics("train", categories=bad)
+
+
 def test_fortune_cleaning_rules(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "FORTUNE_CATEGORIES", ("one", "two"))
     (tmp_path / "one").write_text(
@@ -193,7 +210,8 @@ def test_fortune_cleaning_rules(tmp_path, monkeypatch):
         + "x" * 401 + "\n%\n")
     (tmp_path / "two").write_text("A DREAM will always triumph over reality, once it is given the chance.\n%\n"
                                   "Another quote that is long enough to keep.\n")
-    out = datasets._parse_fortune_files(tmp_path)
+    out, labels = datasets._parse_fortune_files(tmp_path)
     assert out == ["A dream will always triumph over reality, once it is given the chance.",
                    "Underlined words are still words here.",
                    "Another quote that is long enough to keep."]
+    assert labels == ["one", "one", "two"]  # the duplicate in "two" keeps its first file
