@@ -14,7 +14,9 @@ Sections (``--section``, repeatable; default: all):
 * ``unstructured``: the unstructured families on the same six shapes at M in {1, 16, 128, 1024} and
   densities 0.5, 0.3, 0.1: CSR (scalar FMAs over an M tile) and ``xcsr`` (vectorized along M over a
   transposed X panel, :mod:`sparsecc.codegen.xcsr`), with a bias, as ratios to torch dense in the
-  same interleaved rounds.
+  same interleaved rounds; then DeepSparse 1.8 on the same weights (one ONNX Gemm per case, static M) in
+  its own virtual environment (``benchmarks/peers.py`` installs it; skipped with the reason where it
+  cannot run), in the same invocation.
 * ``batched``: a weight shared across a batch of sequences, X (B, S, K): one
   call on the (B, S, K) tensor (sparsecc folds it into M = B·S rows) against
   B calls of one sequence each (what a per-sequence batched kernel would do
@@ -34,7 +36,9 @@ import argparse
 import importlib.util
 import json
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,26 +64,81 @@ BLOCKS = [(16, 1), (8, 1), (4, 4), (1, 8)]
 NMS = [(2, 4), (1, 4)]
 
 
-def onnx_dense(w: torch.Tensor, b: torch.Tensor, threads: int):
-    """``x -> x @ w.T + b`` as an onnxruntime session (one Gemm node), or None if onnxruntime is missing."""
-    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
-        return None
-    import onnxruntime as ort
+def gemm_onnx(w: torch.Tensor, b: torch.Tensor, m="M") -> bytes:
+    """ONNX model bytes of ``y = x @ w.T + b`` (one Gemm node), X: (m, K); ``m`` a name (dynamic) or an int."""
     from onnx import TensorProto, helper, numpy_helper
 
     n, k = w.shape
     graph = helper.make_graph(
         [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
         [numpy_helper.from_array(w.numpy(), "w"), numpy_helper.from_array(b.numpy(), "b")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8).SerializeToString()
+
+
+def onnx_dense(w: torch.Tensor, b: torch.Tensor, threads: int):
+    """``x -> x @ w.T + b`` as an onnxruntime session (one Gemm node), or None if onnxruntime is missing."""
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        return None
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(gemm_onnx(w, b), opts, providers=["CPUExecutionProvider"])
     return lambda x: sess.run(None, {"x": x.numpy()})[0]
+
+
+DS_LAYERS = r"""
+import json, sys, time
+import numpy as np
+from deepsparse import compile_model
+folder, threads, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+cases = json.load(open(f"{folder}/cases.json"))
+out = {}
+for name, m in cases:
+    x = np.load(f"{folder}/{name}.x.npy")
+    engine = compile_model(f"{folder}/{name}.onnx", batch_size=m, num_cores=threads)
+    for _ in range(3):
+        y = engine([x])[0]
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter(); engine([x]); ts.append((time.perf_counter() - t0) * 1e3)
+    out[name] = {"ms": float(np.median(ts)), "max_diff": float(np.abs(y - np.load(f"{folder}/{name}.y.npy")).max())}
+print(json.dumps(out))
+"""
+
+
+def deepsparse_layers(cases: list, threads: int, runs: int) -> tuple[dict, str | None]:
+    """DeepSparse 1.8 on single-Gemm ONNX models, in its own venv (see ``benchmarks/peers.py``).
+
+    ``cases``: ``(name, w, b, x, y_ref)``; the batch of each engine is ``x.shape[0]`` (DeepSparse compiles
+    static shapes). Returns ``({name: {"ms", "max_diff"}}, None)`` or ``({}, reason)`` where it cannot run.
+    """
+    if importlib.util.find_spec("onnx") is None:
+        return {}, "onnx is not installed (pip install -e .[bench])"
+    spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "benchmarks" / "peers.py")
+    peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peers)
+    py, why = peers.deepsparse_python()
+    if py is None:
+        return {}, why
+    import numpy as np
+
+    with tempfile.TemporaryDirectory(prefix="sparsecc-ds-") as tmp:
+        names = []
+        for name, w, b, x, y in cases:
+            (Path(tmp) / f"{name}.onnx").write_bytes(gemm_onnx(w, b, x.shape[0]))
+            np.save(Path(tmp) / f"{name}.x.npy", x.numpy())
+            np.save(Path(tmp) / f"{name}.y.npy", y.numpy())
+            names.append((name, x.shape[0]))
+        (Path(tmp) / "cases.json").write_text(json.dumps(names))
+        r = subprocess.run([str(py), "-c", DS_LAYERS, tmp, str(threads), str(runs)], capture_output=True, text=True)
+        if r.returncode != 0:
+            return {}, f"DeepSparse failed: {r.stderr.strip()[-300:]}"
+        return json.loads(r.stdout.strip().splitlines()[-1]), None
 
 
 def linear_fns(n: int, k: int, density: float, threads: int, seed: int = 0) -> tuple[dict, dict]:
@@ -145,10 +204,8 @@ def section_unstructured(args) -> dict:
     shapes = (BERT[1:2] if args.quick else MINILM + BERT)
     ms = (128,) if args.quick else (1, 16, 128, 1024)
     print(f"\n## unstructured: time / torch dense time, {args.threads} threads, {args.clock} clock, medians of "
-          f"{args.runs} interleaved rounds")
-    print("| W (N x K) | M | density | torch ms | csr | xcsr |")
-    print("|---|---|---|---|---|---|")
-    rows = []
+          f"{args.runs} interleaved rounds; DeepSparse 1.8 on the same weights right after, in its own process")
+    rows, cases = [], []
     for n, k in shapes:
         for density in (0.5, 0.3, 0.1):
             g = torch.Generator().manual_seed(n * k)
@@ -159,15 +216,33 @@ def section_unstructured(args) -> dict:
                    "xcsr": XCSRLinear(RowSparseMatrix.from_dense(w), b)}
             for m in ms:
                 x = torch.randn(m, k, generator=g)
+                ref = F.linear(x, w, b)
                 for name, fn in fns.items():
-                    err = float((fn(x) - F.linear(x, w, b)).abs().max())
+                    err = float((fn(x) - ref).abs().max())
                     if err > 1e-3 * max(1.0, k ** 0.5):
                         raise SystemExit(f"{name} disagrees with torch for W {n}x{k}, M={m}: {err}")
                 t = interleaved_ms(fns, x, runs=args.runs, clock=_clock(args))
                 r = {kname: v / t["torch"] for kname, v in t.items()}
-                print(f"| {n}x{k} | {m} | {density} | {t['torch']:.3f} | {r['csr']:.2f} | {r['xcsr']:.2f} |", flush=True)
+                print(f"  {n}x{k} M={m} density {density}: torch {t['torch']:.3f} ms, csr {r['csr']:.2f}, "
+                      f"xcsr {r['xcsr']:.2f}", flush=True)
                 rows.append({"n": n, "k": k, "m": m, "density": density, "ms": t, "ratio": r})
-    return {"rows": rows}
+                if not args.no_deepsparse:
+                    cases.append((f"w{n}x{k}_d{density}_m{m}", w, b, x, ref))
+    ds, why = deepsparse_layers(cases, args.threads, args.runs) if cases else ({}, "--no-deepsparse")
+    if why:
+        print(f"DeepSparse skipped: {why}")
+    print("| W (N x K) | M | density | torch ms | csr | xcsr | DeepSparse | xcsr / DeepSparse time |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        d = ds.get(f"w{row['n']}x{row['k']}_d{row['density']}_m{row['m']}")
+        if d:
+            row["ms"]["deepsparse"], row["ratio"]["deepsparse"] = d["ms"], d["ms"] / row["ms"]["torch"]
+            row["deepsparse_max_diff"] = d["max_diff"]
+        r = row["ratio"]
+        ds_cols = (f"{r['deepsparse']:.2f} | {r['xcsr'] / r['deepsparse']:.2f}" if d else "- | -")
+        print(f"| {row['n']}x{row['k']} | {row['m']} | {row['density']} | {row['ms']['torch']:.3f} | "
+              f"{r['csr']:.2f} | {r['xcsr']:.2f} | {ds_cols} |")
+    return {"rows": rows, "deepsparse": why or "ran"}
 
 
 def section_batched(args) -> dict:
@@ -240,6 +315,7 @@ def parse_args(argv=None):
     p.add_argument("--m", type=int, nargs="+", default=[1, 16, 128], help="rows of X")
     p.add_argument("--density", type=float, default=0.5, help="density of the CSR/BSR weights")
     p.add_argument("--quick", action="store_true", help="one weight shape per section")
+    p.add_argument("--no-deepsparse", action="store_true", help="unstructured section: skip DeepSparse")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: this process's CPU time (time.process_time), robust to other jobs stealing the "
                         "cores; only meaningful with --threads 1 (spinning pool threads would count)")
