@@ -108,23 +108,39 @@ def collect_statistics(model: nn.Module, reference: nn.Module, name: str, batche
     stats = InputStatistics(mod)
     seen = {}
 
-    def ref_hook(m, inp, out):
+    def ref_hook(m, inp):
         seen["dense"] = inp[0]
+        raise _InputSeen  # the rest of the forward does not change this layer's input
 
-    def mod_hook(m, inp, out):
+    def mod_hook(m, inp):
         stats.add(inp[0], seen.pop("dense"))
+        raise _InputSeen
 
-    h1 = ref.register_forward_hook(ref_hook)
-    h2 = mod.register_forward_hook(mod_hook)
+    def same_hook(m, inp):
+        stats.add(inp[0], inp[0])
+        raise _InputSeen
+
+    if mod is ref:  # the dense model's own statistics: one forward per batch
+        hooks, nets = [mod.register_forward_pre_hook(same_hook)], (model,)
+    else:
+        hooks, nets = [ref.register_forward_pre_hook(ref_hook), mod.register_forward_pre_hook(mod_hook)], \
+            (reference, model)
     try:
         with torch.no_grad():
             for b in batches:
-                run(reference, b)
-                run(model, b)
+                for net in nets:
+                    try:
+                        run(net, b)
+                    except _InputSeen:
+                        pass
     finally:
-        h1.remove()
-        h2.remove()
+        for h in hooks:
+            h.remove()
     return stats
+
+
+class _InputSeen(Exception):
+    """Raised by :func:`collect_statistics`'s hooks to stop a forward once the layer's input is recorded."""
 
 
 def activation_scores(weight_matrix: torch.Tensor, stats: InputStatistics) -> torch.Tensor:
