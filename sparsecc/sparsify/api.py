@@ -165,11 +165,12 @@ def _validate(model, *, sparsity, accuracy_budget, pattern, method, schedule, da
         raise DataError(f"method {method!r} with finetune_steps={finetune_steps} needs data= and loss_fn=")
     if SCHEDULES[schedule].needs_training and finetune_steps == 0:
         raise InvalidSparsityError(f"schedule {schedule!r} prunes during fine-tuning: set finetune_steps > 0")
-    if allocation is None:
-        allocation = "sensitivity" if (pattern == "auto" or accuracy_budget is not None) else "uniform"
+    layerwise = bool(reconstruct) or SCORES[method].needs_inputs
+    if allocation is None:  # layer-wise pruning under a budget alone searches uniform plans
+        allocation = "uniform" if layerwise else (
+            "sensitivity" if (pattern == "auto" or accuracy_budget is not None) else "uniform")
     if allocation not in ALLOCATIONS:
         raise InvalidSparsityError(f"allocation must be one of {tuple(ALLOCATIONS)}, got {allocation!r}")
-    layerwise = bool(reconstruct) or SCORES[method].needs_inputs
     what = "reconstruct=True" if reconstruct else "method=" + repr(method)
     if layerwise and schedule != "oneshot":
         raise InvalidSparsityError(f"{what} prunes once, layer by layer: use schedule='oneshot' (got {schedule!r})")

@@ -20,10 +20,14 @@ import math
 from typing import Callable
 
 from ..errors import AccuracyBudgetError
+from .patterns import UNSTRUCTURED
 from .select import Option, plan_from_choice, select_under_budget
 from .sensitivity import option_key
 
-__all__ = ["penalized_options", "search_budget"]
+__all__ = ["SEARCH_SPARSITIES", "penalized_options", "search_budget", "search_uniform_budget"]
+
+#: Overall sparsities :func:`search_uniform_budget` bisects for a pattern of free density.
+SEARCH_SPARSITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def penalized_options(options: dict, lam: float) -> dict:
@@ -117,3 +121,94 @@ def search_budget(options: dict, budget: float, metric_dense: float, run: Callab
             + ", ".join(f"{r_['drop']:.4f}" for r_ in rounds))
     _, plan, outcome = best
     return plan, outcome, rounds
+
+
+def uniform_plan(problem, pattern, sparsity: float) -> dict:
+    """``{layer: (pattern, density)}``: every layer at ``sparsity`` (an N:M pattern at its own density); a
+    block that does not tile a layer prunes it as single weights, an N:M pattern that does not fit leaves it
+    dense."""
+    density = pattern.fixed_density if pattern.fixed_density is not None else 1.0 - sparsity
+    plan = {}
+    for n in problem.layers:
+        p = pattern if problem.fits(n, pattern) else (UNSTRUCTURED if pattern.kind != "n:m" else None)
+        if p is not None and density < 1.0:
+            plan[n] = (p, density)
+    return plan
+
+
+def predicted_ms(problem, plan: dict) -> float:
+    """Predicted latency of all prunable layers under ``plan`` (dense where it has no entry)."""
+    return sum(problem.latency(n, *plan[n]) if n in plan else problem.latency(n, None, 1.0) for n in problem.layers)
+
+
+def search_uniform_budget(problem, budget: float, metric_dense: float, run: Callable,
+                          sparsities: tuple = SEARCH_SPARSITIES) -> tuple:
+    """The plan of least predicted latency, among uniform plans of each candidate pattern, whose measured metric
+    drop is within ``budget``: the budget search of layer-wise pruning (SparseGPT, Wanda, reconstruction).
+
+    Layer-wise pruning measures no per-layer sensitivity (each layer is pruned on the inputs the earlier
+    pruned layers give it), so the search is over whole-model operating points: patterns of fixed density
+    (N:M) are run once; for a pattern of free density the overall sparsity is bisected over ``sparsities``
+    (the drop grows with sparsity), probing only sparsities predicted faster than the best plan found so
+    far. Patterns of fixed density go first, so that they bound the probes of the others.
+
+    Parameters
+    ----------
+    problem : SparsifyProblem
+        ``patterns`` are the candidates; ``latency`` predicts each plan.
+    budget : float, ≥ 0
+        Largest allowed drop of the metric.
+    metric_dense : float
+    run : callable plan -> outcome (with ``.metric``)
+    sparsities : tuple of float
+        Grid of overall sparsities for patterns of free density.
+
+    Returns
+    -------
+    (plan, outcome, rounds)
+        ``rounds``: one dict per measured run: ``pattern``, ``sparsity``, ``drop``, ``pred_ms``, ``passed``.
+
+    Raises
+    ------
+    AccuracyBudgetError
+        No probed plan met the budget (the message lists the measured drops).
+    """
+    rounds: list = []
+    best = None  # (pred_ms, plan, outcome)
+
+    def probe(pattern, sparsity: float):
+        nonlocal best
+        plan = uniform_plan(problem, pattern, sparsity)
+        pred = predicted_ms(problem, plan)
+        if not plan or (best is not None and pred >= best[0]):
+            return None  # nothing to prune, or cannot beat the best plan found
+        outcome = run(plan)
+        drop = metric_dense - outcome.metric
+        passed = drop <= budget + 1e-12
+        rounds.append({"round": len(rounds), "pattern": str(pattern), "sparsity": round(sparsity, 6),
+                       "drop": drop, "pred_ms": pred, "passed": passed,
+                       "plan": {n: option_key(*v) for n, v in plan.items()}})
+        if passed and (best is None or pred < best[0]):
+            best = (pred, plan, outcome)
+        return passed
+
+    for pattern in sorted(problem.patterns, key=lambda p: p.fixed_density is None):
+        if pattern.fixed_density is not None:
+            probe(pattern, 1.0 - pattern.fixed_density)
+            continue
+        grid = sorted(sparsities)
+        lo, hi = -1, len(grid)  # highest index known to pass, lowest known to fail
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            passed = probe(pattern, grid[mid])
+            if passed is None:  # predicted no faster than the best: only sparser plans can win
+                lo = mid
+            elif passed:
+                lo = mid
+            else:
+                hi = mid
+    if best is None:
+        raise AccuracyBudgetError(
+            f"accuracy_budget={budget} was not met by any uniform plan; measured drops: "
+            + ", ".join(f"{r_['pattern']} at sparsity {r_['sparsity']}: {r_['drop']:.4f}" for r_ in rounds))
+    return best[1], best[2], rounds

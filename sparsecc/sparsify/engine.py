@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import AccuracyBudgetError, InvalidSparsityError
-from .budget import search_budget
+from .budget import search_budget, search_uniform_budget
 from .data import Batches, forward_loss
 from .masks import attach_masks, prunable_layers, set_capture, set_mask, strip_masks
 from .patterns import UNSTRUCTURED, Pattern, as_matrix, from_matrix, mask_from_scores
@@ -272,7 +272,8 @@ def run_sparsify(problem: SparsifyProblem, *, schedule, allocation, layerwise=No
     training : Training, optional
     accuracy_budget : float, optional
         With ``problem.sparsity``: the largest allowed drop of the metric. Without:
-        :func:`~sparsecc.sparsify.budget.search_budget` for the fastest plan within it.
+        :func:`~sparsecc.sparsify.budget.search_budget` for the fastest plan within it, or, for
+        layer-wise pruning, :func:`~sparsecc.sparsify.budget.search_uniform_budget`.
     search_rounds : int
     seed : int
 
@@ -283,14 +284,19 @@ def run_sparsify(problem: SparsifyProblem, *, schedule, allocation, layerwise=No
     InvalidSparsityError
         From the allocation (see its ``check`` and ``allocate``).
     """
-    allocation.check(problem)
+    searched_uniform = problem.sparsity is None and layerwise is not None
+    if not searched_uniform:
+        allocation.check(problem)
     torch.manual_seed(seed)
     problem.metric_dense = problem.measure(problem.base)
-    table = allocation.measure(problem)
+    table = {} if searched_uniform else allocation.measure(problem)
 
     def run(plan: dict) -> Outcome:
         return run_plan(problem, plan, schedule, allocation, layerwise, training, seed)
 
+    if searched_uniform:
+        plan, outcome, rounds = search_uniform_budget(problem, accuracy_budget, problem.metric_dense, run)
+        return Sparsified(plan, outcome, table, rounds)
     if problem.sparsity is None:
         plan, outcome, rounds = search_budget(problem.options(table), accuracy_budget, problem.metric_dense, run,
                                               search_rounds)

@@ -173,8 +173,8 @@ def latency_fn(tgt, infos: dict) -> Callable[[str, Optional[Pattern], float], fl
 def candidate_patterns(tgt, pattern, block_shape: Optional[tuple], sparsity: Optional[float], infos: dict) -> list:
     """The candidate patterns of a ``pattern=`` argument.
 
-    ``"auto"``: unstructured and the target's block shape for the linears (its
-    ``best_block``; none if that is 1x1); ``"block"`` without ``block_shape``: the
+    ``"auto"``: unstructured, the target's block shape for the linears (its
+    ``best_block``; none if that is 1x1) and 2:4 where the target has N:M kernels; ``"block"`` without ``block_shape``: the
     target's block shape; anything else: :func:`~sparsecc.sparsify.patterns.parse_pattern`.
 
     Raises
@@ -186,7 +186,9 @@ def candidate_patterns(tgt, pattern, block_shape: Optional[tuple], sparsity: Opt
     lin_rows = max([infos[n][2] for n in infos if infos[n][0] == "linear"], default=1)
     if pattern == "auto":
         blk = cost_model_for(tgt).best_block(lin_shapes, 1.0 - (sparsity or 0.8), lin_rows) if lin_shapes else (4, 1)
-        return [UNSTRUCTURED] + ([Pattern("block", block=tuple(blk))] if tuple(blk) != (1, 1) else [])
+        nm = parse_pattern("2:4")
+        return ([UNSTRUCTURED] + ([Pattern("block", block=tuple(blk))] if tuple(blk) != (1, 1) else [])
+                + ([nm] if lin_shapes and getattr(tgt, "supports", lambda *a: False)("linear", "nm") else []))
     if pattern == "block" and block_shape is None:
         return [parse_pattern("block", cost_model_for(tgt).best_block(lin_shapes, 1.0 - (sparsity or 0.8), lin_rows)
                               if lin_shapes else (4, 1))]

@@ -216,3 +216,35 @@ def test_error_allocation_argument_errors():
     with pytest.raises(InvalidSparsityError, match="allocation must be one of"):
         sparsecc.sparsify(model, data[0][0], sparsity=0.5, pattern="unstructured", allocation="errors",
                           schedule="oneshot", data=data, progress=False)
+
+
+def test_layerwise_budget_search_returns_the_fastest_uniform_plan_within_the_budget():
+    from sparsecc.errors import AccuracyBudgetError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(32, 64, generator=g), torch.zeros(32, 64)) for _ in range(4)]
+    val = torch.randn(256, 64, generator=g)
+    with torch.no_grad():
+        ref = model(val)
+
+    def eval_fn(m):
+        with torch.no_grad():
+            return float(F.cosine_similarity(m(val), ref, dim=-1).mean())
+
+    kw = dict(pattern="unstructured", method="sparsegpt", reconstruct=True, schedule="oneshot", data=data,
+              calib_batches=4, eval_fn=eval_fn, progress=False)
+    res = sparsecc.sparsify(model, data[0][0], accuracy_budget=0.15, **kw)
+    assert res.metric_dense - res.metric_sparse <= 0.15 + 1e-9
+    runs = res.rounds
+    assert runs and all(r["pattern"] == "unstructured" for r in runs)
+    passed = [r["sparsity"] for r in runs if r["passed"]]
+    failed = [r["sparsity"] for r in runs if not r["passed"]]
+    assert passed and (not failed or max(passed) < min(failed))  # bisection: passing sparsities below failing ones
+    kept = sum(int((m.weight != 0).sum()) for m in res.model.modules() if isinstance(m, nn.Linear))
+    assert abs(1 - kept / (64 * 128 * 2) - max(passed)) < 0.01  # the sparsest passing plan is returned
+    for r in runs:  # the measured drop of each probe agrees with its verdict
+        assert r["passed"] == (r["drop"] <= 0.15 + 1e-12)
+    with pytest.raises(AccuracyBudgetError, match="sparsity 0.3"):
+        sparsecc.sparsify(model, data[0][0], accuracy_budget=0.0, **kw)
