@@ -41,8 +41,13 @@ from sparsecc.errors import UnsupportedOpError
 __all__ = ["xcsr_linear"]
 
 
-def xcsr_linear(*, activation: str | None = None, m_tile: int = 64, row_group: int = 128, index_dtype: str = "int16"):
+def xcsr_linear(*, activation: str | None = None, m_tile: int = 64, row_group: int = 128, index_dtype: str = "int16",
+                panels_out: bool = False):
     """Unscheduled template (a ``tvm.tirx.PrimFunc``) for ``m_tile`` rows of X and ``row_group`` rows of W per tile.
+
+    ``panels_out``: Y is written as the X^T panels of the next layer, ``Y (MT, N, mt)`` (the accumulator
+    layout, no transpose), for a following xcsr layer that reads this one's output only; its padded rows
+    hold ``act(b)`` (the next layer's padded rows are not stored).
 
     ``PTR`` is ``(NR, KB + 1)``: ``PTR[n, j]`` is the first nonzero of row ``n`` in column block ``j``
     (``KB`` blocks of columns; KB = 1 is plain CSR). The column blocks are walked outermost inside a
@@ -62,6 +67,11 @@ def xcsr_linear(*, activation: str | None = None, m_tile: int = 64, row_group: i
     KDIM = tvm.tirx.Var("K", "int32")  # noqa: N806
     u = 4  # M = 1: partial sums per row (FMA latency 4 cycles: one chain ran 2.4 cycles per nonzero)
     ca = mt if mt > 1 else u  # accumulator columns per row
+
+    def y_region(Y, vmo, vig):
+        if panels_out:
+            return Y[vmo, vig * rg:vig * rg + rg, 0:mt]
+        return Y[vmo * mt:vmo * mt + mt, vig * rg:vig * rg + rg]
 
     def row_reads(XT, D, IND, PTR, B, vmo, vig, NNZ, KB):
         return [XT[vmo, 0:KDIM, 0:mt], D[0:NNZ], IND[0:NNZ], PTR[vig * rg:vig * rg + rg, 0:KB + 1],
@@ -104,12 +114,29 @@ def xcsr_linear(*, activation: str | None = None, m_tile: int = 64, row_group: i
         return acc
 
     @T.macro
+    def rows_epilogue(Y, C, M, vmo, vig):
+        for mi, r in T.grid(mt, rg):
+            with T.sblock("epilogue"):
+                vmi, vr = T.axis.remap("SS", [mi, r])
+                T.where(vmo * mt + mi < M)
+                Y[vmo * mt + vmi, vig * rg + vr] = C[vr, vmi]
+
+    @T.macro
+    def panels_epilogue(Y, C, M, vmo, vig):
+        for r, mi in T.grid(rg, mt):
+            with T.sblock("epilogue"):
+                vr, vmi = T.axis.remap("SS", [r, mi])
+                Y[vmo, vig * rg + vr, vmi] = C[vr, vmi]
+
+    epilogue = panels_epilogue if panels_out else rows_epilogue
+
+    @T.macro
     def body(XT, D, IND, PTR, B, Y, M, MT, NG, NNZ, KB):
         for mo, ig in T.grid(MT, NG):
             with T.sblock("row"):
                 vmo, vig = T.axis.remap("SS", [mo, ig])
                 T.reads(row_reads(XT, D, IND, PTR, B, vmo, vig, NNZ, KB))
-                T.writes(Y[vmo * mt:vmo * mt + mt, vig * rg:vig * rg + rg])
+                T.writes(y_region(Y, vmo, vig))
                 C = T.alloc_buffer((rg, ca), "float32")
                 for r, mi in T.grid(rg, ca):
                     with T.sblock("init"):
@@ -135,14 +162,11 @@ def xcsr_linear(*, activation: str | None = None, m_tile: int = 64, row_group: i
                     with T.sblock("act"):
                         vr, vmi = T.axis.remap("SS", [r, mi])
                         C[vr, vmi] = act(acc_val(C, vr, vmi) + B[vig * rg + vr])
-                for mi, r in T.grid(mt, rg):
-                    with T.sblock("epilogue"):
-                        vmi, vr = T.axis.remap("SS", [mi, r])
-                        T.where(vmo * mt + mi < M)
-                        Y[vmo * mt + vmi, vig * rg + vr] = C[vr, vmi]
+                epilogue(Y, C, M, vmo, vig)
 
     attrs = {"global_symbol": "main", "tir.noalias": True, "sparsecc.kind": "xcsr", "sparsecc.m_tile": mt,
-             "sparsecc.row_group": rg}
+             "sparsecc.row_group": rg, "sparsecc.panels_out": int(bool(panels_out))}
+    y_shape = (lambda M, MT, NR: (MT, NR, mt)) if panels_out else (lambda M, MT, NR: (M, NR))
     # one signature with a bias (zeros for layers without one): N adds per row of X, against nnz / N FMAs
     @T.prim_func(s_tir=True)
     def func(xt_h: T.handle, d_h: T.handle, ind_h: T.handle, ptr_h: T.handle, b_h: T.handle, y_h: T.handle):
@@ -157,7 +181,7 @@ def xcsr_linear(*, activation: str | None = None, m_tile: int = 64, row_group: i
         IND = T.match_buffer(ind_h, (NNZ,), index_dtype)
         PTR = T.match_buffer(ptr_h, (NR, KB1), "int32")
         B = T.match_buffer(b_h, (NR,), "float32")
-        Y = T.match_buffer(y_h, (M, NR), "float32")
+        Y = T.match_buffer(y_h, y_shape(M, MT, NR), "float32")
         body(XT, D, IND, PTR, B, Y, M, MT, NR // rg, NNZ, KB1 - 1)
 
     return func

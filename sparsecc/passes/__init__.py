@@ -4,12 +4,12 @@ from .base import DumpGraph, Pass, PassContext, PassInstrument, PassManager, Pas
 from .choose_format import ChooseFormat
 from .conv import ChooseConvFormat, DetectConvSparsity, FoldBatchNorm, LowerSparseConvs
 from .detect import DetectSparsity, detect_block_shape
-from .lower import LowerSparseLinears
+from .lower import ChainSparseLinears, LowerSparseLinears
 from .nm import NMPrune
 from .pipeline import default_pipeline
 from .prune import MagnitudePrune, magnitude_masks
 
-__all__ = ["ChooseConvFormat", "ChooseFormat", "DetectConvSparsity", "DetectSparsity", "DumpGraph", "FoldBatchNorm",
-           "LowerSparseConvs", "LowerSparseLinears", "MagnitudePrune", "NMPrune", "Pass", "PassContext",
+__all__ = ["ChainSparseLinears", "ChooseConvFormat", "ChooseFormat", "DetectConvSparsity", "DetectSparsity",
+           "DumpGraph", "FoldBatchNorm", "LowerSparseConvs", "LowerSparseLinears", "MagnitudePrune", "NMPrune", "Pass", "PassContext",
            "PassInstrument", "PassManager", "PassResult", "PassTiming", "PrintAfter", "default_pipeline",
            "detect_block_shape", "magnitude_masks"]

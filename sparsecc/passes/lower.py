@@ -102,3 +102,37 @@ class LowerSparseLinears(Pass):
             if ann is not None and ann.format not in (None, "dense"):
                 raise PassError(f"layer {site.name!r} is annotated {ann.candidate.label} but still runs as "
                                 f"{site.node.target}")
+
+
+class ChainSparseLinears(Pass):
+    """Let a sparse linear write its output in the layout the next sparse linear reads (rewrite pass).
+
+    For every kernel module whose only reader is another kernel module taking it as its input (the up and
+    down projections of a transformer's feed-forward block, with the activation fused into the first),
+    asks the first to hand its output over in the second's layout (``chain_to``; the unstructured
+    kernels: the X^T panels, so the second skips its transpose of X). Modules without ``chain_to`` are
+    left alone. The graph is unchanged; the modules are configured.
+
+    Ensures: every chained pair is a direct producer/consumer edge with no other reader.
+    """
+
+    name = "chain_sparse_linears"
+    requires = ("lower_sparse_linears",)
+
+    def run(self, graph: SparseGraph, ctx: PassContext) -> PassResult:
+        gm = graph.gm
+        changed = False
+        for node in gm.graph.nodes:
+            if node.op != "call_module" or len(node.users) != 1:
+                continue
+            (user,) = node.users
+            if user.op != "call_module" or user.args[:1] != (node,) or len(user.args) != 1 or user.kwargs:
+                continue
+            first, second = gm.get_submodule(node.target), gm.get_submodule(user.target)
+            chain = getattr(first, "chain_to", None)
+            if chain is not None and chain(second):
+                ann = get_annotation(node)
+                if ann is not None:
+                    annotate(node, ann.name, kernel=(ann.kernel or "") + "_po")  # the panels-out variant
+                changed = True
+        return PassResult(graph, changed)

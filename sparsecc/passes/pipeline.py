@@ -17,7 +17,7 @@ from __future__ import annotations
 from .choose_format import NM_PATTERN_NAMES, ChooseFormat
 from .conv import ChooseConvFormat, DetectConvSparsity, FoldBatchNorm, LowerSparseConvs
 from .detect import DetectSparsity
-from .lower import LowerSparseLinears
+from .lower import ChainSparseLinears, LowerSparseLinears
 from .nm import NMPrune
 from .prune import MagnitudePrune
 
@@ -33,7 +33,7 @@ def default_pipeline(target, sparsity=None, pattern: str = "auto", block=(1, 1),
                               layers=list(sparsity) if isinstance(sparsity, dict) else None))
     elif sparsity is not None:
         passes.append(MagnitudePrune(sparsity, block=block))
-    passes += [DetectSparsity(), ChooseFormat(pattern, measure=measure), LowerSparseLinears()]
+    passes += [DetectSparsity(), ChooseFormat(pattern, measure=measure), LowerSparseLinears(), ChainSparseLinears()]
     # convolutions: BN folded after pruning (sparsecc.prune prunes unfolded weights)
     passes += [FoldBatchNorm(), DetectConvSparsity(), ChooseConvFormat(pattern, measure=measure)]
     if target.layer_formats.get("conv2d"):

@@ -58,7 +58,8 @@ _IDS = itertools.count()
 
 @torch.library.custom_op("sparsecc::export_linear", mutates_args=())
 def _export_linear(x: torch.Tensor, layer: int) -> torch.Tensor:
-    return _MODULES[layer](x).clone()
+    mod = _MODULES[layer]  # alone: a module chained to the next one (passes.lower.ChainSparseLinears) returns (..., N)
+    return (mod.forward_standalone(x) if hasattr(mod, "forward_standalone") else mod(x)).clone()
 
 
 @_export_linear.register_fake

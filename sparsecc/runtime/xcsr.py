@@ -24,17 +24,18 @@ __all__ = ["XCSRLinear", "block_pointers", "cpu_xcsr_linear", "export_xcsr_linea
            "pack_xt", "params_for"]
 
 
-def get_xcsr_kernel(regime: str, activation: str | None, index_dtype: str, target=None, params=None):
+def get_xcsr_kernel(regime: str, activation: str | None, index_dtype: str, target=None, params=None,
+                    panels_out: bool = False):
     """The compiled kernel (packed function) for ``regime``; arguments as :mod:`sparsecc.codegen.xcsr` lists."""
     check_activation(activation)
     target = target or x86.host_target()
     params = params or x86_xcsr.default_xcsr_params(regime)
-    key = ("xcsr", regime, activation, index_dtype, target_key(target), params)
+    key = ("xcsr", regime, activation, index_dtype, target_key(target), params, panels_out)
 
     def make():
         sch = x86_xcsr.schedule_xcsr(regime, activation=activation, index_dtype=index_dtype, target=target,
-                                     params=params)
-        return load_or_build(sch, kernel_name(regime, activation, index_dtype, params), target)
+                                     params=params, panels_out=panels_out)
+        return load_or_build(sch, kernel_name(regime, activation, index_dtype, params, panels_out), target)
 
     return KERNELS.get(key, make)
 
@@ -114,6 +115,27 @@ class _LastPacked(threading.local):
 _LAST = _LastPacked()
 
 
+class _Handoff(threading.local):
+    """The output of a layer written as the X^T panels of the next one (:meth:`XCSRLinear.chain_to`): the
+    panel tensor, and the leading shape and rows of the activation it stands for."""
+
+    def __init__(self):
+        self.ref = self.lead = self.m = None
+
+    def put(self, panels: torch.Tensor, lead: tuple, m: int) -> None:
+        self.ref, self.lead, self.m = weakref.ref(panels), lead, m
+
+    def take(self, x: torch.Tensor):
+        if self.ref is not None and self.ref() is x:
+            lead, m = self.lead, self.m
+            self.ref = self.lead = self.m = None
+            return lead, m
+        return None
+
+
+_HANDOFF = _Handoff()
+
+
 class XCSRLinear(torch.nn.Module):
     """``act(x @ W.T + b)`` with an unstructured ``W`` (:class:`RowSparseMatrix`), vectorized along the tokens.
 
@@ -180,13 +202,28 @@ class XCSRLinear(torch.nn.Module):
         b = bias.detach().to(torch.float32) if bias is not None else torch.zeros(n)
         self.register_buffer("bias", aligned(b.contiguous()))
         self._kernels: dict = {}
+        self.next_layer: XCSRLinear | None = None  # set by chain_to
+        self.takes_panels = False
 
-    def _kernel(self, p):
-        fn = self._kernels.get(p)
+    def chain_to(self, nxt) -> bool:
+        """Write this layer's output as the X^T panels of ``nxt`` (the only reader of it), when both run the
+        panel kernels with one panel height: the next layer skips its transpose of X. Returns whether
+        ``nxt`` can take them (an :class:`XCSRLinear` whose K is this layer's N, on the same target).
+
+        Called by :class:`sparsecc.passes.lower.ChainSparseLinears`; ``forward`` then returns, for
+        ``M >= 8``, a panel tensor ``(MT, N, mt)`` only ``nxt`` reads.
+        """
+        if not isinstance(nxt, XCSRLinear) or nxt.shape[1] != self.shape[0] or str(nxt.target) != str(self.target):
+            return False
+        self.next_layer, nxt.takes_panels = nxt, True
+        return True
+
+    def _kernel(self, p, panels_out: bool = False):
+        fn = self._kernels.get((p, panels_out))
         if fn is None:
             regime = "gemv" if p.m_tile == 1 else "gemm"
-            fn = get_xcsr_kernel(regime, self.activation, self.index_dtype, self.target, p)
-            self._kernels[p] = fn
+            fn = get_xcsr_kernel(regime, self.activation, self.index_dtype, self.target, p, panels_out)
+            self._kernels[(p, panels_out)] = fn
         return fn
 
     @property
@@ -194,16 +231,34 @@ class XCSRLinear(torch.nn.Module):
         return kernel_name("gemm", self.activation, self.index_dtype, self.params["gemm"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, True)
+
+    def forward_standalone(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` outside the compiled graph: ``(..., K) -> (..., N)`` whatever :meth:`chain_to` set."""
+        return self._run(x, False)
+
+    def _run(self, x: torch.Tensor, chained: bool) -> torch.Tensor:
         n, k = self.shape
-        lead, x2 = rows_of(x, k)
-        m = x2.shape[0]
-        if m == 0:
-            return x.new_empty(lead + (n,))
-        p = params_for(self.params, m)
-        xt = _LAST.panels(x, x2, p.m_tile) if p.m_tile > 1 else pack_xt(x2, 1)
-        y = output_buffer(m, n)
+        handed = _HANDOFF.take(x) if chained and self.takes_panels else None
+        if handed is not None:  # x is the previous layer's output as our X^T panels
+            (lead, m), xt = handed, x
+            p = params_for(self.params, m)
+        else:
+            lead, x2 = rows_of(x, k)
+            m = x2.shape[0]
+            if m == 0:
+                return x.new_empty(lead + (n,))
+            p = params_for(self.params, m)
+            xt = _LAST.panels(x, x2, p.m_tile) if p.m_tile > 1 else pack_xt(x2, 1)
         b = self._buffers
-        (self._kernels.get(p) or self._kernel(p))(xt, b["data"], b["indices"], b["indptr"], b["bias"], y)
+        nxt = self.next_layer if chained else None
+        if nxt is not None and p.m_tile > 1 and params_for(nxt.params, m).m_tile == p.m_tile:
+            y = aligned_empty((xt.shape[0], n, p.m_tile))
+            self._kernel(p, True)(xt, b["data"], b["indices"], b["indptr"], b["bias"], y)
+            _HANDOFF.put(y, lead, m)
+            return y
+        y = output_buffer(m, n)
+        (self._kernels.get((p, False)) or self._kernel(p))(xt, b["data"], b["indices"], b["indptr"], b["bias"], y)
         return y.view(lead + (n,))
 
     def extra_repr(self) -> str:

@@ -68,8 +68,11 @@ def rule_xcsr(func, target=None, params: XCSRParams = XCSRParams()):
             sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
     else:  # the gather kernel: its u partial sums unrolled
         sch.unroll(sch.get_loops(sch.get_sblock("compute"))[-1])
-    emi, er = sch.get_loops(sch.get_sblock("epilogue"))[-2:]
-    sch.unroll(er)
+    e_outer, e_inner = sch.get_loops(sch.get_sblock("epilogue"))[-2:]
+    if int(func.attrs.get("sparsecc.panels_out", 0)) and mt > 1:
+        sch.vectorize(e_inner)  # panels out: contiguous along the panel
+    else:
+        sch.unroll(e_inner)  # the transpose into Y: rg consecutive floats of one row of Y
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("row"))))  # parallel last (see tvm notes)
     return sch
 
@@ -77,14 +80,15 @@ def rule_xcsr(func, target=None, params: XCSRParams = XCSRParams()):
 XCSR_RULES = (rule_xcsr,)
 
 
-def xcsr_kernel_name(regime: str, activation, index_dtype: str, params: XCSRParams) -> str:
-    """``xcsr_<regime>[_act]_mt<m_tile>_rg<row_group>_<index dtype>`` (``k_block`` is in the data, not the code)."""
+def xcsr_kernel_name(regime: str, activation, index_dtype: str, params: XCSRParams, panels_out: bool = False) -> str:
+    """``xcsr_<regime>[_act]_mt<m_tile>_rg<row_group>_<index dtype>[_po]`` (``k_block`` is in the data, not the
+    code; ``_po``: output in the next layer's X^T panels)."""
     return (f"xcsr_{regime}" + (f"_{activation}" if activation else "")
-            + f"_mt{params.m_tile}_rg{params.row_group}_{index_dtype}")
+            + f"_mt{params.m_tile}_rg{params.row_group}_{index_dtype}" + ("_po" if panels_out else ""))
 
 
 def schedule_xcsr(regime: str, *, activation=None, index_dtype: str = "int16", target=None,
-                  params: XCSRParams | None = None) -> tvm.s_tir.Schedule:
+                  params: XCSRParams | None = None, panels_out: bool = False) -> tvm.s_tir.Schedule:
     """Template + the first applicable rule.
 
     Raises
@@ -94,5 +98,5 @@ def schedule_xcsr(regime: str, *, activation=None, index_dtype: str = "int16", t
     """
     params = params or default_xcsr_params(regime)
     func = xcsr_linear(activation=activation, m_tile=params.m_tile, row_group=params.row_group,
-                       index_dtype=index_dtype)
+                       index_dtype=index_dtype, panels_out=panels_out)
     return apply_rules(XCSR_RULES, func, target, params)

@@ -82,3 +82,47 @@ def test_layers_reading_one_tensor_pack_it_once_and_see_in_place_changes():
     check_close(a(x), 2 * ya, atol=1e-5, rtol=1e-5)
     assert xcsr._LAST.xt is not packed
     check_close(b(x.clone()), 2 * F.linear(x / 2, b_dense), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(1, 150), lead=st.sampled_from([(), (2,)]), act=st.sampled_from([None, "relu", "gelu"]),
+       seed=st.integers(0, 2**16))
+def test_chained_layers_hand_over_panels_and_match_torch(m, lead, act, seed):
+    from sparsecc.runtime import xcsr
+
+    w1, w2 = _weight(48, 40, 0.3, seed), _weight(24, 48, 0.5, seed + 1)
+    b1, b2 = torch.randn(48), torch.randn(24)
+    up, down = XCSRLinear(RowSparseMatrix.from_dense(w1), b1, act), XCSRLinear(RowSparseMatrix.from_dense(w2), b2)
+    assert up.chain_to(down) and not down.chain_to(up)  # K of up is 40, not 24
+    x = torch.randn(*lead, m, 40)
+    h = up(x)
+    if m * (lead[0] if lead else 1) >= 8:
+        assert h.dim() == 3 and h.shape[1] == 48  # panels (MT, N, mt)
+    y = down(h)
+    ref = F.linear(x, w1, b1)
+    ref = torch.relu(ref) if act == "relu" else F.gelu(ref) if act == "gelu" else ref
+    check_close(y, F.linear(ref, w2, b2), atol=1e-4, rtol=1e-4)
+    assert xcsr._HANDOFF.ref is None  # taken
+    check_close(down(ref), F.linear(ref, w2, b2), atol=1e-4, rtol=1e-4)  # a plain input still works
+
+
+def test_compile_chains_the_feed_forward_projections():
+    import sparsecc
+
+    class FFN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+
+        def forward(self, x):
+            return self.down(F.gelu(self.up(x))) + x
+
+    torch.manual_seed(0)
+    model = FFN()
+    x = torch.randn(4, 20, 32)
+    cm = sparsecc.compile(model, (x,), sparsity=0.7, pattern="unstructured", measure=False)
+    mods = [m for m in cm.graph.gm.modules() if isinstance(m, XCSRLinear)]
+    if len(mods) == 2:  # both layers on the unstructured kernels (the cost model's choice on this machine)
+        assert mods[0].next_layer is mods[1] and mods[1].takes_panels
+    ref = sparsecc.prune(model, 0.7)(x)
+    check_close(cm(x), ref, atol=1e-4, rtol=1e-4)
