@@ -179,14 +179,14 @@ class XCSRLinear(torch.nn.Module):
         self.activation = activation
         self.target = target or x86.host_target()
         self.params = dict(params) if params else {r: x86_xcsr.default_xcsr_params(r) for r in ("gemv", "gemm")}
-        layouts = {(p.row_group, p.k_block) for p in self.params.values()}
-        if len(layouts) != 1:
-            raise InvalidSparsityError(f"both regimes must share row_group and k_block (one storage layout), got "
-                                       f"{sorted(layouts)}")
-        rg, kb = layouts.pop()
-        if n % rg:  # the largest power of two below the tile height that divides N: no padded rows or copies
-            rg = next(g for g in (64, 32, 16, 8, 4, 2, 1) if g < rg and n % g == 0)
-            self.params = {r: replace(p, row_group=rg) for r, p in self.params.items()}
+        blocks = {p.k_block for p in self.params.values()}
+        if len(blocks) != 1:
+            raise InvalidSparsityError(f"both regimes must share k_block (one storage layout), got {sorted(blocks)}")
+        kb = blocks.pop()
+        # a tile height that does not divide N: the largest power of two below it that does (no padded rows)
+        self.params = {r: p if n % p.row_group == 0 else
+                       replace(p, row_group=next(g for g in (64, 32, 16, 8, 4, 2, 1) if g < p.row_group and n % g == 0))
+                       for r, p in self.params.items()}
         self.index_dtype = "int16" if matrix.indices.dtype == torch.int16 else "int32"
         data, indices = matrix.data.detach().to(torch.float32), matrix.indices
         if data.numel() == 0:  # TVM refuses empty tensors; indptr keeps the one slot unread
@@ -251,6 +251,11 @@ class XCSRLinear(torch.nn.Module):
             p = params_for(self.params, m)
             xt = _LAST.panels(x, x2, p.m_tile) if p.m_tile > 1 else pack_xt(x2, 1)
         b = self._buffers
+        if p.m_tile == 1:  # M < 8: the gather kernel, no panels either way
+            fn = self._kernels.get(p) or self._kernels.setdefault(p, self._kernel(p))
+            y = output_buffer(m, n)
+            fn(xt, b["data"], b["indices"], b["indptr"], b["bias"], y)
+            return y.view(lead + (n,))
         nxt = self.next_layer if chained else None
         if nxt is not None and p.m_tile > 1 and params_for(nxt.params, m).m_tile == p.m_tile:
             y = aligned_empty((xt.shape[0], n, p.m_tile))

@@ -64,8 +64,8 @@ def test_errors():
         XCSRLinear(m, torch.zeros(3))
     with pytest.raises(InputShapeError, match=r"\(\.\.\., 8\)"):
         XCSRLinear(m)(torch.zeros(2, 9))
-    with pytest.raises(InvalidSparsityError, match="row_group"):
-        XCSRLinear(m, params={"gemv": XCSRParams(1, 8), "gemm": XCSRParams(64, 16)})
+    with pytest.raises(InvalidSparsityError, match="k_block"):
+        XCSRLinear(m, params={"gemv": XCSRParams(1, 8, 64), "gemm": XCSRParams(64, 16, 128)})
 
 
 def test_layers_reading_one_tensor_pack_it_once_and_see_in_place_changes():
