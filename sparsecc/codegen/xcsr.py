@@ -18,7 +18,8 @@ Loop structure (unscheduled)::
             Y[mo·mt + mi, ig·rg + r] = C[r, mi]
 
 Every nonzero is one scalar broadcast against ``mt / lanes`` vector loads of the X panel and as
-many FMAs; no gather. The panel (K x mt floats) is read by every row group, so it stays in L1/L2.
+many FMAs; no gather, no store: the row's accumulators live in registers (a stack array, see
+:func:`sparsecc.codegen.linear.stack_floats`) and go back to C once per column block. The panel (K x mt floats) is read by every row group, so it stays in L1/L2.
 A group of ``rg`` rows writes ``rg`` consecutive floats of each of the ``mt`` rows of Y it touches
 (one cache line per row for rg = 16, instead of one line and one TLB entry per element when a
 single row of W writes a column of Y: measured 2.5x slower at N = 3072, density 0.1).

@@ -49,7 +49,9 @@ def default_xcsr_params(regime: str) -> XCSRParams:
     128 x 64 floats, stay in L2 while each 128-column block of the X panel is read once from L1 for all of them:
     against 32, 0.57 -> 0.38 at 768x3072, M = 128, density 0.3, 0.28 -> 0.17 at density 0.1, 0.24 -> 0.15 at
     3072x768, 2-10% elsewhere; 384 rows were no better). A layer whose N is not a multiple takes the largest
-    power of two that divides N (:class:`~sparsecc.runtime.xcsr.XCSRLinear`)."""
+    power of two that divides N (:class:`~sparsecc.runtime.xcsr.XCSRLinear`). These tiles were chosen while
+    the accumulators were stored back to memory after every nonzero; with them in registers the kernel ran
+    1.3-2x faster (``benchmarks/results/kernels_unstructured.md``), and the tiles were not searched again."""
     if regime == "gemv":  # 32 rows per tile: 12 tiles for 2 threads at N = 384 (128 rows: 3; 17.2 -> 13.2 us
         # at 384x384, density 0.3, kernel call alone; 3072x768 within noise)
         return XCSRParams(m_tile=1, row_group=32, k_block=128)
