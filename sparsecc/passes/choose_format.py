@@ -32,9 +32,16 @@ def check_pattern(pattern: str) -> str:
     return pattern
 
 
+#: A sparse candidate estimated at most this many times the dense time is still timed against dense.
+MEASURE_WITHIN = 1.5
+
+
 def choose(est: dict, where: str, density: float, pattern: str,
            measure: Optional[Callable[[Candidate], tuple]] = None) -> tuple:
     """The format of one layer: lowest estimate, then (``measure``) the best sparse candidate timed against dense.
+
+    The best sparse candidate is timed when it has the lowest estimate, or (dense lowest) when its estimate is
+    within :data:`MEASURE_WITHIN` of dense's: a miscalibrated cost model cannot keep a faster layer dense.
 
     Parameters
     ----------
@@ -59,6 +66,12 @@ def choose(est: dict, where: str, density: float, pattern: str,
         reason = "no zeros" if density >= 1.0 else f"pattern={pattern!r}"
     measured = dense_ms = None
     cand = Candidate.parse(best)
+    sparse = {key: ms for key, ms in est.items() if not Candidate.parse(key).is_dense}
+    if measure is not None and cand.is_dense and sparse:
+        # an estimate close to dense is within the cost model's error: let the measurement decide
+        near = min(sparse, key=sparse.get)
+        if sparse[near] <= MEASURE_WITHIN * est.get("dense", float("inf")):
+            cand = Candidate.parse(near)
     if measure is not None and not cand.is_dense:
         measured, dense_ms = measure(cand)
         if measured >= dense_ms:

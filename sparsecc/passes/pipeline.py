@@ -17,6 +17,7 @@ from __future__ import annotations
 from .choose_format import NM_PATTERN_NAMES, ChooseFormat
 from .conv import ChooseConvFormat, DetectConvSparsity, FoldBatchNorm, LowerSparseConvs
 from .detect import DetectSparsity
+from .attention import ChooseAttention
 from .lower import ChainSparseLinears, LowerSparseLinears
 from .nm import NMPrune
 from .prune import MagnitudePrune
@@ -38,4 +39,6 @@ def default_pipeline(target, sparsity=None, pattern: str = "auto", block=(1, 1),
     passes += [FoldBatchNorm(), DetectConvSparsity(), ChooseConvFormat(pattern, measure=measure)]
     if target.layer_formats.get("conv2d"):
         passes.append(LowerSparseConvs())
+    if measure:  # the attention form is chosen by timing both on this host
+        passes.append(ChooseAttention())
     return passes
