@@ -106,8 +106,14 @@ def test_chained_layers_hand_over_panels_and_match_torch(m, lead, act, seed):
     check_close(down(ref), F.linear(ref, w2, b2), atol=1e-4, rtol=1e-4)  # a plain input still works
 
 
-def test_compile_chains_the_feed_forward_projections():
+def test_compile_chains_the_feed_forward_projections(tmp_path):
     import sparsecc
+    from sparsecc.formats import Candidate
+    from sparsecc.targets.x86 import X86Target
+
+    class Target(X86Target):  # a roofline under which every layer takes the unstructured kernels
+        def roofline(self):
+            return {Candidate("dense"): (10.0, 10.0, 10.0, 0.01), Candidate("xcsr"): (1000.0, 1000.0, 1000.0, 0.001)}
 
     class FFN(torch.nn.Module):
         def __init__(self):
@@ -118,11 +124,16 @@ def test_compile_chains_the_feed_forward_projections():
             return self.down(F.gelu(self.up(x))) + x
 
     torch.manual_seed(0)
-    model = FFN()
-    x = torch.randn(4, 20, 32)
-    cm = sparsecc.compile(model, (x,), sparsity=0.7, pattern="unstructured", measure=False)
+    model = FFN().eval()
+    x = torch.randn(4, 20, 32)  # M = 80: two panels of 64 rows, the second padded
+    cm = sparsecc.compile(model, (x,), target=Target(), sparsity=0.7, pattern="unstructured", measure=False)
     mods = [m for m in cm.graph.gm.modules() if isinstance(m, XCSRLinear)]
-    if len(mods) == 2:  # both layers on the unstructured kernels (the cost model's choice on this machine)
-        assert mods[0].next_layer is mods[1] and mods[1].takes_panels
+    assert len(mods) == 2 and mods[0].next_layer is mods[1] and mods[1].takes_panels
+    assert cm.layers[0].kernel.endswith("_po")
     ref = sparsecc.prune(model, 0.7)(x)
     check_close(cm(x), ref, atol=1e-4, rtol=1e-4)
+    small = x[:1, :3]  # M = 3: the gather kernels, no hand-off
+    cm3 = sparsecc.compile(model, (small,), target=Target(), sparsity=0.7, pattern="unstructured", measure=False)
+    check_close(cm3(small), sparsecc.prune(model, 0.7)(small), atol=1e-4, rtol=1e-4)
+    loaded = sparsecc.load(cm.export(tmp_path / "ffn"))  # exported layers run standalone
+    check_close(loaded(x), ref, atol=1e-4, rtol=1e-4)
