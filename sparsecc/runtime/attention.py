@@ -13,6 +13,13 @@ import torch
 __all__ = ["attention_bmm"]
 
 
+def _tracing(t: torch.Tensor) -> bool:
+    """Whether ``t`` is being traced (fake or functional tensors of torch.export / torch.compile)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return torch.compiler.is_compiling() or isinstance(t, FakeTensor) or torch._is_functional_tensor(t)
+
+
 def attention_bmm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
                   scale: float | None = None) -> torch.Tensor:
     """``softmax(q kᵀ · scale + attn_mask) v``, the math of ``F.scaled_dot_product_attention`` without dropout.
@@ -31,8 +38,11 @@ def attention_bmm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
     Tensor (B, H, S, D)
 
     With a NaN or infinite value in q, k, v (or a NaN in a float mask) torch's own op runs instead, so that
-    non-finite inputs give exactly torch's result (its fused CPU kernel differs from the plain math there).
+    non-finite inputs give exactly torch's result (its fused CPU kernel differs from the plain math there);
+    so it does under tracing (an exported graph holds torch's op).
     """
+    if _tracing(q):  # torch.export / torch.compile of a compiled graph (sparsecc's export): torch's op
+        return torch.ops.aten.scaled_dot_product_attention(q, k, v, attn_mask, scale=scale)
     finite = all(bool(torch.isfinite(t).all()) for t in (q, k, v))
     if not finite or (attn_mask is not None and attn_mask.dtype != torch.bool and bool(torch.isnan(attn_mask).any())):
         # NaN or inf in: torch's fused kernel has its own answers (a NaN query row gives zeros): return them

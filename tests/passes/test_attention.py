@@ -76,3 +76,15 @@ def test_pass_keeps_dropout_and_causal_calls():
     cm = sparsecc.compile(model, (x, None), pattern="dense")
     assert any(n.target is SDPA for n in cm.graph.gm.graph.nodes if n.op == "call_function")
     torch.testing.assert_close(cm(x, None), model(x, None), rtol=1e-5, atol=1e-6)
+
+
+def test_rewritten_graph_exports_with_torch_attention(monkeypatch, tmp_path):
+    monkeypatch.setattr(ChooseAttention, "_faster", lambda self, *a: True)
+    torch.manual_seed(0)
+    model = _Attn().eval()
+    x, mask = torch.randn(2, 16, 32), torch.ones(2, 1, 16, 16, dtype=torch.bool)
+    cm = sparsecc.compile(model, (x, mask), pattern="dense")
+    assert any(n.target is attention_bmm for n in cm.graph.gm.graph.nodes if n.op == "call_function")
+    loaded = sparsecc.load(cm.export(tmp_path / "attn"))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.as_tensor(loaded(x, mask)), model(x, mask), rtol=1e-4, atol=1e-5)
