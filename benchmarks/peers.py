@@ -38,6 +38,7 @@ import sparsecc  # noqa: E402
 from sparsecc import zoo  # noqa: E402
 from sparsecc.cache import cache_root  # noqa: E402
 from sparsecc.passes.nm import nm_prune_weight  # noqa: E402
+from sparsecc.peers import Hidden, onnx_export, ort_session  # noqa: E402
 from sparsecc.runtime.compiled import module_bytes  # noqa: E402
 from sparsecc.runtime.timing import interleaved_ms  # noqa: E402
 
@@ -63,17 +64,6 @@ for _ in range(runs):
 np.save(f"{io}/deepsparse_out.npy", out[0])
 print(json.dumps({"ms": float(np.median(ts))}))
 '''
-
-
-class Hidden(torch.nn.Module):
-    """``(input_ids, attention_mask) -> last_hidden_state``: what every engine runs."""
-
-    def __init__(self, bert):
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids, attention_mask):
-        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 def pruned_model(model, config: str):
@@ -108,31 +98,6 @@ def deepsparse_python() -> tuple:
         return py, None
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"cannot create the DeepSparse venv: {e}"
-
-
-def onnx_export(model: torch.nn.Module, enc: dict, path: Path) -> None:
-    """ONNX of ``Hidden(model)`` with the shapes of ``enc`` (a copy is exported: the TorchScript exporter leaves
-    the model it traced switched to eager attention, measured 2x slower afterwards)."""
-    import copy
-
-    torch.onnx.export(Hidden(copy.deepcopy(model)), (enc["input_ids"], enc["attention_mask"]), str(path),
-                      input_names=["input_ids", "attention_mask"], output_names=["hidden"], opset_version=17,
-                      dynamo=False)
-
-
-def ort_session(path: Path, threads: int):
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    # ORT's worker threads spin after each run by default and take the cores from the engines timed after it
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return lambda input_ids, attention_mask: sess.run(None, {"input_ids": input_ids.numpy(),
-                                                             "attention_mask": attention_mask.numpy()})[0]
 
 
 def main():

@@ -38,23 +38,13 @@ import torch.nn.functional as F
 import sparsecc
 from sparsecc import datasets, zoo
 from sparsecc.cache import cache_root
+from sparsecc.peers import Hidden, onnx_export, ort_session
 from sparsecc.runtime.compiled import module_bytes
 from sparsecc.runtime.timing import interleaved_ms
 
 SEQ = 128
 #: Bump when the search's recipe changes: the cached pruned weights are keyed by it.
 RECIPE_VERSION = 1
-
-
-class Hidden(torch.nn.Module):
-    """``(input_ids, attention_mask) -> last_hidden_state`` (what the ONNX export and every engine run)."""
-
-    def __init__(self, bert):
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids, attention_mask):
-        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 def encode(tok, sentences, **kw):
@@ -139,22 +129,16 @@ def search(model, tok, args):
 
 def onnxruntime_fn(model, enc, threads):
     """onnxruntime on the ONNX export of ``model`` (None, with the reason printed, where it cannot run)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        print("onnxruntime column skipped: pip install -e .[bench]")
-        return None
     path = Path(tempfile.mkdtemp(prefix="sparsecc-demo-")) / "model.onnx"
-    torch.onnx.export(Hidden(copy.deepcopy(model)), (enc["input_ids"], enc["attention_mask"]), str(path),
-                      input_names=["input_ids", "attention_mask"], output_names=["hidden"], opset_version=17,
-                      dynamo=False, dynamic_axes={"input_ids": {0: "b"}, "attention_mask": {0: "b"}})
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return lambda input_ids, attention_mask: sess.run(None, {"input_ids": input_ids.numpy(),
-                                                             "attention_mask": attention_mask.numpy()})[0]
+    try:
+        onnx_export(model, enc, path, dynamic_batch=True)
+    except Exception as e:  # onnx missing, or the exporter refuses the model
+        print(f"onnxruntime column skipped: ONNX export failed ({type(e).__name__}: {e}); pip install -e .[bench]")
+        return None
+    fn = ort_session(path, threads)
+    if fn is None:
+        print("onnxruntime column skipped: pip install -e .[bench]")
+    return fn
 
 
 def main():
