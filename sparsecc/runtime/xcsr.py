@@ -251,19 +251,15 @@ class XCSRLinear(torch.nn.Module):
             p = params_for(self.params, m)
             xt = _LAST.panels(x, x2, p.m_tile) if p.m_tile > 1 else pack_xt(x2, 1)
         b = self._buffers
-        if p.m_tile == 1:  # M < 8: the gather kernel, no panels either way
-            fn = self._kernels.get(p) or self._kernels.setdefault(p, self._kernel(p))
-            y = output_buffer(m, n)
-            fn(xt, b["data"], b["indices"], b["indptr"], b["bias"], y)
-            return y.view(lead + (n,))
-        nxt = self.next_layer if chained else None
-        if nxt is not None and p.m_tile > 1 and params_for(nxt.params, m).m_tile == p.m_tile:
+        args = (xt, b["data"], b["indices"], b["indptr"], b["bias"])
+        nxt = self.next_layer if chained and p.m_tile > 1 else None  # M < 8: the gather kernel, no panels
+        if nxt is not None and params_for(nxt.params, m).m_tile == p.m_tile:
             y = aligned_empty((xt.shape[0], n, p.m_tile))
-            self._kernel(p, True)(xt, b["data"], b["indices"], b["indptr"], b["bias"], y)
+            self._kernel(p, True)(*args, y)
             _HANDOFF.put(y, lead, m)
             return y
         y = output_buffer(m, n)
-        (self._kernels.get((p, False)) or self._kernel(p))(xt, b["data"], b["indices"], b["indptr"], b["bias"], y)
+        self._kernel(p)(*args, y)
         return y.view(lead + (n,))
 
     def extra_repr(self) -> str:

@@ -201,12 +201,10 @@ def search_uniform_budget(problem, budget: float, metric_dense: float, run: Call
         while hi - lo > 1:
             mid = (lo + hi) // 2
             passed = probe(pattern, grid[mid])
-            if passed is None:  # predicted no faster than the best: only sparser plans can win
-                lo = mid
-            elif passed:
-                lo = mid
-            else:
+            if passed is False:
                 hi = mid
+            else:  # passed, or not run (predicted no faster than the best): only sparser plans can win
+                lo = mid
     if best is None:
         raise AccuracyBudgetError(
             f"accuracy_budget={budget} was not met by any uniform plan; measured drops: "
