@@ -43,12 +43,15 @@ __all__ = ["xcsr_linear"]
 
 
 def xcsr_linear(*, activation: str | None = None, m_tile: int = 64, row_group: int = 128, index_dtype: str = "int16",
-                panels_out: bool = False):
+                panels_out: bool = False, chains: int = 1):
     """Unscheduled template (a ``tvm.tirx.PrimFunc``) for ``m_tile`` rows of X and ``row_group`` rows of W per tile.
 
     ``panels_out``: Y is written as the X^T panels of the next layer, ``Y (MT, N, mt)`` (the accumulator
     layout, no transpose), for a following xcsr layer that reads this one's output only; its padded rows
     hold ``act(b)`` (the next layer's padded rows are not stored).
+
+    ``chains``: accumulator sets per row; consecutive nonzeros of a row alternate between them and they are
+    summed once per column block (independent FMA chains, ``chains · mt / lanes`` vector registers).
 
     ``PTR`` is ``(NR, KB + 1)``: ``PTR[n, j]`` is the first nonzero of row ``n`` in column block ``j``
     (``KB`` blocks of columns; KB = 1 is plain CSR). The column blocks are walked outermost inside a
@@ -67,7 +70,9 @@ def xcsr_linear(*, activation: str | None = None, m_tile: int = 64, row_group: i
     act = _activation(activation)
     KDIM = tvm.tirx.Var("K", "int32")  # noqa: N806
     u = 4  # M = 1: partial sums per row (FMA latency 4 cycles: one chain ran 2.4 cycles per nonzero)
-    ca = mt if mt > 1 else u  # accumulator columns per row
+    chains = max(1, int(chains))
+    ca = mt if mt > 1 else u  # accumulator columns per row (in C)
+    ra = mt * chains if mt > 1 else u  # register accumulators per row (A)
 
     def y_region(Y, vmo, vig):
         if panels_out:
@@ -81,12 +86,21 @@ def xcsr_linear(*, activation: str | None = None, m_tile: int = 64, row_group: i
     @T.macro
     def vector_row(XT, D, IND, PTR, C, A, vmo, n, vkb, vr):
         # one nonzero: a broadcast against the mt contiguous values of its column in the panel, into the
-        # register accumulators A (C is in memory: written back once per row and column block, not per nonzero)
-        for k in T.serial(PTR[n, vkb + 1] - PTR[n, vkb]):
-            for mi in T.serial(mt):
+        # register accumulators A (C is in memory: written back once per row and column block, not per nonzero);
+        # consecutive nonzeros go to `chains` sets of accumulators (independent FMA chains), the last
+        # (length % chains) of the block, counted from its end, to the first set
+        for k in T.serial((PTR[n, vkb + 1] - PTR[n, vkb]) // chains):
+            for h, mi in T.grid(chains, mt):
                 with T.sblock("compute"):
-                    vk, vmi = T.axis.remap("RS", [k, mi])
-                    A[vmi] = A[vmi] + D[PTR[n, vkb] + vk] * XT[vmo, T.Cast("int32", IND[PTR[n, vkb] + vk]), vmi]
+                    vk, vh, vmi = T.axis.remap("RSS", [k, h, mi])
+                    A[vh * mt + vmi] = A[vh * mt + vmi] + D[PTR[n, vkb] + vk * chains + vh] * XT[
+                        vmo, T.Cast("int32", IND[PTR[n, vkb] + vk * chains + vh]), vmi]
+        for t in T.serial((PTR[n, vkb + 1] - PTR[n, vkb]) % chains):
+            for mi in T.serial(mt):
+                with T.sblock("tail"):
+                    vt, vmi = T.axis.remap("RS", [t, mi])
+                    A[vmi] = A[vmi] + D[PTR[n, vkb + 1] - vt - 1] * XT[
+                        vmo, T.Cast("int32", IND[PTR[n, vkb + 1] - vt - 1]), vmi]
 
     @T.macro
     def gather_row(XT, D, IND, PTR, C, A, vmo, n, vkb, vr):
@@ -105,6 +119,14 @@ def xcsr_linear(*, activation: str | None = None, m_tile: int = 64, row_group: i
                     vmo, T.Cast("int32", IND[PTR[n, vkb + 1] - vt - 1]), 0]
 
     row_body = vector_row if mt > 1 else gather_row
+
+    def acc_sum(A, vmi):
+        if mt == 1:
+            return A[vmi]
+        acc = A[vmi]
+        for h in range(1, chains):
+            acc = acc + A[h * mt + vmi]
+        return acc
 
     def acc_val(C, vr, vmi):
         if mt > 1:
@@ -149,16 +171,16 @@ def xcsr_linear(*, activation: str | None = None, m_tile: int = 64, row_group: i
                         T.reads(XT[vmo, 0:KDIM, 0:mt], D[0:NNZ], IND[0:NNZ], PTR[vig * rg + vr, vkb:vkb + 2],
                                 C[vr, 0:ca])
                         T.writes(C[vr, 0:ca])
-                        A = T.decl_buffer((ca,), "float32", data=stack_floats(ca), scope="local")  # registers
-                        for mi in T.serial(ca):
+                        A = T.decl_buffer((ra,), "float32", data=stack_floats(ra), scope="local")  # registers
+                        for mi in T.serial(ra):
                             with T.sblock("acc_load"):
                                 vmi = T.axis.remap("S", [mi])
-                                A[vmi] = C[vr, vmi]
+                                A[vmi] = T.if_then_else(vmi < ca, C[vr, T.min(vmi, ca - 1)], T.float32(0))
                         row_body(XT, D, IND, PTR, C, A, vmo, vig * rg + vr, vkb, vr)
                         for mi in T.serial(ca):
                             with T.sblock("acc_store"):
                                 vmi = T.axis.remap("S", [mi])
-                                C[vr, vmi] = A[vmi]
+                                C[vr, vmi] = acc_sum(A, vmi)
                 for r, mi in T.grid(rg, mt):  # bias and activation in C, vectorized along its rows
                     with T.sblock("act"):
                         vr, vmi = T.axis.remap("SS", [r, mi])
@@ -166,6 +188,7 @@ def xcsr_linear(*, activation: str | None = None, m_tile: int = 64, row_group: i
                 epilogue(Y, C, M, vmo, vig)
 
     attrs = {"global_symbol": "main", "tir.noalias": True, "sparsecc.kind": "xcsr", "sparsecc.m_tile": mt,
+             "sparsecc.chains": chains if mt > 1 else 1,
              "sparsecc.row_group": rg, "sparsecc.panels_out": int(bool(panels_out))}
     y_shape = (lambda M, MT, NR: (MT, NR, mt)) if panels_out else (lambda M, MT, NR: (M, NR))
     # one signature with a bias (zeros for layers without one): N adds per row of X, against nnz / N FMAs

@@ -36,6 +36,9 @@ class XCSRParams:
     #: columns per column block (0: one block); a block of the X panel (k_block x m_tile floats, 32 KiB for
     #: 128 x 64) stays in L1 while the rows of a group use it
     k_block: int = 128
+    #: independent accumulator sets per row (consecutive nonzeros alternate between them): with one set,
+    #: each of its mt / lanes vectors takes one FMA per nonzero, so the FMA latency bounds the loop
+    chains: int = 1
 
 
 def default_xcsr_params(regime: str) -> XCSRParams:
@@ -51,7 +54,15 @@ def default_xcsr_params(regime: str) -> XCSRParams:
     3072x768, 2-10% elsewhere; 384 rows were no better). A layer whose N is not a multiple takes the largest
     power of two that divides N (:class:`~sparsecc.runtime.xcsr.XCSRLinear`). These tiles were chosen while
     the accumulators were stored back to memory after every nonzero; with them in registers the kernel ran
-    1.3-2x faster (``benchmarks/results/kernels_unstructured.md``), and the tiles were not searched again."""
+    1.3-2x faster (``benchmarks/results/kernels_unstructured.md``). Searched again with them in registers, on
+    the six shapes at M = 128 and 1024, densities 0.5/0.3/0.1: two accumulator ``chains`` were within noise of
+    one except at 3072x768 and 768x3072, M = 128 (0.58 -> 0.41-0.45 of dense); ``m_tile`` 128 with 64-column
+    blocks and 64-row groups measured 0.38-0.45 of dense against 0.47-0.60 for these tiles at density 0.5
+    kernel alone, but end to end on MiniLM (50% unstructured, seq 128, kernels in one interleaved run) it was
+    slower: batch 1 1.56x against 1.66x, batch 8 1.67x against 1.89x of torch dense, with two chains 1.59x and
+    1.75x. The kernel's loads are the limit: every nonzero is an index load and ``mt / lanes`` vector loads
+    whose address depends on it; hand-written C of the same loop runs 3.3-3.6 cycles per nonzero (4 FMAs of
+    AVX-512) in L1, and 2.3 cycles with the same addresses as immediates (code specialised to the pattern)."""
     if regime == "gemv":  # 32 rows per tile: 12 tiles for 2 threads at N = 384 (128 rows: 3; 17.2 -> 13.2 us
         # at 384x384, density 0.3, kernel call alone; 3072x768 within noise)
         return XCSRParams(m_tile=1, row_group=32, k_block=128)
@@ -65,7 +76,10 @@ def rule_xcsr(func, target=None, params: XCSRParams = XCSRParams()):
     sch = tvm.s_tir.Schedule(func, enable_check=False)
     mt = int(func.attrs["sparsecc.m_tile"])
     if mt > 1:
-        sch.vectorize(sch.get_loops(sch.get_sblock("compute"))[-1])
+        loops = sch.get_loops(sch.get_sblock("compute"))
+        sch.vectorize(loops[-1])
+        sch.unroll(loops[-2])  # the accumulator sets
+        sch.vectorize(sch.get_loops(sch.get_sblock("tail"))[-1])
         sch.vectorize(sch.get_loops(sch.get_sblock("init"))[-1])
         for name in ("acc_load", "acc_store", "act"):
             sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
@@ -87,7 +101,9 @@ def xcsr_kernel_name(regime: str, activation, index_dtype: str, params: XCSRPara
     """``xcsr_<regime>[_act]_mt<m_tile>_rg<row_group>_<index dtype>[_po]`` (``k_block`` is in the data, not the
     code; ``_po``: output in the next layer's X^T panels)."""
     return (f"xcsr_{regime}" + (f"_{activation}" if activation else "")
-            + f"_mt{params.m_tile}_rg{params.row_group}_{index_dtype}" + ("_po" if panels_out else ""))
+            + f"_mt{params.m_tile}_rg{params.row_group}"
+            + (f"_c{params.chains}" if params.m_tile > 1 and params.chains > 1 else "")
+            + f"_{index_dtype}" + ("_po" if panels_out else ""))
 
 
 def schedule_xcsr(regime: str, *, activation=None, index_dtype: str = "int16", target=None,
@@ -101,5 +117,5 @@ def schedule_xcsr(regime: str, *, activation=None, index_dtype: str = "int16", t
     """
     params = params or default_xcsr_params(regime)
     func = xcsr_linear(activation=activation, m_tile=params.m_tile, row_group=params.row_group,
-                       index_dtype=index_dtype, panels_out=panels_out)
+                       index_dtype=index_dtype, panels_out=panels_out, chains=params.chains)
     return apply_rules(XCSR_RULES, func, target, params)

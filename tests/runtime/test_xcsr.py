@@ -31,6 +31,20 @@ def test_matches_torch(n, k, m, density, bias, act, seed):
     check_close(mod(x), ref, atol=1e-4, rtol=1e-4)
 
 
+@settings(max_examples=15, deadline=None)
+@given(n=st.sampled_from([4, 16, 24]), k=st.integers(1, 200), m=st.integers(8, 70),
+       density=st.sampled_from([0.0, 0.05, 0.5, 1.0]), chains=st.sampled_from([2, 3]), seed=st.integers(0, 2**16))
+def test_accumulator_chains_match_torch(n, k, m, density, chains, seed):
+    # rows of odd and even nonzero counts per column block: the tail after the last full set of chains
+    w = _weight(n, k, density, seed)
+    b = torch.randn(n)
+    p = XCSRParams(m_tile=16, row_group=4, k_block=32, chains=chains)
+    mod = XCSRLinear(RowSparseMatrix.from_dense(w), b, "relu", params={"gemv": XCSRParams(1, 4, 32), "gemm": p})
+    assert f"_c{chains}_" in mod.kernel_name
+    x = torch.randn(m, k)
+    check_close(mod(x), torch.relu(F.linear(x, w, b)), atol=1e-4, rtol=1e-4)
+
+
 def test_edge_rows_columns_and_leading_dims():
     w = torch.zeros(33, 19)
     w[0, 0] = 2.0    # one nonzero
