@@ -65,7 +65,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from sparsecc.codegen.linear import _activation, _hsum, stack_floats
+from sparsecc.codegen.linear import _activation, _hsum, ieee_hardtanh, stack_floats
 from sparsecc.errors import UnsupportedOpError
 
 __all__ = ["CONV_ACTIVATIONS", "bsr_conv1x1_nchw", "bsr_conv_nhwc", "conv_activation"]
@@ -85,7 +85,7 @@ def conv_activation(activation):
     if activation in (None, "relu"):
         return _activation(activation)  # the linear templates' epilogues
     if activation == "relu6":
-        return lambda v: T.min(T.max(v, T.float32(0)), T.float32(6))
+        return lambda v: ieee_hardtanh(v, 0.0, 6.0)
     raise UnsupportedOpError(f"conv activation {activation!r} is not supported; expected one of {CONV_ACTIVATIONS}")
 
 

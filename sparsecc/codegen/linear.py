@@ -97,13 +97,32 @@ def stack_floats(n: int):
     return T.reinterpret("handle", T.tvm_stack_alloca("shape", (int(n) + 1) // 2))  # 8-byte slots
 
 
+def ieee_relu(v):
+    """``torch.relu`` with its IEEE semantics: NaN stays NaN, -0.0 stays -0.0 (a select, not ``max``, whose
+    LLVM lowering returns the other operand for a NaN)."""
+    return T.Select(v < T.float32(0), T.float32(0), v)
+
+
+def ieee_hardtanh(v, lo: float, hi: float):
+    """``F.hardtanh(v, lo, hi)`` with torch's semantics: NaN stays NaN, ±inf clamp to the bounds."""
+    return T.Select(v < T.float32(lo), T.float32(lo), T.Select(v > T.float32(hi), T.float32(hi), v))
+
+
+def ieee_gelu(v):
+    """torch's exact (erf) ``F.gelu``: ``v · Φ(v)`` with erf by :func:`fast_erf`; NaN for NaN and for ±inf,
+    as torch's CPU and CUDA kernels give (the formula alone gives +inf at +inf)."""
+    g = v * T.float32(0.5) * (T.float32(1) + fast_erf(v * T.float32(_INV_SQRT2)))
+    return T.Select(T.abs(v) == T.float32(float("inf")), T.float32(float("nan")), g)
+
+
 def _activation(activation):
+    """The TIR epilogue of ``activation``, with torch's IEEE semantics for NaN, ±inf and -0.0."""
     if activation is None:
         return lambda v: v
     if activation == "relu":
-        return lambda v: T.max(v, T.float32(0))
-    if activation == "gelu":  # exact (erf) gelu, like torch's default F.gelu
-        return lambda v: v * T.float32(0.5) * (T.float32(1) + fast_erf(v * T.float32(_INV_SQRT2)))
+        return ieee_relu
+    if activation == "gelu":
+        return ieee_gelu
     raise UnsupportedOpError(f"activation {activation!r} is not supported; expected one of {ACTIVATIONS}")
 
 

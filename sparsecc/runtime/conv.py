@@ -22,6 +22,7 @@ import torch
 from sparsecc.cache import KERNELS
 from sparsecc.errors import InputDtypeError, InputShapeError, UnsupportedOpError
 from sparsecc.formats import BSR, CSR, BlockSparseMatrix, as_matrix
+from sparsecc.runtime.ieee import all_finite, torch_conv2d
 from sparsecc.runtime.kernels import ALIGN, aligned, aligned_empty, load_or_build, target_key
 from sparsecc.targets import x86, x86_conv
 
@@ -132,6 +133,9 @@ class SparseConv2d(torch.nn.Module):
         if data.shape[0] == 0:  # nnzb == 0: indptr keeps the single dummy block unread
             data, indices = torch.zeros(1, br, bc), torch.zeros(1, dtype=torch.int64)
         self.register_buffer("data", aligned(data.contiguous()))
+        # torch's conv does not multiply its implicit zero padding: a NaN or inf weight gives NaN at the border
+        # only where the window covers real input, while the kernel's padded copy gives 0 · NaN there too
+        self.finite_weight = all_finite(data)
         self._col = indices * bc  # first column k of every stored block (decoded into offsets per shape)
         self.register_buffer("indptr", aligned(m.indptr.to(torch.int32).contiguous()))
         if layout == "nchw":
@@ -145,6 +149,15 @@ class SparseConv2d(torch.nn.Module):
         self._params = x86_conv.default_conv_params(self.block, "nhwc" if layout == "nhwc" else "nchw1x1")
         self._geom: dict[tuple, tuple] = {}  # (N, H, W) -> (off, pb, M, OH, OW)
         self._fn = None
+
+    def dense_weight(self) -> torch.Tensor:
+        """W: (C_out, C_in, kh, kw) dense, with its zeros, from the stored blocks."""
+        kh, kw = self.kernel_size
+        br, bc = self.block
+        nnzb = int(self.indptr[-1])
+        mat = BlockSparseMatrix((self.c_out, kh * kw * self.c_in), self.block, self.data[:nnzb],
+                                (self._col[:nnzb] // bc).to(torch.int32), self.indptr).to_dense()
+        return mat.view(self.c_out, kh, kw, self.c_in).permute(0, 3, 1, 2).contiguous()  # inverse of as_matrix
 
     def out_shape(self, x_shape) -> tuple:
         """(N, C_out, H_out, W_out) of an input of shape (N, C_in, H, W)."""
@@ -210,6 +223,9 @@ class SparseConv2d(torch.nn.Module):
         self._check(x)
         if self.residual and residual is None:
             raise InputShapeError(f"{self.layer}: this conv fuses a residual add; call it as conv(x, residual)")
+        if not (self.finite_weight and all_finite(x)):  # runtime.ieee: torch's answer for NaN and inf
+            return torch_conv2d(x, self.dense_weight(), self.bias.reshape(-1) if self.bias is not None else None,
+                                self.stride, self.padding, self.activation, residual if self.residual else None)
         if self.layout == "nchw":
             return self._forward_nchw(x)
         n, c, h, w = (int(v) for v in x.shape)

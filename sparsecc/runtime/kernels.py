@@ -25,6 +25,7 @@ from sparsecc.cache import KERNELS
 from sparsecc.errors import InputDtypeError, InputShapeError, UnsupportedOpError
 from sparsecc.formats import BSR, CSR, BlockSparseMatrix, block_candidate
 from sparsecc.runtime import omp_launch
+from sparsecc.runtime.ieee import all_finite, torch_linear
 from sparsecc.targets import x86
 
 __all__ = ["ALIGN", "SparseLinear", "aligned", "aligned_empty", "check_activation", "get_linear_kernel",
@@ -235,6 +236,8 @@ class SparseLinear(torch.nn.Module):
         m = x2.shape[0]
         if m == 0:
             return x.new_empty(lead + (n,))
+        if not all_finite(x2):  # skipping W's zeros would drop their 0 · NaN (runtime.ieee)
+            return self.torch_forward(x2).view(lead + (n,))
         regime = "gemm" if m >= 8 else "gemv"
         tuned = self.tuned.kernel(regime, m) if self.tuned is not None else None
         fn, mt = tuned if tuned is not None else (None, self._m_tile[regime])
@@ -258,6 +261,17 @@ class SparseLinear(torch.nn.Module):
         else:
             fn(x2, b["data"], b["indices"], b["indptr"], y.view(mp, n // br, br))
         return (y if mp == m else y[:m]).view(lead + (n,))
+
+    def dense_weight(self) -> torch.Tensor:
+        """W: (N, K) dense, with its zeros, from the stored blocks."""
+        nnzb = int(self.indptr[-1])
+        return BlockSparseMatrix(self.shape, self.block, self.data[:nnzb], self.indices[:nnzb],
+                                 self.indptr).to_dense()
+
+    def torch_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        """torch's ``act(x2 @ W.T + b)`` for x2 (M, K): the path of inputs holding NaN or inf."""
+        bias = self.bias.reshape(-1) if self.bias is not None else None
+        return torch_linear(x2, self.dense_weight(), bias, self.activation)
 
     def extra_repr(self) -> str:
         return (f"shape={self.shape}, block={self.block}, format={self.format}, density={self.density:.3f}, "

@@ -14,6 +14,7 @@ from sparsecc.cache import KERNELS
 from sparsecc.codegen.nm import column_dtype, offset_dtype
 from sparsecc.errors import InputShapeError, InvalidSparsityError, UnsupportedOpError
 from sparsecc.formats import NM, Candidate, NMSparseMatrix
+from sparsecc.runtime.ieee import all_finite, torch_linear
 from sparsecc.runtime.modules import cpu_factory
 from sparsecc.runtime.kernels import (aligned, aligned_empty, check_activation, load_or_build, output_buffer, rows_of,
                                       target_key)
@@ -233,6 +234,8 @@ class NMLinear(torch.nn.Module):
         m = x2.shape[0]
         if m == 0:
             return x.new_empty(lead + (n_out,))
+        if not all_finite(x2):  # skipping W's zeros would drop their 0 · NaN (runtime.ieee)
+            return self.torch_forward(x2).view(lead + (n_out,))
         regime = "gemm" if m >= 8 else "gemv"
         mt = self.params[regime].m_tile
         if self.permute:
@@ -254,6 +257,35 @@ class NMLinear(torch.nn.Module):
         if self.n_padded != n_out:
             y = y[:, :n_out].contiguous()
         return y.view(lead + (n_out,))
+
+    def dense_weight(self) -> torch.Tensor:
+        """W: (N, K) dense, with its zeros, decoded from the kernel layout (values and the gemm regime's index)."""
+        rows, k = self.shape
+        rt = self.r_tile
+        nr, gn, _ = self.values.shape
+        vals = self.values.permute(0, 2, 1).reshape(nr * rt, gn)[:rows]
+        p = self.params["gemm"]
+        meta = getattr(self, self.meta_names["gemm"])
+        idx = meta.permute(0, 2, 1).reshape(nr * rt, meta.shape[1])[:rows].to(torch.int64)
+        if p.index == "packed":  # one packed byte (or word) of positions per group
+            return NMSparseMatrix((rows, k), self.n, self.m, vals.contiguous(),
+                                  idx.to(meta.dtype).contiguous()).to_dense()
+        if p.index == "column":
+            cols = idx
+        elif p.index == "offset":  # column · m_tile
+            cols = idx // p.m_tile
+        else:  # "permute": the column inside its chunk of rt columns
+            chunk = torch.arange(gn) // self.n // (rt // self.m)
+            cols = chunk.view(1, -1) * rt + idx
+        out = torch.zeros(rows, gn // self.n * self.m, dtype=torch.float32)
+        # accumulate: zero slots of padded groups may name a column a real slot holds
+        out.index_put_((torch.arange(rows).view(-1, 1).expand_as(cols), cols), vals, accumulate=True)
+        return out[:, :k].contiguous()
+
+    def torch_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        """torch's ``act(x2 @ W.T + b)`` for x2 (M, K): the path of inputs holding NaN or inf."""
+        bias = self.bias.reshape(-1)[:self.shape[0]] if self.bias is not None else None
+        return torch_linear(x2, self.dense_weight(), bias, self.activation)
 
     def _forward_permute(self, x2: torch.Tensor, regime: str, mt: int) -> torch.Tensor:
         """X (M, K) row-major (rows padded to a multiple of ``mt``, K to whole vector chunks) -> Y (M, N)."""

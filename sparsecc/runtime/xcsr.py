@@ -15,6 +15,7 @@ import torch
 from sparsecc.cache import KERNELS
 from sparsecc.errors import InputShapeError, InvalidSparsityError
 from sparsecc.formats import XCSR, RowSparseMatrix
+from sparsecc.runtime.ieee import all_finite, torch_linear
 from sparsecc.runtime.modules import cpu_factory
 from sparsecc.runtime.kernels import (aligned, aligned_empty, check_activation, load_or_build, output_buffer, rows_of,
                                       target_key)
@@ -103,6 +104,7 @@ class _LastPacked(threading.local):
 
     def __init__(self):
         self.ref = self.version = self.mt = self.xt = None
+        self.fref = self.fversion = self.finite = None
 
     def panels(self, x: torch.Tensor, x2: torch.Tensor, mt: int) -> torch.Tensor:
         if self.ref is not None and self.ref() is x and self.version == x._version and self.mt == mt:
@@ -110,6 +112,13 @@ class _LastPacked(threading.local):
         xt = pack_xt(x2, mt)
         self.ref, self.version, self.mt, self.xt = weakref.ref(x), x._version, mt, xt
         return xt
+
+    def all_finite(self, x: torch.Tensor, x2: torch.Tensor) -> bool:
+        """:func:`~sparsecc.runtime.ieee.all_finite` of ``x``, checked once for the layers that share it."""
+        if self.fref is not None and self.fref() is x and self.fversion == x._version:
+            return self.finite
+        self.fref, self.fversion, self.finite = weakref.ref(x), x._version, all_finite(x2)
+        return self.finite
 
 
 _LAST = _LastPacked()
@@ -242,12 +251,16 @@ class XCSRLinear(torch.nn.Module):
         handed = _HANDOFF.take(x) if chained and self.takes_panels else None
         if handed is not None:  # x is the previous layer's output as our X^T panels
             (lead, m), xt = handed, x
+            if not all_finite(xt):  # NaN or inf (or a padded row of act(NaN bias)): torch's answer
+                return self.torch_forward(xt.permute(0, 2, 1).reshape(-1, k)[:m]).view(lead + (n,))
             p = params_for(self.params, m)
         else:
             lead, x2 = rows_of(x, k)
             m = x2.shape[0]
             if m == 0:
                 return x.new_empty(lead + (n,))
+            if not _LAST.all_finite(x, x2):  # skipping W's zeros would drop their 0 · NaN (runtime.ieee)
+                return self.torch_forward(x2).view(lead + (n,))
             p = params_for(self.params, m)
             xt = _LAST.panels(x, x2, p.m_tile) if p.m_tile > 1 else pack_xt(x2, 1)
         b = self._buffers
@@ -261,6 +274,18 @@ class XCSRLinear(torch.nn.Module):
         y = output_buffer(m, n)
         self._kernel(p)(*args, y)
         return y.view(lead + (n,))
+
+    def dense_weight(self) -> torch.Tensor:
+        """W: (N, K) dense, with its zeros, from the stored nonzeros."""
+        n, k = self.shape
+        ptr = self.indptr
+        indptr = torch.cat([ptr[:, 0], ptr[-1:, -1]]) if n else torch.zeros(1, dtype=torch.int32)
+        nnz = int(indptr[-1])
+        return RowSparseMatrix((n, k), self.data[:nnz], self.indices[:nnz], indptr.to(torch.int32)).to_dense()
+
+    def torch_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        """torch's ``act(x2 @ W.T + b)`` for x2 (M, K): the path of inputs holding NaN or inf."""
+        return torch_linear(x2, self.dense_weight(), self.bias if self.has_bias else None, self.activation)
 
     def extra_repr(self) -> str:
         return (f"shape={self.shape}, density={self.density:.3f}, bias={self.has_bias}, "

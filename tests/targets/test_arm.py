@@ -150,9 +150,10 @@ def test_neon_instructions_in_assembly(toolchain):
                                   device=device)
         counts = neon_instructions(disassemble(lib))
         assert counts.get("fmla", 0) > 0, (block, regime, counts)  # fused multiply-add on v*.4s
-    # the ReLU epilogue runs on vectors too (fmax/fmaxnm on .4s)
+    # the ReLU epilogue runs on vectors too: a compare with zero and a select on .4s (not fmaxnm, which would
+    # turn a NaN into 0)
     counts = neon_instructions(disassemble(build_linear_kernel((16, 1), "gemm", bias=True, activation="relu")))
-    assert counts.get("fmaxnm", 0) + counts.get("fmax", 0) > 0, counts
+    assert counts.get("fcmlt", 0) > 0 and counts.get("fmaxnm", 0) == 0, counts
 
 
 def test_nm_kernel_uses_neon(toolchain):
@@ -216,3 +217,24 @@ def test_xcsr_kernel_under_qemu_matches_torch(toolchain, m_rows, n_out, k, densi
     x = torch.randn(m_rows, k)
     y, _ = run_xcsr_linear_under_qemu(RowSparseMatrix.from_dense(w), x, b, act)
     torch.testing.assert_close(y, _ref(x, w, b, act), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+@pytest.mark.parametrize("family,m_rows", [("csr", 13), ("bsr", 3), ("xcsr", 1), ("xcsr", 13)])
+def test_fused_epilogues_under_qemu_keep_nan_and_inf_as_torch(toolchain, family, m_rows, act):
+    # NaN and infinities in the bias and in a weight (the inputs are finite: the kernel runs, see runtime.ieee)
+    from sparsecc.formats import RowSparseMatrix
+    from sparsecc.runtime.qemu import run_linear_under_qemu, run_xcsr_linear_under_qemu
+
+    block = (8, 1) if family == "bsr" else (1, 1)
+    w = _weight(16, 12, block, 0.5, seed=3)
+    r, c = (w != 0).nonzero()[0]
+    w[r, c] = float("nan")
+    b = torch.randn(16)
+    b[1:4] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    x = torch.randn(m_rows, 12)
+    if family == "xcsr":
+        y, _ = run_xcsr_linear_under_qemu(RowSparseMatrix.from_dense(w), x, b, act)
+    else:
+        y, _ = run_linear_under_qemu(BlockSparseMatrix.from_dense(w, block), x, b, act)
+    torch.testing.assert_close(y, _ref(x, w, b, act), rtol=1e-4, atol=1e-4, equal_nan=True)
