@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sparsecc-installed
 BENCH  := $(VENV)/.sparsecc-bench-installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench fuzz venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/linear.py
+
+fuzz: $(STAMP)
+	# the long fuzz profile (make test runs a bounded one): generated models against prune's reference
+	$(PY) benchmarks/fuzz.py --examples 500
 
 clean:
 	rm -rf $(VENV) build *.egg-info

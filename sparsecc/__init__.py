@@ -7,8 +7,10 @@
 
 from .api import compile, prune
 from .sparsify import SparsifyResult, sparsify
-from .errors import (AccuracyBudgetError, DataError, DatasetError, InvalidArgumentError, TrainingError, CaptureError, InputDtypeError, InputShapeError, InvalidSparsityError, KernelBuildError,
-                     PassError, SparseccError, TargetError, UnknownLayerError, UnsupportedOpError)
+from .errors import (AccuracyBudgetError, ArtifactError, CacheWarning, CaptureError, DataError, DatasetError,
+                     InputDtypeError, InputShapeError, InvalidArgumentError, InvalidSparsityError, KernelBuildError,
+                     PassError, PatternWarning, SparseccError, SparseccWarning, TargetError, TrainingError,
+                     TrainModeWarning, UnknownLayerError, UnsupportedOpError)
 from .runtime.compiled import CompiledModule
 
 
@@ -25,6 +27,8 @@ type(tune).entry = staticmethod(_tune_model)
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "prune", "load", "tune", "sparsify", "SparsifyResult", "CompiledModule", "SparseccError", "CaptureError", "InputDtypeError", "InputShapeError",
-           "InvalidSparsityError", "KernelBuildError", "AccuracyBudgetError", "DataError", "DatasetError", "InvalidArgumentError", "TrainingError", "PassError", "TargetError", "UnknownLayerError",
-           "UnsupportedOpError", "__version__"]
+__all__ = ["compile", "prune", "load", "tune", "sparsify", "SparsifyResult", "CompiledModule", "SparseccError",
+           "AccuracyBudgetError", "ArtifactError", "CaptureError", "DataError", "DatasetError", "InputDtypeError",
+           "InputShapeError", "InvalidArgumentError", "InvalidSparsityError", "KernelBuildError", "PassError",
+           "TargetError", "TrainingError", "UnknownLayerError", "UnsupportedOpError", "SparseccWarning",
+           "CacheWarning", "PatternWarning", "TrainModeWarning", "__version__"]

@@ -12,12 +12,12 @@ import torch
 
 from .errors import InvalidSparsityError, TuningError
 from .formats import NM_PATTERN_NAMES, as_matrix, from_matrix
-from .ir.capture import capture
+from .ir.capture import capture, check_model, warn_if_training
 from .ir.rewrite import example_rows
 from .passes import PassContext, PassManager, default_pipeline
 from .passes.choose_format import check_pattern
 from .passes.conv import conv_matrix_shapes
-from .passes.prune import check_sparsity_value, prunable_sites
+from .passes.prune import check_sparsity_value, prunable_sites, prunable_weights
 from .runtime import finish
 from .runtime.compiled import CompiledModule, module_bytes
 from .targets import resolve_target
@@ -92,10 +92,21 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
         without ``build_only``).
     CaptureError
         The model could not be captured.
+    InvalidArgumentError
+        ``model`` is not a ``torch.nn.Module``.
+
+    Warns
+    -----
+    TrainModeWarning
+        The model is in training mode: the compiled module has its ``eval()`` semantics.
+    PatternWarning
+        ``block_shape`` does not tile some layers (they are pruned unstructured).
     TuningError
         ``tuning_db`` is not a tuning folder.
     """
     t0 = time.perf_counter()
+    check_model(model, "compile")
+    warn_if_training(model, "compile")
     check_pattern(pattern)
     if isinstance(sparsity, dict):
         for k, v in sparsity.items():
@@ -121,6 +132,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
     ctx = PassContext(target=tgt, print_after=print_after, dump_dir=dump_dir, tuning_db=db)
     original_bytes = module_bytes(model)
     graph = capture(model, example_inputs, dynamic_shapes)
+    graph.prunable = frozenset(fqn for fqn, _ in prunable_weights(model).values())  # what prune() prunes
 
     block = (1, 1)
     if sparsity is not None and pattern == "block":
@@ -140,51 +152,80 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
                                  prune_block=block if sparsity is not None else None), tgt)
 
 
-def prune(model: torch.nn.Module, sparsity: Union[float, dict], *, block_shape: tuple = (1, 1),
-          scope: str = "layer") -> torch.nn.Module:
-    """Return a copy of ``model`` whose ``nn.Linear`` and ``nn.Conv2d`` (groups=1) weights are magnitude-pruned.
+def prune(model: torch.nn.Module, sparsity: Union[None, float, dict] = None, *, block_shape: tuple = (1, 1),
+          scope: str = "layer", pattern: Optional[str] = None) -> torch.nn.Module:
+    """Return a copy of ``model`` with its prunable weights magnitude-pruned: the eager-torch reference of
+    ``compile(model, ..., sparsity=sparsity, pattern=..., block_shape=block_shape)``.
 
-    The same masks :func:`compile` applies for the same arguments (same
-    scores, same global ranking), so the copy is the eager-torch reference of a
-    compiled module.
+    Which weights are pruned is decided by :func:`sparsecc.passes.prune.prunable_weights`, the function
+    ``compile`` uses too (linears, attention's fused ``in_proj_weight``, conv-like modules), and the masks are
+    the same (same scores, same ranking).
 
     Parameters
     ----------
     model : torch.nn.Module
         Never modified.
     sparsity : float or dict
-        Global sparsity in [0, 1), or ``{layer name: sparsity}``.
+        Sparsity in [0, 1), or ``{layer name: sparsity}``; with an N:M ``pattern``, None or ``1 - n/m``.
     block_shape : (rows, cols)
         Block pruned as a unit ((1, 1) = unstructured).
     scope : {"global", "layer"}
+    pattern : {"2:4", "1:4", ...}, optional
+        N:M along the reduction axis (K) of every prunable linear, as ``compile(pattern="2:4")``.
 
     Raises
     ------
     InvalidSparsityError, UnknownLayerError
+    InvalidArgumentError
+        ``model`` is not a ``torch.nn.Module``.
+
+    Warns
+    -----
+    PatternWarning
+        ``block_shape`` does not tile some layers (they are pruned unstructured).
     """
     import copy
 
     from .errors import UnknownLayerError
     from .passes.prune import MagnitudePrune, magnitude_masks
 
-    p = MagnitudePrune(sparsity, block=block_shape, scope=scope)  # validates the values
+    check_model(model, "prune")
+    if not (isinstance(block_shape, (tuple, list)) and len(block_shape) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block_shape)):
+        raise InvalidSparsityError(f"block_shape must be (rows, cols) of integers ≥ 1, got {block_shape!r}")
+    if pattern is not None:
+        nm = NM_PATTERN_NAMES.get(pattern)
+        if nm is None:
+            raise InvalidSparsityError(f"prune's pattern must be an N:M name ({', '.join(NM_PATTERN_NAMES)}), "
+                                       f"got {pattern!r}; block patterns take block_shape=")
+        if sparsity is not None and (isinstance(sparsity, dict) or abs(float(sparsity) - (1 - nm[0] / nm[1])) > 1e-6):
+            raise InvalidSparsityError(f"pattern {pattern!r} prunes to sparsity {1 - nm[0] / nm[1]:g}; got {sparsity!r}")
+        from .passes.nm import nm_prune_weight
+
+        pruned = copy.deepcopy(model)
+        params = dict(pruned.named_parameters(remove_duplicate=False))
+        with torch.no_grad():
+            for fqn, kind in prunable_weights(pruned).values():
+                if kind == "linear":
+                    params[fqn].copy_(nm_prune_weight(params[fqn].detach(), *nm))
+        return pruned
+    if sparsity is None:
+        raise InvalidSparsityError("prune needs a sparsity (or an N:M pattern=)")
+    p = MagnitudePrune(sparsity, block=tuple(block_shape), scope=scope)  # validates the values
     pruned = copy.deepcopy(model)
-    linears = {n: m for n, m in pruned.named_modules()
-               if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32}
-    # conv2d with groups=1, as compile prunes them: the (C_out, kh·kw·C_in) matrix of the unfolded weight
-    linears.update({n: m for n, m in pruned.named_modules()
-                    if type(m) is torch.nn.Conv2d and m.groups == 1 and tuple(m.dilation) == (1, 1)
-                    and m.weight.dtype == torch.float32 and not isinstance(m.padding, str) and n not in linears})
+    layers = prunable_weights(pruned)  # the decision compile shares
     if isinstance(p.sparsity, dict):
-        unknown = [k for k in p.sparsity if k not in linears]
+        unknown = [k for k in p.sparsity if k not in layers]
         if unknown:
-            raise UnknownLayerError(f"no prunable linear or conv layer named {unknown[0]!r}")
-        linears = {k: linears[k] for k in p.sparsity}
-    masks = magnitude_masks({n: as_matrix(m.weight.detach()) for n, m in linears.items()}, p.sparsity, p.block,
-                            scope)
+            raise UnknownLayerError(f"no prunable linear or conv layer named {unknown[0]!r}; prunable layers are: "
+                                    f"{', '.join(sorted(layers)) or 'none'}")
+        layers = {k: layers[k] for k in p.sparsity}
+    params = dict(pruned.named_parameters(remove_duplicate=False))
+    masks = magnitude_masks({n: as_matrix(params[fqn].detach()) for n, (fqn, _) in layers.items()}, p.sparsity,
+                            p.block, scope)
     with torch.no_grad():
         for n, mask in masks.items():
-            w = linears[n].weight
+            w = params[layers[n][0]]
             w.mul_(from_matrix(mask.to(w.dtype), w.shape))
     return pruned
 

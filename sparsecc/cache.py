@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from sparsecc.fileio import atomic_path
+from sparsecc.fileio import verified_entry
 
 __all__ = ["KERNELS", "KernelCache", "cache_root"]
 
@@ -61,19 +61,18 @@ class KernelCache:
             return value
 
     def library(self, name: str, digest: str, write: Callable[[Path], None], target_dir: str = "host") -> Path:
-        """Path of ``<name>-<digest>.so``, written by ``write(tmp_path)`` (atomically) when it is missing.
+        """Path of ``<name>-<digest>.so``, written by ``write(tmp_path)`` (atomically, with its content hash) when
+        it is missing, and rebuilt with a :class:`~sparsecc.fileio.CacheWarning` when it does not match its hash.
 
         Raises
         ------
         OSError
-            The cache folder is not writable (callers keep the in-memory build).
+            The entry is missing or damaged and the cache folder is not writable (callers keep the in-memory
+            build; the damaged file is never opened).
         """
         path = self.folder(target_dir) / f"{name}-{digest}.so"
-        with self._lock:
-            if not path.exists():
-                with atomic_path(path, suffix=".so") as tmp:  # concurrent processes never see half a file
-                    write(tmp)
-        return path
+        with self._lock:  # concurrent processes never see half a file; a damaged one is rebuilt, never loaded
+            return verified_entry(path, write, "kernel library", suffix=".so")
 
     def keep(self, module) -> None:
         """Keep a loaded library alive for the life of the process."""

@@ -85,3 +85,22 @@ class TargetUnavailableError(TargetError):
 
 class TuningError(SparseccError, RuntimeError):
     """Autotuning failed, or a tuning database (``work_dir``) is missing or unreadable."""
+
+
+# -- warnings: the result is right, but something the user should know happened ---------------------------
+
+
+class SparseccWarning(UserWarning):
+    """Base class of every warning sparsecc gives."""
+
+
+class CacheWarning(SparseccWarning):
+    """A cache entry was damaged (or unreadable) and was rebuilt or bypassed; the result is unaffected."""
+
+
+class TrainModeWarning(SparseccWarning):
+    """The model was in training mode; sparsecc compiled its inference (``eval()``) semantics."""
+
+
+class PatternWarning(SparseccWarning):
+    """The requested pattern could not be applied to some layers (e.g. a block shape that tiles none of them)."""

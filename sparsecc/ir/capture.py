@@ -15,8 +15,31 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..errors import CaptureError
+from ..errors import CaptureError, InvalidArgumentError, TrainModeWarning
 from .graph import InputSpec, SparseGraph, iter_tensor_leaves
+
+
+def check_model(model: Any, caller: str) -> None:
+    """Raise :class:`InvalidArgumentError` unless ``model`` is a ``torch.nn.Module`` (the message names the call)."""
+    if not isinstance(model, torch.nn.Module):
+        hint = " (wrap a function in a torch.nn.Module whose forward calls it)" if callable(model) else ""
+        raise InvalidArgumentError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}{hint}")
+
+
+def warn_if_training(model: torch.nn.Module, caller: str) -> None:
+    """Warn (:class:`TrainModeWarning`) when ``model`` or a submodule is in training mode.
+
+    sparsecc compiles inference: dropout off, batch norm on its running statistics, as after
+    ``model.eval()``. A warning, not an error: that is what a deployment build wants, and the user's model is
+    left as it is (sparsecc works on its own copy in eval mode); but the compiled module then differs from
+    ``model(x)`` in training mode, which the user should hear about.
+    """
+    training = [n or type(model).__name__ for n, m in model.named_modules() if m.training]
+    if training:
+        warnings.warn(f"{caller}: the model is in training mode ({len(training)} modules, e.g. {training[0]!r}); "
+                      "sparsecc compiles its inference semantics, as model.eval() gives (dropout off, batch norm "
+                      "on running statistics). Call model.eval() first to silence this.", TrainModeWarning,
+                      stacklevel=3)
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
@@ -70,8 +93,8 @@ def capture(model: torch.nn.Module, example_inputs: Any,
             warnings.simplefilter("ignore")
             ep = torch.export.export(owned, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         gm = ep.module()
-        specs = _specs_from_placeholders(gm, args, kwargs)
-        return SparseGraph(gm, "export", specs)
+        specs = _specs_from_placeholders(gm, args, kwargs, ep.range_constraints)
+        return SparseGraph(gm, "export", specs, arg_names=_positional_names(model, len(args)))
     except Exception as export_err:  # noqa: BLE001 - any export failure falls back to fx
         if dynamic_shapes is not None and _is_user_error(export_err):
             raise CaptureError(f"torch.export rejected dynamic_shapes: {export_err}") from export_err
@@ -87,14 +110,40 @@ def capture(model: torch.nn.Module, example_inputs: Any,
         # fx graphs are shape-agnostic: leading dims dynamic, feature (last) dim fixed
         specs = [InputSpec(p, (None,) * (t.dim() - 1) + tuple(t.shape[-1:]), t.dtype)
                  for p, t in iter_tensor_leaves((args, kwargs))]
-        return SparseGraph(gm, "fx", specs)
+        return SparseGraph(gm, "fx", specs, arg_names=_positional_names(model, len(args)))
+
+
+def _positional_names(model: torch.nn.Module, n: int) -> tuple:
+    """Names of the first ``n`` parameters of ``model.forward`` (for keyword calls of a module captured with
+    positional inputs); () when the signature does not name them."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return ()
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return tuple(named[:n]) if len(named) >= n else ()
 
 
 def _is_user_error(err: Exception) -> bool:
     return type(err).__name__ in ("UserError", "ConstraintViolationError")
 
 
-def _specs_from_placeholders(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[InputSpec]:
+def _dim_range(d, range_constraints: dict):
+    """``(min, max)`` of a symbolic size from ``torch.export``'s range constraints (max None: unbounded)."""
+    import sympy
+
+    vr = range_constraints.get(d.node.expr) if hasattr(d, "node") else None
+    if vr is None:
+        return None
+    lo = int(vr.lower) if vr.lower.is_finite else 0
+    hi = int(vr.upper) if vr.upper.is_finite and vr.upper != sympy.oo else None
+    return (lo, hi)
+
+
+def _specs_from_placeholders(gm: fx.GraphModule, args: tuple, kwargs: dict,
+                             range_constraints: Optional[dict] = None) -> list[InputSpec]:
     leaves = list(iter_tensor_leaves((args, kwargs)))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     specs = []
@@ -102,9 +151,12 @@ def _specs_from_placeholders(gm: fx.GraphModule, args: tuple, kwargs: dict) -> l
     tensor_vals = [v for v in vals if isinstance(v, torch.Tensor)]
     for i, (path, t) in enumerate(leaves):
         val = tensor_vals[i] if i < len(tensor_vals) else None
+        ranges: tuple = ()
         if val is None:
             shape = tuple(t.shape)
         else:
             shape = tuple(None if isinstance(d, torch.SymInt) else int(d) for d in val.shape)
-        specs.append(InputSpec(path, shape, t.dtype))
+            ranges = tuple(_dim_range(d, range_constraints or {}) if isinstance(d, torch.SymInt) else None
+                           for d in val.shape)
+        specs.append(InputSpec(path, shape, t.dtype, ranges))
     return specs

@@ -49,15 +49,29 @@ class LinearSite:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """Expected shape and dtype of one flattened input; ``None`` dims are dynamic."""
+    """Expected shape and dtype of one flattened input; ``None`` dims are dynamic, within ``ranges``."""
 
     path: str
     shape: tuple
     dtype: torch.dtype
+    #: per dim, ``(min, max)`` sizes allowed for a dynamic dim (max None: unbounded); None for a fixed dim
+    ranges: tuple = ()
 
     def describe(self) -> str:
-        dims = ", ".join("*" if d is None else str(d) for d in self.shape)
-        return f"({dims}) {str(self.dtype).replace('torch.', '')}"
+        dims = []
+        for i, d in enumerate(self.shape):
+            r = self.ranges[i] if i < len(self.ranges) else None
+            if d is not None:
+                dims.append(str(d))
+            elif r is None:
+                dims.append("*")
+            else:
+                dims.append(f"{r[0]}..{'' if r[1] is None else r[1]}")
+        return f"({', '.join(dims)}) {str(self.dtype).replace('torch.', '')}"
+
+    def range_of(self, dim: int):
+        """``(min, max)`` of dynamic dim ``dim`` (max None: unbounded), or None."""
+        return self.ranges[dim] if dim < len(self.ranges) else None
 
 
 def _resolve(root: torch.nn.Module, target: str) -> Any:
@@ -80,10 +94,39 @@ class SparseGraph:
         One per flattened example input leaf that is a tensor.
     """
 
-    def __init__(self, gm: fx.GraphModule, method: str, input_specs: list[InputSpec]):
+    def __init__(self, gm: fx.GraphModule, method: str, input_specs: list[InputSpec], arg_names: tuple = ()):
         self.gm = gm
         self.method = method
         self.input_specs = input_specs
+        #: names of the positional inputs the model was captured with (its forward's parameters)
+        self.arg_names = tuple(arg_names)
+        #: parameter names of the weights that may be pruned (``passes.prune.prunable_weights`` of the user's
+        #: model, set by capture); None: every site
+        self.prunable: Optional[frozenset] = None
+
+    def bind(self, args: tuple, kwargs: dict) -> tuple:
+        """``(args, kwargs)`` as the captured graph takes them: keyword inputs of a graph captured with
+        positional ones are put in place by the names of the model's ``forward``.
+
+        Raises
+        ------
+        InputShapeError
+            A keyword the model was not compiled with, or an input given twice.
+        """
+        if not kwargs or not self.arg_names:
+            return args, kwargs
+        given = list(args)
+        for name in self.arg_names[len(args):]:
+            if name not in kwargs:
+                break
+            given.append(kwargs[name])
+        extra = [k for k in kwargs if k not in self.arg_names[len(args):len(given)]]
+        if extra:
+            dup = [k for k in extra if k in self.arg_names[:len(args)]]
+            raise InputShapeError(
+                f"input {(dup or extra)[0]!r} " + ("given both by position and by keyword" if dup else
+                f"is not an input of the compiled model (its inputs: {', '.join(self.arg_names)})"))
+        return tuple(given), {}
 
     # ------------------------------------------------------------------ sites
     @property
@@ -191,6 +234,13 @@ class SparseGraph:
                 raise InputShapeError(
                     f"input {spec.path}: expected shape {spec.describe()} ('*' = dynamic), "
                     f"got {tuple(t.shape)}")
+            for i, e in enumerate(spec.shape):
+                r = spec.range_of(i) if e is None else None
+                if r is not None and not (r[0] <= t.shape[i] and (r[1] is None or t.shape[i] <= r[1])):
+                    raise InputShapeError(
+                        f"input {spec.path}: dim {i} is {t.shape[i]}, outside the range the model was compiled "
+                        f"for ({r[0]} to {'any size' if r[1] is None else r[1]}; dynamic_shapes of compile); "
+                        f"expected shape {spec.describe()}")
 
 
 def node_shape(node: fx.Node) -> str:

@@ -63,6 +63,8 @@ class NMPrune(Pass):
 
     def run(self, graph: SparseGraph, ctx: PassContext) -> PassResult:
         sites = {s.name: s for s in prunable_sites(graph)}
+        if graph.prunable is not None:  # the weights sparsecc.prune prunes (passes.prune.prunable_weights)
+            sites = {n: s for n, s in sites.items() if s.weight in graph.prunable}
         names = list(sites)
         if self.layers is not None:
             unknown = [k for k in self.layers if k not in sites]

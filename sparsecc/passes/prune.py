@@ -8,15 +8,56 @@ Neural Networks" (2017). Other importance scores are in :mod:`sparsecc.sparsify.
 
 from __future__ import annotations
 
+import warnings
 from typing import Union
 
 import torch
 
-from ..errors import InvalidSparsityError, UnknownLayerError
+from ..errors import InvalidSparsityError, PatternWarning, UnknownLayerError
 from ..ir.graph import LinearSite, SparseGraph
 from ..sparsify.patterns import (Pattern, as_matrix, check_sparsity_value, expand_groups, from_matrix,
                                  global_keep, group_scores, topk_keep)
 from .base import Pass, PassContext, PassResult
+
+
+def layer_name(weight_fqn: str) -> str:
+    """The layer name of a weight: its module's name for a module's ``weight`` (``"encoder.fc"``), the
+    parameter's own name otherwise (``"attn.in_proj_weight"``), as :meth:`SparseGraph.linear_sites` names sites."""
+    return weight_fqn[: -len(".weight")] if weight_fqn.endswith(".weight") else weight_fqn
+
+
+def prunable_weights(model: torch.nn.Module) -> dict:
+    """The weights sparsecc prunes, ``{layer name: (parameter name, kind)}`` with kind "linear" or "conv".
+
+    The one decision shared by :func:`sparsecc.prune` and ``compile(sparsity=...)`` (its
+    :class:`MagnitudePrune` prunes a graph site only if its weight is listed here), by what a module computes:
+
+    * ``nn.Linear`` and its subclasses (``out_proj`` of attention included): float32 ``(N, K)`` weights;
+    * ``nn.MultiheadAttention``'s fused input projection ``in_proj_weight`` ``(3E, E)`` (or its separate
+      ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``), each one linear;
+    * ``nn.Conv2d`` and its subclasses (one that pads in its own ``forward`` included) with ``groups == 1``,
+      ``dilation == 1``, numeric padding and float32 ``(C_out, C_in, kh, kw)`` weights, pruned as the
+      ``(C_out, kh·kw·C_in)`` matrix.
+    """
+    out: dict = {}
+
+    def add(prefix: str, attr: str, t, kind: str) -> None:
+        if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() > 0 and \
+                t.dim() == (2 if kind == "linear" else 4):
+            fqn = prefix + attr
+            out.setdefault(layer_name(fqn), (fqn, kind))
+
+    for name, m in model.named_modules():
+        pre = f"{name}." if name else ""
+        if isinstance(m, torch.nn.Linear):
+            add(pre, "weight", m.weight, "linear")
+        elif isinstance(m, torch.nn.MultiheadAttention):
+            for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                add(pre, attr, getattr(m, attr, None), "linear")
+        elif isinstance(m, torch.nn.Conv2d) and m.groups == 1 and tuple(m.dilation) == (1, 1) \
+                and not isinstance(m.padding, str):
+            add(pre, "weight", m.weight, "conv")
+    return out
 
 
 def prunable_sites(graph: SparseGraph) -> list[LinearSite]:
@@ -68,6 +109,13 @@ def magnitude_masks(weights: dict, sparsity: Union[float, dict], block: tuple[in
         p = Pattern("block", block=tuple(block))
         pats[name] = p if p.fits(tuple(w.shape)) else Pattern("block", block=(1, 1))
         scores[name] = group_scores(w.abs(), pats[name])
+    untiled = [n for n, p in pats.items() if p.block != tuple(block)]
+    if untiled:
+        br, bc = block
+        shapes = ", ".join(f"{n} {tuple(weights[n].shape)}" for n in untiled[:4]) + (" ..." if len(untiled) > 4 else "")
+        warnings.warn(f"block shape {(br, bc)} tiles {'none' if len(untiled) == len(pats) else 'not all'} of the "
+                      f"{len(pats)} layers ({len(untiled)} do not divide by it: {shapes}); those are pruned "
+                      "unstructured", PatternWarning, stacklevel=3)
     if isinstance(sparsity, dict) or scope == "layer":
         keep = {n: topk_keep(sc, 1.0 - (sparsity[n] if isinstance(sparsity, dict) else sparsity))
                 for n, sc in scores.items()}
@@ -115,6 +163,9 @@ class MagnitudePrune(Pass):
 
         convs = {s.name: s for s in prunable_conv_sites(graph) if s.name not in sites}
         sites.update(convs)
+        if graph.prunable is not None:  # the weights sparsecc.prune prunes (prunable_weights): one decision
+            sites = {n: s for n, s in sites.items() if s.weight in graph.prunable}
+            convs = {n: s for n, s in convs.items() if n in sites}
         if isinstance(self.sparsity, dict):
             unknown = [k for k in self.sparsity if k not in sites]
             if unknown:

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from ..errors import InputShapeError
 from ..ir.annotations import LayerAnnotation, get_annotation
 from ..ir.graph import SparseGraph
 
@@ -55,9 +56,16 @@ class CompiledModule:
         InputShapeError, InputDtypeError
             An input differs from the compiled input spec (the message names the expected shape).
         """
+        args, kwargs = self.graph.bind(args, kwargs)
         self.graph.check_inputs(args, kwargs)
         with torch.no_grad():
-            return self.graph.gm(*args, **kwargs)
+            try:
+                return self.graph.gm(*args, **kwargs)
+            except AssertionError as e:  # a guard of torch.export's graph that check_inputs did not foresee
+                if "Guard failed" not in str(e):
+                    raise
+                raise InputShapeError(f"the inputs break a shape guard of the compiled graph ({e}); expected "
+                                      + "; ".join(f"{s.path}: {s.describe()}" for s in self.graph.input_specs)) from e
 
     @property
     def layers(self) -> list[LayerAnnotation]:

@@ -49,6 +49,8 @@ __all__ = ["ExportContext", "ExportedModule", "export_compiled", "load", "panels
 
 FORMAT_VERSION = 1
 FILES = ("model.so", "params.bin", "manifest.json")
+#: the files :func:`load` opens besides the manifest: each must be listed in it with its hash
+OPENED = ("model.so", "params.bin")
 
 # -- opaque custom ops standing for the kernel modules during torch.export ------------------------------------
 
@@ -283,7 +285,7 @@ def export_compiled(cm, path, *, overwrite: bool = False, example_inputs=None) -
 
     from sparsecc.targets.qemu import write_tensors
 
-    path = Path(path)
+    path = Path(path).resolve()  # "." has no name and no parent to write a sibling into
     _check_destination(path, overwrite)
     target_obj = cm.target
     tvm_target = target_obj.deploy_tvm_target()
@@ -331,8 +333,26 @@ def export_compiled(cm, path, *, overwrite: bool = False, example_inputs=None) -
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
-            os.rename(path, old / "x")
-            os.rename(tmp, path)
+            if Path.cwd() == path or path in Path.cwd().parents:  # a folder in use cannot be renamed:
+                moved = []                                         # swap its contents instead
+                try:
+                    for entry in list(path.iterdir()):
+                        os.rename(entry, old / entry.name)
+                        moved.append(entry)
+                    for f in FILES:
+                        os.rename(tmp / f, path / f)
+                except OSError:
+                    for entry in moved:  # put the user's files back before reporting the failure
+                        if not entry.exists():
+                            os.rename(old / entry.name, entry)
+                    raise
+            else:
+                os.rename(path, old / "x")
+                try:
+                    os.rename(tmp, path)
+                except OSError:
+                    os.rename(old / "x", path)  # the user's folder back as it was
+                    raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
@@ -380,13 +400,53 @@ def read_manifest(path) -> dict:
         raise ArtifactError(f"{mf} is corrupt: {e}") from e
     if version != FORMAT_VERSION:
         raise ArtifactError(f"{mf}: format version {version}, this sparsecc reads {FORMAT_VERSION}")
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{mf}: field 'files' must map file names to SHA-256 digests, got {type(files).__name__}")
+    unlisted = [f for f in OPENED if f not in files]
+    if unlisted:  # never open a file whose hash was not checked
+        raise ArtifactError(f"{mf}: field 'files' does not list {', '.join(unlisted)} (every file load opens "
+                            "must carry its SHA-256)")
     for name, digest in files.items():
         f = path / name
+        if Path(name).name != name:
+            raise ArtifactError(f"{mf}: field 'files' names {name!r}, not a file of the export folder")
         if not f.is_file():
             raise ArtifactError(f"{f} is missing from the export folder")
         if _sha256(f) != digest:
             raise ArtifactError(f"{f} is corrupt (its SHA-256 differs from the manifest's)")
+    _check_signature(manifest, mf)
     return manifest
+
+
+_DTYPES = {"float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"}
+
+
+def _check_signature(manifest: dict, mf: Path) -> None:
+    """The fields :func:`load` trusts (target, input specs, output tree), checked before anything is opened.
+
+    Raises
+    ------
+    ArtifactError
+        A missing or malformed field; the message names the file and the field.
+    """
+    target = manifest.get("target")
+    if not isinstance(target, dict) or not isinstance(target.get("name"), str) or not isinstance(target.get("arch"), str):
+        raise ArtifactError(f"{mf}: field 'target' must hold the strings 'name' and 'arch', got {target!r}")
+    inputs = manifest.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise ArtifactError(f"{mf}: field 'inputs' must be a non-empty list of input specs, got {inputs!r}")
+    for i, spec in enumerate(inputs):
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                for d in shape)):
+            raise ArtifactError(f"{mf}: field 'inputs[{i}].shape' must be a list of sizes ≥ 0, got {shape!r}")
+        if spec.get("dtype") not in _DTYPES:
+            raise ArtifactError(f"{mf}: field 'inputs[{i}].dtype' is {spec.get('dtype')!r}, expected one of "
+                                f"{sorted(_DTYPES)}")
+    try:
+        torch.utils._pytree.treespec_loads(manifest.get("output_tree"))
+    except Exception as e:  # noqa: BLE001 - any failure to parse is a bad field
+        raise ArtifactError(f"{mf}: field 'output_tree' is not a torch pytree spec ({type(e).__name__}: {e})") from e
 
 
 class ExportedModule:
@@ -404,8 +464,20 @@ class ExportedModule:
         except Exception as e:
             raise ArtifactError(f"{path / 'model.so'} cannot be loaded: {e}") from e
         self._vm = relax.VirtualMachine(lib, tvm.cpu())
-        self._params = [tvm.runtime.tensor(a) for a in read_tensors(path / "params.bin")]
+        try:
+            self._params = [tvm.runtime.tensor(a) for a in read_tensors(path / "params.bin")]
+        except Exception as e:  # noqa: BLE001 - hash-checked, so written by another version or by hand
+            raise ArtifactError(f"{path / 'params.bin'} cannot be read: {e}") from e
         self._tree = torch.utils._pytree.treespec_loads(manifest["output_tree"])
+        try:
+            arity = int(self._vm._get_function_arity("main"))
+        except Exception as e:  # noqa: BLE001
+            raise ArtifactError(f"{path / 'model.so'} has no function 'main': {e}") from e
+        want = len(manifest["inputs"]) + len(self._params)
+        if arity != want:  # an edited manifest (or params.bin) that no longer matches the library
+            raise ArtifactError(f"{path / 'manifest.json'}: field 'inputs' lists {len(manifest['inputs'])} inputs and "
+                                f"params.bin holds {len(self._params)} tensors, but {path / 'model.so'}'s main takes "
+                                f"{arity} arguments")
 
     def __call__(self, *args):
         import tvm

@@ -71,17 +71,15 @@ _LIB = None  # kept alive for the life of the process
 
 
 def _build(path: Path) -> None:
+    """Compile the launcher into ``path`` (a temporary file of :func:`sparsecc.fileio.write_verified`)."""
     cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
     if cc is None:
         raise OSError("no C compiler")
-    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         src = Path(tmp) / "launch.c"
         src.write_text(_SOURCE)
-        out = Path(tmp) / "launch.so"
-        subprocess.run([cc, "-O2", "-shared", "-fPIC", "-fopenmp", str(src), "-o", str(out)],
+        subprocess.run([cc, "-O2", "-shared", "-fPIC", "-fopenmp", str(src), "-o", str(path)],
                        check=True, capture_output=True, timeout=60)
-        os.replace(out, path)
 
 
 def launcher_address() -> int | None:
@@ -96,11 +94,11 @@ def launcher_address() -> int | None:
             import torch  # noqa: F401 - torch's libgomp must be the one loaded (same soname)
 
             from sparsecc.cache import cache_root
+            from sparsecc.fileio import verified_entry
 
             digest = hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
             path = cache_root() / "runtime" / f"omp_launch-{digest}.so"
-            if not path.exists():
-                _build(path)
+            path = verified_entry(path, _build, "runtime helper library", suffix=".so")  # never a damaged one
             _LIB = ctypes.CDLL(str(path))
             _ADDR = ctypes.cast(_LIB.sparsecc_omp_parallel_launch, ctypes.c_void_p).value
         except (OSError, subprocess.SubprocessError, AttributeError):

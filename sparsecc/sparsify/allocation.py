@@ -264,7 +264,7 @@ class Sensitivity(Allocation):
         path = root / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
         probe.model.eval()
         table = sensitivity_analysis(probe.layers, {n: problem.candidates(n) for n in names}, score.score,
-                                     lambda: problem.eval_fn(probe.model), path, problem.progress)
+                                     lambda: problem.measure(probe.model), path, problem.progress)
         return table["drop"]
 
     def __repr__(self) -> str:

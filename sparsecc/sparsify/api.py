@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 from torch import nn
 
 from ..errors import AccuracyBudgetError, DataError, InvalidSparsityError
+from ..ir.capture import check_model
 from .allocation import ALLOCATIONS, NEEDS_EVAL_FN, Allocation, Error, Global, Sensitivity, Uniform
 from .engine import Sparsified, Training, run_sparsify
 from .layerwise import LayerwisePruning
@@ -353,6 +354,7 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
         The budget cannot be met (with the drops measured).
     """
     t_start = time.perf_counter()
+    check_model(model, "sparsify")
     sparsity, allocation, layerwise = _validate(
         model, sparsity=sparsity, accuracy_budget=accuracy_budget, pattern=pattern, method=method,
         schedule=schedule, data=data, loss_fn=loss_fn, eval_fn=eval_fn, finetune_steps=finetune_steps,

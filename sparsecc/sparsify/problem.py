@@ -8,13 +8,14 @@ example inputs and target (checking them).
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 from torch import nn
 
-from ..errors import InvalidSparsityError, UnknownLayerError
+from ..errors import DataError, InvalidArgumentError, InvalidSparsityError, UnknownLayerError
 from .data import Batches, check_batch, layer_rows
 from .masks import prunable_layers
 from .patterns import UNSTRUCTURED, Pattern, as_matrix, parse_pattern
@@ -91,8 +92,24 @@ class SparsifyProblem:
         return self.importance()
 
     def measure(self, model: nn.Module) -> Optional[float]:
-        """``eval_fn(model)`` as a float, or None without ``eval_fn``."""
-        return float(self.eval_fn(model)) if self.eval_fn is not None else None
+        """``eval_fn(model)`` as a float, or None without ``eval_fn``.
+
+        Raises
+        ------
+        InvalidArgumentError
+            ``eval_fn`` returned something that is not a finite number (NaN, inf, a string, ...).
+        """
+        if self.eval_fn is None:
+            return None
+        value = self.eval_fn(model)
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"eval_fn must return a number, got {type(value).__name__}") from None
+        if not math.isfinite(v):
+            raise InvalidArgumentError(f"eval_fn returned {v} (it must return a finite metric; a NaN or an "
+                                       "infinite metric cannot be compared against the budget)")
+        return v
 
     def fits(self, name: str, pattern: Pattern) -> bool:
         """Whether layer ``name``'s weight matrix can carry ``pattern``."""
@@ -229,7 +246,15 @@ def build_problem(model: nn.Module, example_inputs, *, target, sparsity: Optiona
                  rows.get(n, 1)) for n, mod in all_layers.items()}
     latency = latency_fn(tgt, infos)
     if data is not None:
-        check_batch(next(iter(data)), example_inputs, 0)
+        it = iter(data)
+        try:
+            first = next(it)
+        except StopIteration:
+            raise DataError("data is empty: it yielded no batch (sparsify needs at least one "
+                            "(inputs, target) batch)") from None
+        check_batch(first, example_inputs, 0)
+        if it is data:  # a one-shot iterator (a generator): keep the batch just read
+            data = itertools.chain([first], it)
     return SparsifyProblem(
         base=base, layers=all_layers, infos=infos, latency=latency,
         patterns=candidate_patterns(tgt, pattern, block_shape, sparsity, infos), densities=tuple(densities),

@@ -13,6 +13,7 @@ import hashlib
 import json
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecc.cache import cache_root
-from sparsecc.fileio import atomic_path
+from sparsecc.fileio import CacheWarning, verified, write_verified
 from sparsecc.formats import all_formats
 from sparsecc.runtime.modules import make_linear
 from sparsecc.runtime.timing import measure_ms
@@ -79,10 +80,13 @@ def calibrate(target, use_cache: bool = True, verbose: bool = False, candidates=
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     path = cache_root() / "calibration" / f"{key}.json"
     if use_cache and path.exists():
-        try:
-            return CostModel.from_json(path.read_text())
-        except (ValueError, KeyError, TypeError):
-            pass  # corrupt cache: recalibrate and overwrite
+        ok, why = verified(path)
+        if ok:
+            try:
+                return CostModel.from_json(path.read_text())
+            except (ValueError, KeyError, TypeError) as e:
+                why = f"it does not parse ({e})"
+        warnings.warn(f"calibration {path}: {why}; measuring again", CacheWarning, stacklevel=2)
     t0 = time.perf_counter()
     model = CostModel(source=f"measured {time.strftime('%Y-%m-%d')} on {target.describe()}, "
                              f"{torch.get_num_threads()} threads")
@@ -108,6 +112,10 @@ def calibrate(target, use_cache: bool = True, verbose: bool = False, candidates=
             print(f"calibrated {cand.key}: {cal}")
     model.source += f" in {time.perf_counter() - t0:.1f} s"
     if use_cache:
-        with atomic_path(path) as tmp:
-            tmp.write_text(model.to_json())
+        text = model.to_json()
+        try:
+            write_verified(path, lambda tmp: tmp.write_text(text))
+        except OSError as e:  # a read-only cache: the measured model is used, just not kept
+            warnings.warn(f"calibration {path} not written ({e}); it is used for this process only", CacheWarning,
+                          stacklevel=2)
     return model

@@ -97,6 +97,45 @@ def test_corrupt_or_missing_artifact_files_are_named(host_export, tmp_path):
         sparsecc.load(tmp_path / "nowhere")
 
 
+def _edited(path, tmp_path, edit):
+    import shutil
+
+    bad = tmp_path / "edited"
+    if bad.exists():
+        shutil.rmtree(bad)
+    shutil.copytree(path, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    edit(manifest)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    return bad
+
+
+def test_edited_manifests_are_refused_before_any_file_is_opened(host_export, tmp_path):
+    _, _, x, path = host_export
+    # a file load opens but the manifest does not list (its hash would go unchecked): refused, even when the
+    # file itself is truncated (opening a truncated library is a bus error)
+    bad = _edited(path, tmp_path, lambda m: m["files"].pop("model.so"))
+    data = (bad / "model.so").read_bytes()
+    (bad / "model.so").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ArtifactError, match=r"manifest.json: field 'files' does not list model.so"):
+        sparsecc.load(bad)
+    cases = [
+        (lambda m: m["files"].update({"../outside": "0" * 64}), r"field 'files' names '../outside'"),
+        (lambda m: m.update(inputs=[{"shape": [2, -5, 64], "dtype": "float32"}]), r"field 'inputs\[0\].shape'"),
+        (lambda m: m.update(inputs=[{"shape": [2, 5, 64], "dtype": "complex"}]), r"field 'inputs\[0\].dtype'"),
+        (lambda m: m.update(inputs=[]), r"field 'inputs'"),
+        (lambda m: m.update(output_tree="[not a tree"), r"field 'output_tree'"),
+        (lambda m: m.update(target={"name": 3}), r"field 'target'"),
+        # two inputs where the library takes one: caught at load, not inside TVM at the first call
+        (lambda m: m.update(inputs=m["inputs"] * 2), r"field 'inputs' lists 2 inputs .* main takes"),
+    ]
+    for edit, msg in cases:
+        with pytest.raises(ArtifactError, match=msg):
+            sparsecc.load(_edited(path, tmp_path, edit))
+    # the original still loads and runs
+    assert sparsecc.load(path)(x).shape == (2, 5, 8)
+
+
 @pytest.fixture(scope="module")
 def toolchain():
     from sparsecc.targets.toolchain import aarch64_toolchain
