@@ -1,5 +1,5 @@
 # Two entry points that set everything up on a fresh machine:
-#   make demo   prune all-MiniLM-L6-v2 within a fidelity budget, compile it, print fidelity and speed side by side
+#   make demo   prune all-MiniLM-L6-v2 within a fidelity budget, distill briefly, compile it, print fidelity and speed side by side
 #   make test   run the test suite
 PYTHON ?= python3
 VENV   ?= .venv

@@ -144,3 +144,57 @@ def test_two_processes_on_one_cold_cache(tmp_path):
         assert p.returncode == 0, err[-2000:]
         res = json.loads(out.strip().splitlines()[-1])
         assert res["ok"] and not res["warnings"], res
+
+
+ARTIFACT_SCRIPT = r"""
+import json, sys
+import torch
+import sparsecc
+from sparsecc.errors import ArtifactError
+path, action = sys.argv[1], sys.argv[2]
+if action == "export":
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8)).eval()
+    sparsecc.compile(m, (torch.randn(4, 64),), sparsity=0.8, pattern="block", block_shape=(8, 1),
+                     measure=False).export(path)
+    print(json.dumps({"outcome": "exported"}))
+else:
+    try:
+        y = sparsecc.load(path)(torch.randn(4, 64))
+        print(json.dumps({"outcome": "loaded", "finite": bool(torch.isfinite(y).all())}))
+    except ArtifactError as e:
+        print(json.dumps({"outcome": "ArtifactError", "message": str(e)}))
+"""
+
+
+def _artifact(path: Path, action: str, cache: Path) -> dict:
+    env = dict(os.environ, SPARSECC_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", ARTIFACT_SCRIPT, str(path), action], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, f"exit {r.returncode} (a crash is a negative code):\n{r.stderr[-2000:]}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_damaged_artifacts_are_refused_without_a_crash(warm, tmp_path):
+    import shutil
+
+    good = tmp_path / "good"
+    assert _artifact(good, "export", warm)["outcome"] == "exported"
+    assert _artifact(good, "load", warm)["outcome"] == "loaded"
+
+    def unlist(p):
+        m = json.loads((p / "manifest.json").read_text())
+        m["files"].pop("model.so")
+        (p / "manifest.json").write_text(json.dumps(m))
+
+    cases = {"truncated model.so": (lambda p: _truncate(p / "model.so"), "model.so is corrupt"),
+             "a flipped byte in params.bin": (lambda p: _flip(p / "params.bin"), "params.bin is corrupt"),
+             "model.so deleted": (lambda p: (p / "model.so").unlink(), "model.so is missing"),
+             "model.so unlisted and truncated": (lambda p: (unlist(p), _truncate(p / "model.so")),
+                                                 "does not list model.so")}
+    for name, (damage, message) in cases.items():
+        bad = tmp_path / name.replace(" ", "_")
+        shutil.copytree(good, bad)
+        damage(bad)
+        out = _artifact(bad, "load", warm)
+        assert out["outcome"] == "ArtifactError" and message in out["message"], (name, out)

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from ..errors import CacheWarning
 from ..fileio import atomic_path
 from .patterns import Pattern, as_matrix, from_matrix, mask_from_scores
 
@@ -44,8 +46,11 @@ def model_fingerprint(layers: dict) -> str:
 
 
 def _atomic_write_json(path: Path, data) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    except OSError as e:  # a read-only cache: the table is used for this run, just not kept
+        warnings.warn(f"sensitivity table {path} not written ({e})", CacheWarning, stacklevel=2)
 
 
 def sensitivity_analysis(layers: dict, candidates: dict, scores: Callable[[str, torch.Tensor], torch.Tensor],
@@ -79,8 +84,10 @@ def sensitivity_analysis(layers: dict, candidates: dict, scores: Callable[[str, 
     if cache_path is not None and cache_path.exists():
         try:
             cache = json.loads(cache_path.read_text())
-        except (OSError, ValueError):
-            cache = {}  # unreadable cache: measure again and overwrite it
+        except (OSError, ValueError) as e:  # unreadable: measure again and overwrite it
+            warnings.warn(f"sensitivity table {cache_path} is unreadable ({type(e).__name__}); measuring again",
+                          CacheWarning, stacklevel=2)
+            cache = {}
     if "base" not in cache:
         cache = {"base": float(eval_fn()), "drop": {}}
     drops = cache["drop"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -29,7 +30,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 from tvm.s_tir.meta_schedule.database import PyDatabase
 
-from sparsecc.errors import TuningError
+from sparsecc.errors import CacheWarning, TuningError
 from sparsecc.fileio import atomic_path
 
 __all__ = [
@@ -165,10 +166,8 @@ class SparseJSONDatabase(PyDatabase):
     folder : path
         Created if missing.
 
-    Raises
-    ------
-    TuningError
-        A line other than the last is not valid, or a record names a missing workload.
+    A line other than the last that does not load (or a record of a workload that did not) is skipped with a
+    :class:`~sparsecc.errors.CacheWarning`: the layers it would have served keep their hand schedules.
     """
 
     def __init__(self, folder) -> None:
@@ -193,25 +192,33 @@ class SparseJSONDatabase(PyDatabase):
             _drop_partial_last_line(path)
             path.touch()
         lines = [ln for ln in self.path_workload.read_text().splitlines() if ln.strip()]
-        workloads = []
-        try:
-            for i, ln in enumerate(lines):
+        workloads: list = []  # None for a line that does not load (its records are skipped too)
+        skipped = []
+        for i, ln in enumerate(lines):
+            try:
                 w = self._mem.commit_workload(ms.database.Workload.from_json(json.loads(ln)).mod)
-                workloads.append(w)
-                self._index.setdefault(tvm_ffi.structural_hash(w.mod), []).append((i, w))
-            for ln in self.path_record.read_text().splitlines():
-                if not ln.strip():
-                    continue
+            except Exception as e:  # noqa: BLE001 - a damaged line is skipped, the rest is used
+                workloads.append(None)
+                skipped.append(f"{self.path_workload.name} line {i + 1} ({type(e).__name__})")
+                continue
+            workloads.append(w)
+            self._index.setdefault(tvm_ffi.structural_hash(w.mod), []).append((i, w))
+        for j, ln in enumerate(self.path_record.read_text().splitlines()):
+            if not ln.strip():
+                continue
+            try:
                 idx, rec = json.loads(ln)
                 if not 0 <= int(idx) < len(workloads):
-                    raise TuningError(f"{self.path_record}: record names workload {idx}, "
-                                      f"{self.path_workload} has {len(workloads)}")
+                    raise TuningError(f"record names workload {idx}, {self.path_workload.name} has {len(workloads)}")
+                if workloads[int(idx)] is None:
+                    raise TuningError(f"its workload (line {int(idx) + 1}) did not load")
                 self._mem.commit_tuning_record(_record_from_json(rec, workloads[int(idx)]))
                 self._count += 1
-        except TuningError:
-            raise
-        except Exception as e:  # noqa: BLE001 - re-raised with context
-            raise TuningError(f"cannot load the tuning database in {self.folder}: {e}") from e
+            except Exception as e:  # noqa: BLE001
+                skipped.append(f"{self.path_record.name} line {j + 1} ({e if isinstance(e, TuningError) else type(e).__name__})")
+        if skipped:  # the layers they would have served keep their hand schedules
+            warnings.warn(f"tuning database {self.folder}: skipped {len(skipped)} damaged entries: "
+                          + "; ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""), CacheWarning, stacklevel=3)
         self._n_workloads = len(workloads)
 
     def has_workload(self, mod) -> bool:

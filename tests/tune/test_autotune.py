@@ -198,6 +198,15 @@ def test_interrupted_run_leaves_loadable_db(tmp_path, monkeypatch):
     res = tuner.tune_workloads(wls, tmp_path, trials=2, progress=False)
     assert [r.skipped for r in res] == [True, False]
     assert len(database.open_json_database(tmp_path).get_all_tuning_records()) == 4
+    # a damaged line in the middle (a flipped byte): skipped with a warning, the other records still load
+    path = tmp_path / "database_tuning_record.json"
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1][:10] + "#" + lines[1][11:]
+    path.write_text("\n".join(lines) + "\n")
+    from sparsecc.errors import CacheWarning
+
+    with pytest.warns(CacheWarning, match=r"skipped 1 damaged entries: database_tuning_record.json line 2"):
+        assert len(database.open_json_database(tmp_path).get_all_tuning_records()) == 3
 
 
 def test_compile_uses_tuning_db_and_other_model_reuses_it(tmp_path, monkeypatch):
