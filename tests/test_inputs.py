@@ -40,13 +40,13 @@ def test_keyword_inputs_are_matched_by_name():
     class Two(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b = nn.Linear(16, 8), nn.Linear(16, 8)
+            self.a, self.b = nn.Linear(16, 8), nn.Linear(4, 8)
 
         def forward(self, left, right):
             return self.a(left) - self.b(right)
 
     two = Two().eval()
-    l_, r_ = torch.randn(3, 16), torch.randn(3, 16)
+    l_, r_ = torch.randn(3, 16), torch.randn(3, 4)  # different shapes: the order of the checks matters
     cm = sparsecc.compile(two, {"left": l_, "right": r_}, sparsity=0.5, measure=False)
     ref = sparsecc.prune(two, 0.5)(left=l_, right=r_)
     torch.testing.assert_close(cm(right=r_, left=l_), ref)  # another order than the example's

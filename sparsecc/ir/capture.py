@@ -94,7 +94,8 @@ def capture(model: torch.nn.Module, example_inputs: Any,
             ep = torch.export.export(owned, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         gm = ep.module()
         specs = _specs_from_placeholders(gm, args, kwargs, ep.range_constraints)
-        return SparseGraph(gm, "export", specs, arg_names=_positional_names(model, len(args)))
+        return SparseGraph(gm, "export", specs, arg_names=_positional_names(model, len(args)),
+                           kwarg_names=tuple(kwargs))
     except Exception as export_err:  # noqa: BLE001 - any export failure falls back to fx
         if dynamic_shapes is not None and _is_user_error(export_err):
             raise CaptureError(f"torch.export rejected dynamic_shapes: {export_err}") from export_err
@@ -110,7 +111,8 @@ def capture(model: torch.nn.Module, example_inputs: Any,
         # fx graphs are shape-agnostic: leading dims dynamic, feature (last) dim fixed
         specs = [InputSpec(p, (None,) * (t.dim() - 1) + tuple(t.shape[-1:]), t.dtype)
                  for p, t in iter_tensor_leaves((args, kwargs))]
-        return SparseGraph(gm, "fx", specs, arg_names=_positional_names(model, len(args)))
+        return SparseGraph(gm, "fx", specs, arg_names=_positional_names(model, len(args)),
+                           kwarg_names=tuple(kwargs))
 
 
 def _positional_names(model: torch.nn.Module, n: int) -> tuple:

@@ -94,12 +94,15 @@ class SparseGraph:
         One per flattened example input leaf that is a tensor.
     """
 
-    def __init__(self, gm: fx.GraphModule, method: str, input_specs: list[InputSpec], arg_names: tuple = ()):
+    def __init__(self, gm: fx.GraphModule, method: str, input_specs: list[InputSpec], arg_names: tuple = (),
+                 kwarg_names: tuple = ()):
         self.gm = gm
         self.method = method
         self.input_specs = input_specs
         #: names of the positional inputs the model was captured with (its forward's parameters)
         self.arg_names = tuple(arg_names)
+        #: the keyword inputs of the example, in its order (the order the input specs are in)
+        self.kwarg_names = tuple(kwarg_names)
         #: parameter names of the weights that may be pruned (``passes.prune.prunable_weights`` of the user's
         #: model, set by capture); None: every site
         self.prunable: Optional[frozenset] = None
@@ -113,6 +116,8 @@ class SparseGraph:
         InputShapeError
             A keyword the model was not compiled with, or an input given twice.
         """
+        if kwargs and self.kwarg_names and set(kwargs) == set(self.kwarg_names):  # another order: the example's
+            return args, {k: kwargs[k] for k in self.kwarg_names}
         if not kwargs or not self.arg_names:
             return args, kwargs
         given = list(args)
