@@ -167,6 +167,26 @@ def test_arm_residual_cnn_at_80_percent_runs_under_qemu(toolchain, tmp_path):
     assert float((y - ref).abs().max()) <= 1e-3 * float(ref.abs().max())
 
 
+def test_arm_conv_epilogues_keep_nan_and_inf_under_qemu(toolchain, tmp_path):
+    """Sparse convs with fused ReLU6 and ReLU on aarch64: NaN and -inf in the biases come out as torch's."""
+    from sparsecc.runtime.export import run_artifact_under_qemu
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU6(), nn.Conv2d(32, 32, 1), nn.ReLU()).eval()
+    with torch.no_grad():
+        model[0].bias[3] = float("inf")  # relu6(inf) = 6: the next conv sees finite inputs
+        model[2].bias[5] = float("nan")  # relu(nan) = nan (a max-based relu gave 0)
+        model[2].bias[7] = float("inf")
+        model[2].bias[9] = float("-inf")  # relu(-inf) = 0
+    x = torch.randn(1, 16, 8, 8)
+    cm = sparsecc.compile(model, x, target="arm", sparsity=0.8, pattern="block", block_shape=(16, 1), measure=False)
+    assert sum(a.format == "bsr" for a in cm.layers) == 2
+    ref = sparsecc.prune(model, 0.8, block_shape=(16, 1))(x)
+    assert torch.isnan(ref).any() and torch.isinf(ref).any()
+    y, _ = run_artifact_under_qemu(cm.export(tmp_path / "arm"), x)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
 def test_arm_linear_model_under_qemu(toolchain, tmp_path):
     """Sparse linears with fused ReLU/GELU and a 3-d input whose M is not a multiple of the NEON tile."""
     from sparsecc.runtime.export import run_artifact_under_qemu

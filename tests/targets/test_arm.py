@@ -220,14 +220,14 @@ def test_xcsr_kernel_under_qemu_matches_torch(toolchain, m_rows, n_out, k, densi
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu"])
-@pytest.mark.parametrize("family,m_rows", [("csr", 13), ("bsr", 3), ("xcsr", 1), ("xcsr", 13)])
+@pytest.mark.parametrize("family,m_rows", [("csr", 13), ("bsr", 3), ("xcsr", 1), ("xcsr", 13), ("nm", 2), ("nm", 9)])
 def test_fused_epilogues_under_qemu_keep_nan_and_inf_as_torch(toolchain, family, m_rows, act):
     # NaN and infinities in the bias and in a weight (the inputs are finite: the kernel runs, see runtime.ieee)
-    from sparsecc.formats import RowSparseMatrix
-    from sparsecc.runtime.qemu import run_linear_under_qemu, run_xcsr_linear_under_qemu
+    from sparsecc.formats import NMSparseMatrix, RowSparseMatrix
+    from sparsecc.runtime.qemu import run_linear_under_qemu, run_nm_linear_under_qemu, run_xcsr_linear_under_qemu
 
     block = (8, 1) if family == "bsr" else (1, 1)
-    w = _weight(16, 12, block, 0.5, seed=3)
+    w = _nm_weight(16, 12, 2, 4, seed=3) if family == "nm" else _weight(16, 12, block, 0.5, seed=3)
     r, c = (w != 0).nonzero()[0]
     w[r, c] = float("nan")
     b = torch.randn(16)
@@ -235,6 +235,8 @@ def test_fused_epilogues_under_qemu_keep_nan_and_inf_as_torch(toolchain, family,
     x = torch.randn(m_rows, 12)
     if family == "xcsr":
         y, _ = run_xcsr_linear_under_qemu(RowSparseMatrix.from_dense(w), x, b, act)
+    elif family == "nm":
+        y, _ = run_nm_linear_under_qemu(NMSparseMatrix.from_dense(w, 2, 4), x, b, act)
     else:
         y, _ = run_linear_under_qemu(BlockSparseMatrix.from_dense(w, block), x, b, act)
     torch.testing.assert_close(y, _ref(x, w, b, act), rtol=1e-4, atol=1e-4, equal_nan=True)
