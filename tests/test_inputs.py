@@ -81,9 +81,11 @@ def test_train_mode_warns_and_compiles_eval_semantics_leaving_the_model_alone():
 
 def test_a_block_shape_that_tiles_no_layer_warns():
     with pytest.warns(PatternWarning, match=r"block shape \(7, 3\) tiles none of the 2 layers"):
-        sparsecc.prune(_mlp(), 0.5, block_shape=(7, 3))
+        pruned = sparsecc.prune(_mlp(), 0.5, block_shape=(7, 3))
+    assert float((pruned[0].weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)  # pruned unstructured
     with pytest.warns(PatternWarning, match="tiles not all"):
-        sparsecc.prune(nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 7)), 0.5, block_shape=(8, 1))
+        pruned = sparsecc.prune(nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 7)), 0.5, block_shape=(8, 1))
+    assert bool((pruned[0].weight.reshape(4, 8, 16) == 0).all(1).any())  # the tiled layer lost whole 8x1 blocks
 
 
 def test_unknown_layer_lists_the_prunable_ones():
