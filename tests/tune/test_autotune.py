@@ -4,6 +4,7 @@ and compile(tuning_db=...) uses it. Small workloads and 2-4 trials each to stay 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -219,7 +220,9 @@ def test_compile_uses_tuning_db_and_other_model_reuses_it(tmp_path, monkeypatch)
                             work_dir=tmp_path, rows=[1, 16], progress=False)
     rows = summary.rows()
     assert len(rows) == 4 and all(r["choice"] == "tuned" for r in rows)
-    assert "bsr_16x1|N1024|K512|" in str(summary) and "|M16|bias|relu" in str(summary)
+    # the block the cost model picks for weights pruned in 16x1 blocks: 16x1 or a smaller column block that tiles
+    # them without fill-in (which one depends on this machine's calibration)
+    assert re.search(r"bsr_(16|8|4)x1\|N1024\|K512\|", str(summary)) and "|M16|bias|relu" in str(summary)
     with pytest.raises(TuningError):
         sparsecc.compile(model, (x,), tuning_db=tmp_path / "missing")
 
