@@ -22,7 +22,7 @@ from sparsecc.errors import (
 from sparsecc.formats import BSR, CSR, NM, BlockSparseMatrix
 from sparsecc.formats import block_candidate
 from sparsecc.runtime.ieee import all_finite, torch_linear
-from sparsecc.runtime.kernels import check_activation, load_or_build
+from sparsecc.runtime.kernels import check_activation, load_or_build, stored_bsr_dense
 from sparsecc.targets import cuda
 
 __all__ = ["CudaBuildArtifact", "CudaKernel", "CudaSparseLinear", "cuda_linear", "get_cuda_linear_kernel"]
@@ -184,11 +184,8 @@ class CudaSparseLinear(torch.nn.Module):
         if m == 0:
             return x.new_empty(lead + (n,))
         if not all_finite(x2):  # skipping W's zeros would drop their 0 · NaN (runtime.ieee)
-            nnzb = int(self.indptr[-1])
-            w = BlockSparseMatrix(self.shape, self.block, self.data[:nnzb].cpu(), self.indices[:nnzb].cpu(),
-                                  self.indptr.cpu()).to_dense().to(x.device)
             bias = self.bias.reshape(-1) if self.bias is not None else None
-            return torch_linear(x2, w, bias, self.activation).view(lead + (n,))
+            return torch_linear(x2, stored_bsr_dense(self).to(x.device), bias, self.activation).view(lead + (n,))
         if not x2.is_contiguous() or x2.data_ptr() % 64:
             x2 = x2.contiguous() if not x2.is_contiguous() else x2.clone()  # caching allocator: aligned
         fn = self._kernel(cuda.regime_for(m)).fn

@@ -29,7 +29,7 @@ from sparsecc.runtime.ieee import all_finite, torch_linear
 from sparsecc.targets import x86
 
 __all__ = ["ALIGN", "SparseLinear", "aligned", "aligned_empty", "check_activation", "get_linear_kernel",
-           "load_or_build", "output_buffer", "rows_of", "target_key"]
+           "load_or_build", "output_buffer", "rows_of", "stored_bsr_dense", "target_key"]
 
 ALIGN = 64
 
@@ -175,6 +175,14 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def stored_bsr_dense(mod) -> torch.Tensor:
+    """W: (N, K) dense (on the CPU) from a module's BSR buffers ``data``, ``indices``, ``indptr`` (a module with
+    no stored block keeps one dummy block that ``indptr`` leaves unread) and its ``shape`` and ``block``."""
+    nnzb = int(mod.indptr[-1])
+    return BlockSparseMatrix(mod.shape, mod.block, mod.data[:nnzb].cpu(), mod.indices[:nnzb].cpu(),
+                             mod.indptr.cpu()).to_dense()
+
+
 class SparseLinear(torch.nn.Module):
     """``act(x @ W.T + b)`` with ``W`` block-sparse, run by a TVM kernel.
 
@@ -264,9 +272,7 @@ class SparseLinear(torch.nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """W: (N, K) dense, with its zeros, from the stored blocks."""
-        nnzb = int(self.indptr[-1])
-        return BlockSparseMatrix(self.shape, self.block, self.data[:nnzb], self.indices[:nnzb],
-                                 self.indptr).to_dense()
+        return stored_bsr_dense(self)
 
     def torch_forward(self, x2: torch.Tensor) -> torch.Tensor:
         """torch's ``act(x2 @ W.T + b)`` for x2 (M, K): the path of inputs holding NaN or inf."""
