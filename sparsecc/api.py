@@ -10,14 +10,16 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .errors import InvalidSparsityError, TuningError
+from .errors import InvalidSparsityError, TargetError, TuningError
 from .formats import NM_PATTERN_NAMES, as_matrix, from_matrix
 from .ir.capture import capture, check_model, warn_if_training
 from .ir.rewrite import example_rows
 from .passes import PassContext, PassManager, default_pipeline
 from .passes.choose_format import check_pattern
 from .passes.conv import conv_matrix_shapes
+from .passes.pipeline import routing_pipeline
 from .passes.prune import check_sparsity_value, prunable_sites, prunable_weights
+from .passes.routing import check_densities
 from .runtime import finish
 from .runtime.compiled import CompiledModule, module_bytes
 from .targets import resolve_target
@@ -27,7 +29,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
             sparsity: Union[None, float, dict] = None, pattern: str = "auto",
             dynamic_shapes: Optional[Any] = None, block_shape: Optional[tuple] = None,
             measure: bool = True, print_after=(), dump_dir=None, build_only: bool = False,
-            tuning_db=None) -> CompiledModule:
+            tuning_db=None, activation_density=None, calibration=None,
+            activation_gate: str = "down") -> CompiledModule:
     """Compile ``model`` into a module whose sparse linears run as TVM kernels.
 
     Parameters
@@ -76,6 +79,19 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
         activation, target) has a tuned record use it, the others the hand
         schedules; ``cm.report()`` marks them ``tuned(M=...)`` (or
         ``hand-kept(M=...)`` where tuning kept the hand schedule).
+    activation_density : float or sequence of float, optional
+        Activation routing (contextual sparsity): the down projection of every feed-forward block (linear →
+        activation → linear) reads only the weight rows of the neurons whose activation magnitude passes a
+        gate calibrated to keep this fraction of them. A sequence gives run-time levels, densest first
+        (``cm.set_level(k)``, ``cm(x, level=k)``, ``cm.levels()``); 1.0 skips only exact zeros (lossless).
+        Routed layers are those whose gated kernel, timed at the example's shape, beats torch dense; their
+        weights are not pruned. See :mod:`sparsecc.passes.routing`.
+    calibration : list, optional
+        Example calls (tensors, tuples of positional inputs, or dicts of keyword inputs, shaped like
+        ``example_inputs``) the gate thresholds are calibrated on; required with ``activation_density``.
+    activation_gate : {"down", "both"}
+        Which inputs are gated: the down projection's (the block's intermediate activation), or also the
+        block's input read by the up projection (TEAL), so both projections skip weight rows.
 
     Returns
     -------
@@ -93,7 +109,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
     CaptureError
         The model could not be captured.
     InvalidArgumentError
-        ``model`` is not a ``torch.nn.Module``.
+        ``model`` is not a ``torch.nn.Module``; an activation density outside (0, 1].
+    RoutingError
+        ``activation_density`` given for a model without a feed-forward block.
+    DataError
+        ``activation_density`` without calibration inputs, or one they do not run through.
 
     Warns
     -----
@@ -122,6 +142,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
                     "(pass sparsity=None)")
     if block_shape is not None and (len(tuple(block_shape)) != 2 or min(block_shape) < 1):
         raise InvalidSparsityError(f"block_shape must be (rows, cols) ≥ 1, got {block_shape!r}")
+    if activation_density is not None:
+        check_densities(activation_density)
     tgt = resolve_target(target, build_only=build_only)
     tgt.check_available()
     db = None
@@ -147,9 +169,18 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
             block = ctx.cost_model.best_block(shapes, 1.0 - s, m) if shapes else (1, 1)
 
     ctx.options["prune_block"] = block
-    graph = PassManager(default_pipeline(tgt, sparsity, pattern, block, measure=measure)).run(graph, ctx)
-    return finish(CompiledModule(graph, tgt, time.perf_counter() - t0, original_bytes, ctx.history,
-                                 prune_block=block if sparsity is not None else None), tgt)
+    passes = default_pipeline(tgt, sparsity, pattern, block, measure=measure)
+    if activation_density is not None:
+        if tgt.kind not in ("x86", "arm"):
+            raise TargetError(f"activation routing runs on CPU targets (x86, arm), not {tgt.name!r}")
+        passes += routing_pipeline(activation_density, calibration, measure=measure and tgt.can_time_kernels,
+                                   gate=activation_gate)
+    graph = PassManager(passes).run(graph, ctx)
+    cm = CompiledModule(graph, tgt, time.perf_counter() - t0, original_bytes, ctx.history,
+                        prune_block=block if sparsity is not None else None)
+    if activation_density is not None:
+        cm.calibration = list(calibration)
+    return finish(cm, tgt)
 
 
 def prune(model: torch.nn.Module, sparsity: Union[None, float, dict] = None, *, block_shape: tuple = (1, 1),
@@ -177,7 +208,11 @@ def prune(model: torch.nn.Module, sparsity: Union[None, float, dict] = None, *, 
     ------
     InvalidSparsityError, UnknownLayerError
     InvalidArgumentError
-        ``model`` is not a ``torch.nn.Module``.
+        ``model`` is not a ``torch.nn.Module``; an activation density outside (0, 1].
+    RoutingError
+        ``activation_density`` given for a model without a feed-forward block.
+    DataError
+        ``activation_density`` without calibration inputs, or one they do not run through.
 
     Warns
     -----

@@ -83,6 +83,10 @@ class TargetUnavailableError(TargetError):
     """The target's device is not present here (e.g. ``target="cuda"`` without a GPU); the message says what to do."""
 
 
+class RoutingError(SparseccError, ValueError):
+    """Activation routing cannot apply: no feed-forward block in the model, or a routed layer inconsistent."""
+
+
 class TuningError(SparseccError, RuntimeError):
     """Autotuning failed, or a tuning database (``work_dir``) is missing or unreadable."""
 

@@ -21,8 +21,9 @@ from .attention import ChooseAttention
 from .lower import ChainSparseLinears, LowerSparseLinears
 from .nm import NMPrune
 from .prune import MagnitudePrune
+from .routing import CalibrateGates, FindMLPBlocks, RouteActivations
 
-__all__ = ["default_pipeline"]
+__all__ = ["default_pipeline", "routing_pipeline"]
 
 
 def default_pipeline(target, sparsity=None, pattern: str = "auto", block=(1, 1), measure: bool = True) -> list:
@@ -42,3 +43,9 @@ def default_pipeline(target, sparsity=None, pattern: str = "auto", block=(1, 1),
     if measure:  # the attention form is chosen by timing both on this host
         passes.append(ChooseAttention())
     return passes
+
+
+def routing_pipeline(densities, calibration, measure: bool = True, gate: str = "down") -> list:
+    """The activation-routing passes, run after :func:`default_pipeline` (layers it lowered to sparse weight
+    kernels are not routed): find the feed-forward blocks, calibrate their gates, route them."""
+    return [FindMLPBlocks(gate), CalibrateGates(densities, calibration), RouteActivations(measure=measure)]

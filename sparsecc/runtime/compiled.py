@@ -6,9 +6,9 @@ from typing import Optional
 
 import torch
 
-from ..errors import InputShapeError
+from ..errors import InputShapeError, InvalidArgumentError, RoutingError
 from ..ir.annotations import LayerAnnotation, get_annotation
-from ..ir.graph import SparseGraph
+from ..ir.graph import SparseGraph, iter_tensor_leaves
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -47,15 +47,27 @@ class CompiledModule:
         self.original_weight_bytes = original_weight_bytes
         self.history = history or []
         self.prune_block = prune_block
+        #: the calibration calls of activation routing (``levels()`` measures on them)
+        self.calibration: list = []
+        self._levels = None
 
-    def __call__(self, *args, **kwargs):
-        """Run the compiled model under ``torch.no_grad``.
+    def __call__(self, *args, level: Optional[int] = None, **kwargs):
+        """Run the compiled model under ``torch.no_grad``; ``level``: the routing level of this call only.
 
         Raises
         ------
         InputShapeError, InputDtypeError
             An input differs from the compiled input spec (the message names the expected shape).
+        InvalidArgumentError
+            ``level`` is not a level of the compiled module.
         """
+        if level is not None:
+            before = self.level
+            self.set_level(level)
+            try:
+                return self(*args, **kwargs)
+            finally:
+                self.set_level(before)
         args, kwargs = self.graph.bind(args, kwargs)
         self.graph.check_inputs(args, kwargs)
         with torch.no_grad():
@@ -66,6 +78,137 @@ class CompiledModule:
                     raise
                 raise InputShapeError(f"the inputs break a shape guard of the compiled graph ({e}); expected "
                                       + "; ".join(f"{s.path}: {s.describe()}" for s in self.graph.input_specs)) from e
+
+    # -------------------------------------------------------------------------------- routing levels
+    def gated_layers(self) -> list:
+        """``(layer name, GatedLinear)`` of every activation-routed layer, in graph order."""
+        out = []
+        for node in self.graph.graph.nodes:
+            if node.op == "call_module":
+                mod = self.graph.gm.get_submodule(node.target)
+                if getattr(mod, "format", None) == "gated":
+                    out.append((mod.name, mod))
+        return out
+
+    @property
+    def num_levels(self) -> int:
+        """Run-time levels of the routed layers (1 when nothing is routed)."""
+        gated = self.gated_layers()
+        return gated[0][1].num_levels if gated else 1
+
+    @property
+    def level(self) -> int:
+        gated = self.gated_layers()
+        return gated[0][1].level if gated else 0
+
+    def set_level(self, level: int) -> None:
+        """Switch every routed layer to the gate thresholds of ``level`` (0: the densest); nothing is rebuilt.
+
+        Raises
+        ------
+        InvalidArgumentError
+            ``level`` is not an int in ``[0, num_levels)``.
+        """
+        n = self.num_levels
+        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < n:
+            raise InvalidArgumentError(f"level must be an int in [0, {n}) (the module has {n} routing level"
+                                       f"{'s' if n != 1 else ''}), got {level!r}")
+        for _, mod in self.gated_layers():
+            mod.set_level(level)
+
+    def levels(self, runs: int = 10, refresh: bool = False) -> list:
+        """Every routing level's activation densities, latency and fidelity on the calibration data.
+
+        Latency: median ms of the compiled module on the first calibration call, the levels and the ungated
+        module timed in interleaved rounds. Fidelity: mean cosine similarity (per sample, over the first tensor
+        output) and max abs difference to the ungated module's output, over every calibration call.
+
+        Returns
+        -------
+        list of dict
+            ``level``, ``density`` (target, mean over layers), ``realized_density`` (measured per token),
+            ``ms``, ``ungated_ms``, ``cosine``, ``max_abs_diff``.
+
+        Raises
+        ------
+        RoutingError
+            Nothing is routed, or no calibration data.
+        """
+        import torch.nn.functional as F
+
+        from .timing import interleaved_ms
+
+        gated = self.gated_layers()
+        if not gated:
+            raise RoutingError("the compiled module has no activation-routed layer (compile with "
+                               "activation_density=...)")
+        if not self.calibration:
+            raise RoutingError("levels() needs the calibration data the module was compiled with")
+        if self._levels is not None and not refresh:
+            return self._levels
+        from ..passes.routing import _as_call
+
+        calls = [_as_call(c) for c in self.calibration]
+        before = self.level
+
+        def first_out(out):
+            return next(t for _, t in iter_tensor_leaves(out)).float()
+
+        acts: dict = {}
+
+        def recorder(name):
+            def hook(mod, inp):
+                acts.setdefault(name, []).append(inp[0].detach())
+            return hook
+
+        try:
+            for _, mod in gated:
+                mod.bypass = True
+            hooks = [mod.register_forward_pre_hook(recorder(name)) for name, mod in gated]
+            refs = [first_out(self(*a, **k)) for a, k in calls]
+            for h in hooks:
+                h.remove()
+            for _, mod in gated:
+                mod.bypass = False
+            rows = []
+            a0, k0 = calls[0]
+            for lv in range(self.num_levels):
+                self.set_level(lv)
+                cos, diff = [], 0.0
+                for (a, k), ref in zip(calls, refs):
+                    out = first_out(self(*a, **k))
+                    cos.append(F.cosine_similarity(out.reshape(out.shape[0], -1), ref.reshape(ref.shape[0], -1),
+                                                   dim=-1))
+                    diff = max(diff, float((out - ref).abs().max()))
+                dens = [mod.densities[lv] for _, mod in gated if mod.densities[lv] is not None]
+                real = [mod.realized_density(torch.cat([x.reshape(-1, mod.shape[1]) for x in acts[name]]), lv)
+                        for name, mod in gated]
+                rows.append({"level": lv, "density": sum(dens) / len(dens) if dens else None,
+                             "realized_density": sum(real) / len(real), "cosine": float(torch.cat(cos).mean()),
+                             "max_abs_diff": diff})
+
+            def at(lv):
+                return lambda: self(*a0, level=lv, **k0)
+
+            def ungated():
+                for _, mod in gated:
+                    mod.bypass = True
+                try:
+                    return self(*a0, **k0)
+                finally:
+                    for _, mod in gated:
+                        mod.bypass = False
+
+            fns = {"ungated": ungated} | {lv: at(lv) for lv in range(self.num_levels)}
+            t = interleaved_ms(fns, runs=runs)
+            for r in rows:
+                r["ms"], r["ungated_ms"] = t[r["level"]], t["ungated"]
+        finally:
+            for _, mod in gated:
+                mod.bypass = False
+            self.set_level(before)
+        self._levels = rows
+        return rows
 
     @property
     def layers(self) -> list[LayerAnnotation]:
@@ -99,6 +242,17 @@ class CompiledModule:
         lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "-" * len(lines[0]))
         n_sparse = sum(1 for a in self.layers if a.format not in (None, "dense"))
+        gated = self.gated_layers()
+        if gated:
+            lines += ["", f"activation routing: {len(gated)} linear{'s' if len(gated) != 1 else ''} read gated "
+                      f"activations, level {self.level} of "
+                      f"{self.num_levels} (densities per level: "
+                      + ", ".join("/".join("?" if d is None else f"{d:.2f}" for d in mod.densities)
+                                  for _, mod in gated[:1]) + ")"]
+            for name, mod in gated:
+                lines.append(f"  {name}: {mod.shape[1]} neurons, thresholds "
+                             + ", ".join("dense" if i in mod.dense_levels else f"{float(t):.4g}"
+                                         for i, t in enumerate(mod.thresholds.reshape(-1))))
         lines.append("")
         lines.append(
             f"{n_sparse}/{len(self.layers)} linears on sparse kernels; weights "

@@ -1,0 +1,356 @@
+"""Activation routing (contextual sparsity): find feed-forward blocks, calibrate their gates, run them gated.
+
+Three passes:
+
+1. :class:`FindMLPBlocks` (analysis) marks the down projection of every feed-forward block, ``linear →
+   activation → linear`` or the gated form ``(act(linear_g(x)) · linear_u(x)) → linear`` (SwiGLU / GeGLU), in
+   ``node.meta["sparsecc.routing"]``; with ``gate="both"`` also its up projection(s), whose input is gated too.
+2. :class:`CalibrateGates` (analysis) runs the graph on calibration inputs, records the magnitudes of every marked
+   linear's input (for a down projection, the block's intermediate activation) and writes per level the threshold that keeps
+   the target fraction of them (the (1 - density) quantile of ``|h|``; TEAL, Liu et al. 2024, calibrates its
+   magnitude thresholds the same way, without training). A density of 1 gives threshold 0: only exact zeros are
+   skipped, so a ReLU block's natural sparsity is used without changing its output.
+3. :class:`RouteActivations` (rewrite) replaces each marked linear that is faster gated than dense at
+   the example's token count (timed here) by a :class:`sparsecc.runtime.gated.GatedLinear` holding every level.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from ..errors import DataError, RoutingError
+from ..ir.annotations import annotate, get_annotation
+from ..ir.graph import SparseGraph
+from ..ir.rewrite import delete_unused_attrs, fresh_attr, val_shape
+from .base import Pass, PassContext, PassResult
+
+__all__ = ["CalibrateGates", "FindMLPBlocks", "META", "RouteActivations", "check_densities", "routed_blocks"]
+
+#: node.meta key of the routing passes
+META = "sparsecc.routing"
+#: activations that make an intermediate worth gating (their outputs cluster near zero)
+ACTIVATIONS = {
+    torch.ops.aten.relu.default: "relu", torch.ops.aten.gelu.default: "gelu", torch.ops.aten.silu.default: "silu",
+    torch.ops.aten.sigmoid.default: "sigmoid", torch.ops.aten.tanh.default: "tanh",
+    torch.ops.aten.relu6.default: "relu6", torch.ops.aten.hardtanh.default: "hardtanh",
+}
+_MUL = (torch.ops.aten.mul.Tensor,)
+#: at most this many activation magnitudes per layer go into the quantile (torch.quantile's input limit is 16M)
+MAX_SAMPLES = 2_000_000
+
+
+def check_densities(densities) -> list:
+    """The activation densities of the levels as a list of floats in (0, 1], densest first.
+
+    Raises
+    ------
+    InvalidArgumentError
+        A density outside (0, 1], none, or the levels not in non-increasing order.
+    """
+    from ..errors import InvalidArgumentError
+
+    if isinstance(densities, (str, bytes)) or not isinstance(densities, (int, float, list, tuple)):
+        raise InvalidArgumentError(f"activation density must be a float in (0, 1] or a list of them (one per "
+                                   f"level), got {densities!r}")
+    ds = [densities] if isinstance(densities, (int, float)) else list(densities)
+    if not ds:
+        raise InvalidArgumentError("activation densities: at least one level is needed, got an empty list")
+    for d in ds:
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0.0 < float(d) <= 1.0):
+            raise InvalidArgumentError(f"activation density must be in (0, 1], got {d!r}")
+    ds = [float(d) for d in ds]
+    if any(b > a for a, b in zip(ds, ds[1:])):
+        raise InvalidArgumentError(f"activation densities of the levels must not increase (level 0 the densest), "
+                                   f"got {ds}")
+    return ds
+
+
+def _activation_of(node) -> str | None:
+    if isinstance(node, fx.Node) and node.op == "call_function":
+        act = ACTIVATIONS.get(node.target)
+        if act is not None:
+            return act
+    return None
+
+
+def routed_blocks(graph: SparseGraph) -> list:
+    """``(linear node, its routing metadata)`` for every linear :class:`FindMLPBlocks` marked for gating."""
+    return [(n, n.meta[META]) for n in graph.graph.nodes if META in n.meta]
+
+
+class FindMLPBlocks(Pass):
+    """Mark the linears of every feed-forward block whose input is gated (analysis pass; writes ``node.meta[META]``).
+
+    A block is a linear (the down projection) whose input is, with a single reader, an activation of a linear
+    (the up projection), or the product of an activation of one linear and another linear (gated MLPs: the gate
+    and up projections of SwiGLU / GeGLU). Both linears must have constant float32 weights.
+
+    Parameters
+    ----------
+    gate : {"down", "both"}
+        ``"down"``: the down projection's input (the intermediate activation) is gated. ``"both"``: also the
+        block's input, read by the up projection(s) (TEAL's choice: every linear of the block reads a gated
+        input, so the up projection skips weight rows too).
+
+    Metadata, on each gated linear: ``{"name": layer, "role": "down" | "up", "block": the block's down
+    projection, "up": its up layer(s), "activation": name, "gated": bool, "neurons": K}``.
+    """
+
+    name = "find_mlp_blocks"
+    requires = ()
+
+    def __init__(self, gate: str = "down"):
+        from ..errors import InvalidArgumentError
+
+        if gate not in ("down", "both"):
+            raise InvalidArgumentError(f"activation gate must be 'down' or 'both', got {gate!r}")
+        self.gate = gate
+
+    def run(self, graph: SparseGraph, ctx: PassContext) -> PassResult:
+        for site in graph.linear_sites():
+            w = graph.tensor(site.weight)
+            if w.dim() != 2 or w.dtype != torch.float32:
+                continue
+            h = site.node.args[0]
+            if not isinstance(h, fx.Node) or len(h.users) != 1:
+                continue
+            act, ups, gated = _activation_of(h), [], False
+            if act is not None:
+                up = graph._as_linear(h.args[0]) if isinstance(h.args[0], fx.Node) else None
+                ups = [up] if up is not None else []
+            elif h.op == "call_function" and h.target in _MUL and len(h.args) == 2:
+                a, b = h.args
+                for g, u in ((a, b), (b, a)):
+                    act = _activation_of(g)
+                    if act is not None and isinstance(g.args[0], fx.Node) and isinstance(u, fx.Node):
+                        lg, lu = graph._as_linear(g.args[0]), graph._as_linear(u)
+                        if lg is not None and lu is not None:
+                            ups, gated = [lg, lu], True
+                            break
+                    act = None
+            if act is None or not ups:
+                continue
+            common = {"block": site.name, "up": [u.name for u in ups], "activation": act, "gated": gated}
+            site.node.meta[META] = {"name": site.name, "role": "down", "neurons": int(w.shape[1])} | common
+            if self.gate == "both":
+                for u in ups:
+                    if graph.tensor(u.weight).dtype == torch.float32:
+                        u.node.meta[META] = {"name": u.name, "role": "up",
+                                             "neurons": int(graph.tensor(u.weight).shape[1])} | common
+        return PassResult(graph, False)
+
+    def ensures(self, graph: SparseGraph) -> None:
+        for node, meta in routed_blocks(graph):
+            if graph._as_linear(node) is None:
+                raise RoutingError(f"layer {meta['name']!r} is marked for gating but is not a linear")
+
+
+class _Recorder:
+    """Keeps a bounded random sample of the magnitudes a node's input takes over the calibration batches."""
+
+    def __init__(self, seed: int):
+        self.parts: list = []
+        self.seen = 0
+        self.gen = torch.Generator().manual_seed(seed)
+        self.first = None  # the first call's activations (M, K): what the schedules are timed on
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if self.first is None:
+            self.first = h.detach().reshape(-1, h.shape[-1]).clone()
+        a = h.detach().abs().reshape(-1).float()
+        self.seen += a.numel()
+        if a.numel() > MAX_SAMPLES // 4:
+            a = a[torch.randint(a.numel(), (MAX_SAMPLES // 4,), generator=self.gen)]
+        self.parts.append(a)
+        return h
+
+    def sample(self) -> torch.Tensor:
+        a = torch.cat(self.parts)
+        if a.numel() > MAX_SAMPLES:
+            a = a[torch.randint(a.numel(), (MAX_SAMPLES,), generator=self.gen)]
+        return a
+
+
+def _record(h, key: int):
+    return _RECORDERS[key](h)
+
+
+_RECORDERS: dict = {}
+
+
+class CalibrateGates(Pass):
+    """Per marked block and level, the gate threshold that keeps ``density`` of the activations (analysis pass).
+
+    Runs the graph on ``calibration`` (a list of example calls: a tensor, a tuple of positional inputs or a dict
+    of keyword inputs, each shaped like the compile example) with a recorder before every marked down
+    projection; the threshold of density ``d`` is the ``1 - d`` quantile of the recorded ``|h|`` (0 for
+    ``d = 1``). Thresholds of decreasing densities do not decrease, so each level's kept set is a subset of
+    the denser level's.
+
+    Writes ``meta["thresholds"]`` (one per level) and ``meta["calibrated_density"]`` (the kept fraction on the
+    calibration data).
+
+    Raises
+    ------
+    RoutingError
+        No feed-forward block in the model.
+    DataError
+        No calibration inputs, or an input the graph does not accept.
+    """
+
+    name = "calibrate_gates"
+    requires = ("find_mlp_blocks",)
+
+    def __init__(self, densities, calibration):
+        self.densities = check_densities(densities)
+        self.calibration = list(calibration) if calibration is not None else []
+
+    def run(self, graph: SparseGraph, ctx: PassContext) -> PassResult:
+        blocks = routed_blocks(graph)
+        if not blocks:
+            raise RoutingError("activation routing found no feed-forward block (linear → activation → linear) in "
+                               "the model")
+        if not self.calibration:
+            raise DataError("activation routing needs calibration inputs (calibration=[example calls]) to set "
+                            "its gate thresholds")
+        gm = graph.gm
+        inserted = []
+        try:
+            for i, (node, meta) in enumerate(blocks):
+                key = id(node)
+                _RECORDERS[key] = _Recorder(seed=i)
+                h = node.args[0]
+                with gm.graph.inserting_before(node):
+                    rec = gm.graph.call_function(_record, (h, key))
+                node.replace_input_with(h, rec)
+                inserted.append((node, h, rec))
+            gm.recompile()
+            with torch.no_grad():
+                for j, call in enumerate(self.calibration):
+                    args, kwargs = _as_call(call)
+                    args, kwargs = graph.bind(args, kwargs)
+                    try:
+                        graph.check_inputs(args, kwargs)
+                        gm(*args, **kwargs)
+                    except Exception as e:  # noqa: BLE001 - named with the input
+                        raise DataError(f"calibration input {j} does not run through the model: "
+                                        f"{type(e).__name__}: {e}") from e
+            for node, meta in blocks:
+                a = _RECORDERS[id(node)].sample()
+                th = [0.0 if d >= 1.0 else max(0.0, float(torch.quantile(a, 1.0 - d))) for d in self.densities]
+                for k in range(1, len(th)):
+                    th[k] = max(th[k], th[k - 1])
+                meta["thresholds"] = th
+                meta["densities"] = list(self.densities)
+                meta["calibrated_density"] = [float((a > t).float().mean()) for t in th]
+                meta["example"] = _RECORDERS[id(node)].first
+        finally:
+            for node, h, rec in inserted:
+                node.replace_input_with(rec, h)
+                gm.graph.erase_node(rec)
+                _RECORDERS.pop(id(node), None)
+            gm.recompile()
+        return PassResult(graph, False)
+
+
+def _as_call(call):
+    if isinstance(call, dict):
+        return (), dict(call)
+    if isinstance(call, torch.Tensor):
+        return (call,), {}
+    if isinstance(call, (tuple, list)):
+        return tuple(call), {}
+    raise DataError(f"a calibration input must be a tensor, a tuple or a dict, got {type(call).__name__}")
+
+
+class RouteActivations(Pass):
+    """Run every calibrated marked linear as a :class:`~sparsecc.runtime.gated.GatedLinear` (rewrite pass).
+
+    Where ``measure`` is set, the gated kernel is timed at every level (at the example's token count, on
+    activations of the first calibration call) against torch's dense linear: a layer slower gated than dense (by
+    ``margin``) at every level is not routed; one slower at some levels runs torch's dense linear at those
+    (``GatedLinear.dense_levels``: ungated there, so exact). The times are in ``meta["dense_ms"]`` /
+    ``meta["gated_ms"]``. Layers whose weights were lowered to a sparse kernel are not routed (their linear is
+    gone).
+
+    Ensures: every routed node calls a GatedLinear with one threshold per level.
+    """
+
+    name = "route_activations"
+    requires = ("calibrate_gates",)
+
+    def __init__(self, measure: bool = True, margin: float = 0.95, force: bool = False):
+        self.measure, self.margin, self.force = measure, margin, force
+
+    def run(self, graph: SparseGraph, ctx: PassContext) -> PassResult:
+        from ..runtime.gated import GatedLinear
+        from ..runtime.timing import interleaved_ms
+
+        gm = graph.gm
+        changed, removed = False, []
+        for node, meta in routed_blocks(graph):
+            site = graph._as_linear(node)
+            if site is None or "thresholds" not in meta:
+                continue
+            w = graph.tensor(site.weight).detach()
+            bias = graph.tensor(site.bias).detach() if site.bias else None
+            mod = GatedLinear(w, bias, meta["thresholds"], meta["densities"], name=site.name,
+                              target=ctx.target.tvm_target() if ctx.target is not None else None)
+            shape = val_shape(site.input)
+            m = math.prod(shape[:-1]) if shape else 1
+            h = _example_activation(node, m, w.shape[1])
+            for level in range(mod.num_levels):  # the fastest schedule per level at the example's token count
+                mod.set_level(level)
+                mod.choose_schedule(m, h)
+            mod.set_level(0)
+            if self.measure:  # per level: gated where it is faster than dense, else torch's dense linear
+                fns = {"dense": lambda: torch.nn.functional.linear(h, w, bias)}
+                for level in range(mod.num_levels):
+                    fns[level] = (lambda level=level: (mod.set_level(level), mod(h)))
+                t = interleaved_ms(fns, runs=15)
+                mod.set_level(0)
+                meta["dense_ms"] = t["dense"]
+                meta["gated_ms"] = [t[level] for level in range(mod.num_levels)]
+                slower = {lv for lv in range(mod.num_levels) if t[lv] > self.margin * t["dense"]}
+                if not self.force and len(slower) == mod.num_levels:
+                    meta["routed"] = False
+                    continue
+                if not self.force:
+                    mod.dense_levels = slower
+            meta["dense_levels"] = sorted(mod.dense_levels)
+            sub = fresh_attr(gm, "sparsecc_gated_" + site.name)
+            gm.add_submodule(sub, mod)
+            with gm.graph.inserting_after(node):
+                new = gm.graph.call_module(sub, (node.args[0],))
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            meta["routed"], meta["module"] = True, sub
+            if get_annotation(new) is not None:
+                annotate(new, site.name, kernel=mod.kernel_name)
+            removed += [t for t in (site.weight, site.bias) if t]
+            changed = True
+        if changed:
+            gm.graph.eliminate_dead_code()
+            delete_unused_attrs(gm, removed)
+        return PassResult(graph, changed)
+
+    def ensures(self, graph: SparseGraph) -> None:
+        for node, meta in routed_blocks(graph):
+            if meta.get("routed"):
+                mod = graph.gm.get_submodule(node.target)
+                if mod.num_levels != len(meta["thresholds"]):
+                    raise RoutingError(f"layer {meta['name']!r} is routed with {mod.num_levels} levels, "
+                                       f"calibrated with {len(meta['thresholds'])}")
+
+
+def _example_activation(node: fx.Node, m: int, k: int) -> torch.Tensor:
+    """``(m, K)`` activations of ``node``'s input from the first calibration call (repeated to ``m`` rows)."""
+    sample = node.meta.get(META, {}).pop("example", None)
+    if sample is None or sample.numel() == 0:
+        return torch.nn.functional.gelu(torch.randn(m, k, generator=torch.Generator().manual_seed(0)))
+    reps = -(-m // sample.shape[0])
+    return sample.repeat(reps, 1)[:m].contiguous()
