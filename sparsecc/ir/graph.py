@@ -274,3 +274,23 @@ def iter_tensor_leaves(obj) -> Iterator[tuple[str, torch.Tensor]]:
     for path, v in pytree.tree_flatten_with_path(obj)[0]:
         if isinstance(v, torch.Tensor):
             yield pytree.keystr(path), v
+
+
+def as_call(call) -> tuple:
+    """``(args, kwargs)`` of one example call given as a tensor, a tuple / list of positional inputs or a dict of
+    keyword inputs.
+
+    Raises
+    ------
+    DataError
+        Anything else.
+    """
+    from ..errors import DataError
+
+    if isinstance(call, dict):
+        return (), dict(call)
+    if isinstance(call, torch.Tensor):
+        return (call,), {}
+    if isinstance(call, (tuple, list)):
+        return tuple(call), {}
+    raise DataError(f"an example call must be a tensor, a tuple or a dict, got {type(call).__name__}")

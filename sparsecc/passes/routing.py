@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from ..errors import DataError, RoutingError
 from ..ir.annotations import annotate, get_annotation
-from ..ir.graph import SparseGraph
+from ..ir.graph import SparseGraph, as_call
 from ..ir.rewrite import delete_unused_attrs, fresh_attr, val_shape
 from .base import Pass, PassContext, PassResult
 
@@ -230,7 +230,7 @@ class CalibrateGates(Pass):
             gm.recompile()
             with torch.no_grad():
                 for j, call in enumerate(self.calibration):
-                    args, kwargs = _as_call(call)
+                    args, kwargs = as_call(call)
                     args, kwargs = graph.bind(args, kwargs)
                     try:
                         graph.check_inputs(args, kwargs)
@@ -254,16 +254,6 @@ class CalibrateGates(Pass):
                 _RECORDERS.pop(id(node), None)
             gm.recompile()
         return PassResult(graph, False)
-
-
-def _as_call(call):
-    if isinstance(call, dict):
-        return (), dict(call)
-    if isinstance(call, torch.Tensor):
-        return (call,), {}
-    if isinstance(call, (tuple, list)):
-        return tuple(call), {}
-    raise DataError(f"a calibration input must be a tensor, a tuple or a dict, got {type(call).__name__}")
 
 
 class RouteActivations(Pass):

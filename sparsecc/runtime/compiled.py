@@ -8,7 +8,7 @@ import torch
 
 from ..errors import InputShapeError, InvalidArgumentError, RoutingError
 from ..ir.annotations import LayerAnnotation, get_annotation
-from ..ir.graph import SparseGraph, iter_tensor_leaves
+from ..ir.graph import SparseGraph, as_call, iter_tensor_leaves
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -146,9 +146,7 @@ class CompiledModule:
             raise RoutingError("levels() needs the calibration data the module was compiled with")
         if self._levels is not None and not refresh:
             return self._levels
-        from ..passes.routing import _as_call
-
-        calls = [_as_call(c) for c in self.calibration]
+        calls = [as_call(c) for c in self.calibration]
         before = self.level
 
         def first_out(out):
