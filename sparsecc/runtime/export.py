@@ -87,6 +87,29 @@ def _(x, residual, layer):
     return x.new_empty(_conv_out_shape(_MODULES[layer], x.shape))
 
 
+@torch.library.custom_op("sparsecc::export_gated", mutates_args=())
+def _export_gated(x: torch.Tensor, threshold: torch.Tensor, layer: int) -> torch.Tensor:
+    return _MODULES[layer](x).clone()
+
+
+@_export_gated.register_fake
+def _(x, threshold, layer):
+    return x.new_empty((*x.shape[:-1], _MODULES[layer].shape[0]))
+
+
+class _GatedCall(torch.nn.Module):
+    """A gated linear during export: its threshold is a parameter (TVM's importer keeps parameters as inputs of
+    ``main``, buffers it folds), which :meth:`ExportedModule.set_level` replaces (one artifact, every level)."""
+
+    def __init__(self, layer: int, threshold: float):
+        super().__init__()
+        self.layer = layer
+        self.threshold = torch.nn.Parameter(torch.tensor([threshold], dtype=torch.float32), requires_grad=False)
+
+    def forward(self, x):
+        return torch.ops.sparsecc.export_gated(x, self.threshold, self.layer)
+
+
 class _LinearCall(torch.nn.Module):
     def __init__(self, layer: int):
         super().__init__()
@@ -115,6 +138,8 @@ def _kernel_kind(mod) -> str | None:
     """
     if not type(mod).__module__.startswith("sparsecc.runtime"):
         return None
+    if getattr(mod, "format", None) == "gated":  # an activation-gated linear (runtime.gated), not a weight format
+        return "gated"
     kind = getattr(mod, "layer_kind", None)
     if kind is None or not getattr(mod, "exportable", True):
         raise UnsupportedOpError(f"{type(mod).__name__} kernels have no export path (exported: the CPU kernel "
@@ -143,7 +168,11 @@ def _export_view(gm: torch.fx.GraphModule):
         lid = next(_IDS)
         layers[lid] = mod
         name = f"sparsecc_export_{lid}"
-        view.add_submodule(name, _LinearCall(lid) if kind == "linear" else _ConvCall(lid))
+        if kind == "gated":
+            call = _GatedCall(lid, mod.export_thresholds()[0])
+        else:
+            call = _LinearCall(lid) if kind == "linear" else _ConvCall(lid)
+        view.add_submodule(name, call)
         node.target = name
     view.recompile()
     return view, layers
@@ -177,7 +206,7 @@ class ExportContext:
         """The GlobalVar of the scheduled kernel ``sch`` added to ``bb`` once under ``name``."""
         gv = self.funcs.get(name)
         if gv is None:
-            func = sch.mod["main"].with_attr("global_symbol", name)
+            func = (sch.mod if hasattr(sch, "mod") else sch)["main"].with_attr("global_symbol", name)
             gv = bb.add_func(func, name)
             self.funcs[name] = gv
         return gv
@@ -200,8 +229,15 @@ class ExportContext:
         mod = self.layers[node.args[2]]
         return get_format(mod.format).exporter("conv2d")(self, importer.block_builder, x, res, mod)
 
+    def gated(self, node, importer):
+        from sparsecc.runtime.gated import export_gated_linear
+
+        x, th = importer.env[node.args[0]], importer.env[node.args[1]]
+        return export_gated_linear(self, importer.block_builder, x, th, self.layers[node.args[2]])
+
     def convert_map(self):
-        return {"export_linear.default": self.linear, "export_conv.default": self.conv}
+        return {"export_linear.default": self.linear, "export_conv.default": self.conv,
+                "export_gated.default": self.gated}
 
 
 def panels_for_export(bb, x, m: int, k: int, mt: int, kp: int | None = None):
@@ -308,6 +344,7 @@ def export_compiled(cm, path, *, overwrite: bool = False, example_inputs=None) -
             _MODULES.pop(k, None)
     mod, params = detach_params(mod)
     param_list = [p.numpy() for p in params.get("main", [])]
+    routing = _routing_manifest(mod, layers, len(args))
     ex = tvm.compile(mod, target=tvm_target)
     out_leaves, out_spec = torch.utils._pytree.tree_flatten(ref)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -328,6 +365,8 @@ def export_compiled(cm, path, *, overwrite: bool = False, example_inputs=None) -
             "versions": _versions(),
             "files": {},
         }
+        if routing is not None:
+            manifest["routing"] = routing
         for f in ("model.so", "params.bin"):
             manifest["files"][f] = _sha256(tmp / f)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -360,6 +399,23 @@ def export_compiled(cm, path, *, overwrite: bool = False, example_inputs=None) -
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _routing_manifest(mod, layers: dict, n_inputs: int):
+    """``{"levels": L, "gates": [{"layer", "param", "thresholds"}]}`` for the gated layers of an export: which
+    parameter of ``main`` holds each layer's threshold (found by the buffer's name) and its value per level."""
+    gated = {lid: m for lid, m in layers.items() if getattr(m, "format", None) == "gated"}
+    if not gated:
+        return None
+    names = [str(p.name) for p in mod["main"].params[n_inputs:]]
+    gates = []
+    for lid, m in gated.items():
+        hits = [i for i, nm in enumerate(names) if f"sparsecc_export_{lid}_threshold" in nm]
+        if len(hits) != 1:
+            raise UnsupportedOpError(f"layer {m.name}: its gate threshold is not one parameter of the exported "
+                                     f"function (parameters: {names})")
+        gates.append({"layer": m.name, "param": hits[0], "thresholds": m.export_thresholds()})
+    return {"levels": len(gates[0]["thresholds"]), "gates": gates}
 
 
 def _example_inputs(cm, example_inputs):
@@ -478,10 +534,60 @@ class ExportedModule:
             raise ArtifactError(f"{path / 'manifest.json'}: field 'inputs' lists {len(manifest['inputs'])} inputs and "
                                 f"params.bin holds {len(self._params)} tensors, but {path / 'model.so'}'s main takes "
                                 f"{arity} arguments")
+        self._gates = self._read_routing(manifest.get("routing"), path / "manifest.json")
+        self.level = 0
 
-    def __call__(self, *args):
+    def _read_routing(self, routing, mf: Path) -> list:
+        """``[(param index, [threshold tensor per level])]`` from the manifest's ``routing`` field."""
         import tvm
 
+        if routing is None:
+            return []
+        try:
+            levels = int(routing["levels"])
+            gates = []
+            for g in routing["gates"]:
+                i, ths = int(g["param"]), [float(t) for t in g["thresholds"]]
+                if not 0 <= i < len(self._params) or tuple(self._params[i].shape) != (1,) or len(ths) != levels:
+                    raise ValueError(f"gate {g.get('layer')!r}: parameter {i} / {len(ths)} thresholds do not match "
+                                     f"the artifact")
+                gates.append((i, [tvm.runtime.tensor(np.array([t], dtype=np.float32)) for t in ths]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{mf}: field 'routing' is malformed: {e}") from e
+        return gates
+
+    @property
+    def num_levels(self) -> int:
+        """Routing levels the artifact holds (1 without activation routing)."""
+        return len(self._gates[0][1]) if self._gates else 1
+
+    def set_level(self, level: int) -> None:
+        """Use the gate thresholds of ``level`` from the next call on (no rebuild: the thresholds are parameters).
+
+        Raises
+        ------
+        InvalidArgumentError
+            ``level`` outside ``[0, num_levels)``.
+        """
+        from sparsecc.errors import InvalidArgumentError
+
+        n = self.num_levels
+        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < n:
+            raise InvalidArgumentError(f"level must be an int in [0, {n}), got {level!r}")
+        for i, per_level in self._gates:
+            self._params[i] = per_level[level]
+        self.level = level
+
+    def __call__(self, *args, level: int | None = None):
+        import tvm
+
+        if level is not None:
+            before = self.level
+            self.set_level(level)
+            try:
+                return self(*args)
+            finally:
+                self.set_level(before)
         specs = self.manifest["inputs"]
         if len(args) != len(specs):
             raise InputShapeError(f"expected {len(specs)} inputs, got {len(args)}")

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from sparsecc.cache import KERNELS
-from sparsecc.errors import InvalidArgumentError
+from sparsecc.errors import InvalidArgumentError, UnsupportedOpError
 from sparsecc.runtime.kernels import aligned, load_or_build, output_buffer, rows_of, target_key
 from sparsecc.runtime.timing import interleaved_ms
 from sparsecc.targets import x86
 
-__all__ = ["GatedLinear", "gate_keep", "gated_reference", "get_gated_kernel", "tile_options"]
+__all__ = ["GatedLinear", "export_gated_linear", "gate_keep", "gated_reference", "get_gated_kernel", "tile_options"]
 
 #: (m_tile, n_tile) schedules compared per shape: the per-token gather and two union tiles
 SCHEDULES = ((1, 128), (1, 64), (2, 64), (4, 64))
@@ -230,6 +230,19 @@ class GatedLinear(torch.nn.Module):
             keep = keep.view(-1, m_tile, keep.shape[1]).any(1)
         return float(keep.float().mean()) if keep.numel() else 0.0
 
+    def export_thresholds(self) -> list:
+        """The threshold of every level as the exported artifact uses it: 0 (exact zeros skipped, the dense
+        product) at the levels this layer runs dense.
+
+        Raises
+        ------
+        UnsupportedOpError
+            A non-finite weight (the artifact has no torch path to fall back on).
+        """
+        if not self.finite_weight:
+            raise UnsupportedOpError(f"layer {self.name!r}: a gated linear with NaN or inf weights cannot be exported")
+        return [0.0 if lv in self.dense_levels else float(t) for lv, t in enumerate(self.thresholds.reshape(-1))]
+
     @property
     def kernel_name(self) -> str:
         return f"gated_p{self.chunks}"
@@ -239,3 +252,26 @@ class GatedLinear(torch.nn.Module):
         return (f"shape={self.shape}, levels={self.num_levels} (densities {dens}), level={self.level}, "
                 f"bias={self.has_bias}")
 
+
+
+def export_gated_linear(ctx, bb, x, threshold, mod: GatedLinear):
+    """Relax for one :class:`GatedLinear`: ``X (..., K)`` -> kernel (per-token gather schedule, the threshold a
+    parameter of the artifact) -> ``Y (..., N)``."""
+    import tvm
+    from tvm import relax
+
+    from sparsecc.codegen.gated import gated_linear
+    from sparsecc.runtime.export import rows_for_export
+
+    n, k = mod.shape
+    lead, m = rows_for_export(x)
+    mt, nt = mod._schedule_for(m)
+    mp = -(-m // mt) * mt
+    chunks = mod.chunks
+    x2 = bb.emit(relax.op.reshape(x, (m, k)))
+    func = tvm.IRModule({"main": gated_linear(k, n, m_tile=mt, n_tile=nt, chunks=chunks)})
+    gv = ctx.gvar(bb, f"sparsecc_gated_{k}x{n}_m{mt}_n{nt}_p{chunks}", func)
+    out = bb.emit(relax.call_tir(gv, [x2, threshold, ctx.const(mod.weight_t), ctx.const(mod.bias)],
+                                 [relax.TensorType((m, n), "float32"), relax.TensorType((chunks, mp, n), "float32")]))
+    y = bb.emit(relax.TupleGetItem(out, 0))
+    return bb.emit(relax.op.reshape(y, (*lead, n)))

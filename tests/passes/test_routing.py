@@ -188,3 +188,41 @@ def test_measured_routing_keeps_slow_layers_dense():
         assert min(meta["gated_ms"]) > 0.95 * meta["dense_ms"]
         with torch.no_grad():
             torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_keeps_every_level(tmp_path):
+    """One artifact holds the levels (the thresholds are parameters); its outputs equal the module's per level,
+    and it is no larger than an artifact of one level (the weights are stored once)."""
+    import json
+
+    from sparsecc.errors import ArtifactError
+
+    torch.manual_seed(0)
+    model = MLP(F.gelu).eval()
+    x = torch.randn(4, 64)
+    cal = [torch.randn(4, 64) for _ in range(6)]
+    three = sparsecc.compile(model, x, activation_density=[1.0, 0.5, 0.3], calibration=cal, measure=False,
+                             activation_gate="both")
+    one = sparsecc.compile(model, x, activation_density=0.5, calibration=cal, measure=False, activation_gate="both")
+    three.export(tmp_path / "three")
+    one.export(tmp_path / "one")
+    em = sparsecc.load(tmp_path / "three")
+    assert em.num_levels == 3 and sparsecc.load(tmp_path / "one").num_levels == 1
+    for level in range(3):
+        torch.testing.assert_close(em(x, level=level), three(x, level=level), rtol=1e-5, atol=1e-5)
+    assert em.level == 0
+    em.set_level(2)
+    torch.testing.assert_close(em(x), three(x, level=2), rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidArgumentError):
+        em.set_level(3)
+
+    def size(d):
+        return sum(f.stat().st_size for f in (tmp_path / d).iterdir() if f.name != "manifest.json")
+
+    assert size("three") <= 1.2 * size("one")
+    mf = tmp_path / "three" / "manifest.json"
+    manifest = json.loads(mf.read_text())
+    manifest["routing"]["gates"][0]["param"] = 999
+    mf.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="routing"):
+        sparsecc.load(tmp_path / "three")
