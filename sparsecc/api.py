@@ -88,7 +88,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
         weights are not pruned. See :mod:`sparsecc.passes.routing`.
     calibration : list, optional
         Example calls (tensors, tuples of positional inputs, or dicts of keyword inputs, shaped like
-        ``example_inputs``) the gate thresholds are calibrated on; required with ``activation_density``.
+        ``example_inputs``, or with a batch that is a multiple of its batch) the gate thresholds are calibrated
+        on; required with ``activation_density``.
     activation_gate : {"down", "both"}
         Which inputs are gated: the down projection's (the block's intermediate activation), or also the
         block's input read by the up projection (TEAL), so both projections skip weight rows.

@@ -181,11 +181,34 @@ def _record(h, key: int):
 _RECORDERS: dict = {}
 
 
+def batch_slices(graph: SparseGraph, args: tuple, kwargs: dict):
+    """The call itself, or, where the graph has a static batch ``b`` and every tensor input of the call has a
+    batch that is a multiple of it, the call cut into batches of ``b`` (so calibration data need not come in the
+    example's batch size)."""
+    import torch.utils._pytree as pytree
+
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
+    specs = graph.input_specs
+    if len(tensors) != len(specs) or not tensors or any(t.dim() == 0 or not s.shape or s.shape[0] is None
+                                                        for t, s in zip(tensors, specs)):
+        return [(args, kwargs)]
+    b, big = specs[0].shape[0], tensors[0].shape[0]
+    if b < 1 or big == b or big % b or any(t.shape[0] != big or s.shape[0] != b for t, s in zip(tensors, specs)):
+        return [(args, kwargs)]
+    out = []
+    for i in range(0, big, b):
+        cut = [v[i:i + b] if isinstance(v, torch.Tensor) else v for v in leaves]
+        out.append(pytree.tree_unflatten(cut, spec))
+    return out
+
+
 class CalibrateGates(Pass):
     """Per marked block and level, the gate threshold that keeps ``density`` of the activations (analysis pass).
 
     Runs the graph on ``calibration`` (a list of example calls: a tensor, a tuple of positional inputs or a dict
-    of keyword inputs, each shaped like the compile example) with a recorder before every marked down
+    of keyword inputs, each shaped like the compile example or with a batch that is a multiple of its batch,
+    then cut into the example's batch) with a recorder before every marked down
     projection; the threshold of density ``d`` is the ``1 - d`` quantile of the recorded ``|h|`` (0 for
     ``d = 1``). Thresholds of decreasing densities do not decrease, so each level's kept set is a subset of
     the denser level's.
@@ -233,8 +256,9 @@ class CalibrateGates(Pass):
                     args, kwargs = as_call(call)
                     args, kwargs = graph.bind(args, kwargs)
                     try:
-                        graph.check_inputs(args, kwargs)
-                        gm(*args, **kwargs)
+                        for a, k in batch_slices(graph, args, kwargs):
+                            graph.check_inputs(a, k)
+                            gm(*a, **k)
                     except Exception as e:  # noqa: BLE001 - named with the input
                         raise DataError(f"calibration input {j} does not run through the model: "
                                         f"{type(e).__name__}: {e}") from e

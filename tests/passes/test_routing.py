@@ -226,3 +226,15 @@ def test_export_keeps_every_level(tmp_path):
     mf.write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="routing"):
         sparsecc.load(tmp_path / "three")
+
+
+def test_calibration_batches_larger_than_the_example_are_cut():
+    torch.manual_seed(0)
+    model = MLP().eval()
+    big = [torch.randn(12, 64) for _ in range(2)]
+    small = [b[i:i + 4] for b in big for i in range(0, 12, 4)]
+    a = sparsecc.compile(model, torch.randn(4, 64), activation_density=0.3, calibration=big, measure=False)
+    b = sparsecc.compile(model, torch.randn(4, 64), activation_density=0.3, calibration=small, measure=False)
+    assert torch.equal(a.gated_layers()[0][1].thresholds, b.gated_layers()[0][1].thresholds)
+    with pytest.raises(DataError, match="calibration input 0"):  # 10 is not a multiple of 4
+        sparsecc.compile(model, torch.randn(4, 64), activation_density=0.3, calibration=[torch.randn(10, 64)])
