@@ -40,6 +40,8 @@ ACTIVATIONS = {
 _MUL = (torch.ops.aten.mul.Tensor,)
 #: at most this many activation magnitudes per layer go into the quantile (torch.quantile's input limit is 16M)
 MAX_SAMPLES = 2_000_000
+#: rows (tokens) of a layer's input kept per calibration call (for clustering and router fitting)
+ROW_SAMPLES = 512
 
 
 def check_densities(densities) -> list:
@@ -156,10 +158,14 @@ class _Recorder:
         self.seen = 0
         self.gen = torch.Generator().manual_seed(seed)
         self.first = None  # the first call's activations (M, K): what the schedules are timed on
+        self.rows: list = []  # a sample of whole rows (tokens), at most ROW_SAMPLES per call
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        r = h.detach().reshape(-1, h.shape[-1])
         if self.first is None:
-            self.first = h.detach().reshape(-1, h.shape[-1]).clone()
+            self.first = r.clone()
+        pick = torch.randperm(r.shape[0], generator=self.gen)[:ROW_SAMPLES] if r.shape[0] > ROW_SAMPLES else None
+        self.rows.append((r[pick] if pick is not None else r).float().clone())
         a = h.detach().abs().reshape(-1).float()
         self.seen += a.numel()
         if a.numel() > MAX_SAMPLES // 4:
@@ -203,6 +209,49 @@ def batch_slices(graph: SparseGraph, args: tuple, kwargs: dict):
     return out
 
 
+def record_inputs(graph: SparseGraph, nodes: list, calibration: list) -> dict:
+    """Run ``calibration`` through the graph and record what the first input of each of ``nodes`` takes.
+
+    A recorder call is put before each node for the run and taken out after it (the graph is left as it was).
+    Returns ``{node: _Recorder}``.
+
+    Raises
+    ------
+    DataError
+        A calibration call the graph does not accept (the message names its index).
+    """
+    gm = graph.gm
+    inserted, recorders = [], {}
+    try:
+        for i, node in enumerate(nodes):
+            key = id(node)
+            _RECORDERS[key] = recorders[node] = _Recorder(seed=i)
+            h = node.args[0]
+            with gm.graph.inserting_before(node):
+                rec = gm.graph.call_function(_record, (h, key))
+            node.replace_input_with(h, rec)
+            inserted.append((node, h, rec))
+        gm.recompile()
+        with torch.no_grad():
+            for j, call in enumerate(calibration):
+                args, kwargs = as_call(call)
+                args, kwargs = graph.bind(args, kwargs)
+                try:
+                    for a, k in batch_slices(graph, args, kwargs):
+                        graph.check_inputs(a, k)
+                        gm(*a, **k)
+                except Exception as e:  # noqa: BLE001 - named with the input
+                    raise DataError(f"calibration input {j} does not run through the model: "
+                                    f"{type(e).__name__}: {e}") from e
+    finally:
+        for node, h, rec in inserted:
+            node.replace_input_with(rec, h)
+            gm.graph.erase_node(rec)
+            _RECORDERS.pop(id(node), None)
+        gm.recompile()
+    return recorders
+
+
 class CalibrateGates(Pass):
     """Per marked block and level, the gate threshold that keeps ``density`` of the activations (analysis pass).
 
@@ -239,44 +288,16 @@ class CalibrateGates(Pass):
         if not self.calibration:
             raise DataError("activation routing needs calibration inputs (calibration=[example calls]) to set "
                             "its gate thresholds")
-        gm = graph.gm
-        inserted = []
-        try:
-            for i, (node, meta) in enumerate(blocks):
-                key = id(node)
-                _RECORDERS[key] = _Recorder(seed=i)
-                h = node.args[0]
-                with gm.graph.inserting_before(node):
-                    rec = gm.graph.call_function(_record, (h, key))
-                node.replace_input_with(h, rec)
-                inserted.append((node, h, rec))
-            gm.recompile()
-            with torch.no_grad():
-                for j, call in enumerate(self.calibration):
-                    args, kwargs = as_call(call)
-                    args, kwargs = graph.bind(args, kwargs)
-                    try:
-                        for a, k in batch_slices(graph, args, kwargs):
-                            graph.check_inputs(a, k)
-                            gm(*a, **k)
-                    except Exception as e:  # noqa: BLE001 - named with the input
-                        raise DataError(f"calibration input {j} does not run through the model: "
-                                        f"{type(e).__name__}: {e}") from e
-            for node, meta in blocks:
-                a = _RECORDERS[id(node)].sample()
-                th = [0.0 if d >= 1.0 else max(0.0, float(torch.quantile(a, 1.0 - d))) for d in self.densities]
-                for k in range(1, len(th)):
-                    th[k] = max(th[k], th[k - 1])
-                meta["thresholds"] = th
-                meta["densities"] = list(self.densities)
-                meta["calibrated_density"] = [float((a > t).float().mean()) for t in th]
-                meta["example"] = _RECORDERS[id(node)].first
-        finally:
-            for node, h, rec in inserted:
-                node.replace_input_with(rec, h)
-                gm.graph.erase_node(rec)
-                _RECORDERS.pop(id(node), None)
-            gm.recompile()
+        recorders = record_inputs(graph, [n for n, _ in blocks], self.calibration)
+        for node, meta in blocks:
+            a = recorders[node].sample()
+            th = [0.0 if d >= 1.0 else max(0.0, float(torch.quantile(a, 1.0 - d))) for d in self.densities]
+            for k in range(1, len(th)):
+                th[k] = max(th[k], th[k - 1])
+            meta["thresholds"] = th
+            meta["densities"] = list(self.densities)
+            meta["calibrated_density"] = [float((a > t).float().mean()) for t in th]
+            meta["example"] = recorders[node].first
         return PassResult(graph, False)
 
 
