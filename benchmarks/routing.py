@@ -10,6 +10,8 @@ Sections (``--only`` picks some):
 * ``model``: ``sparsecc.compile(minilm, activation_density=[0.7, 0.5, 0.3])``: per level the whole-model
   latency at batch 1 and 8 (seq 128) against torch dense and the mean embedding cosine to dense on held-out
   quotes; the level-switch cost; the weight bytes of the module with three levels against one.
+* ``moe``: MoE-fication of MiniLM's FFNs (``sparsecc.compile(..., moe=(experts, top_k))``), 4 to 16 experts,
+  top-1/2/4: embedding cosine on held-out quotes, router recall, whole-model latency at batch 1 and 8.
 * ``relu``: a ReLU MLP trained on Fashion-MNIST, routed at density 1 (threshold 0: exact zeros skipped) and
   at lower densities: speed-up, max difference to torch at threshold 0, test accuracy per level.
 
@@ -201,6 +203,35 @@ def section_model(model, tok, runs, gate="down"):
     return res
 
 
+def section_moe(model, tok, runs):
+    """MoE-fied FFNs: experts x top-k against fidelity and whole-model latency (batch 1 and 8, seq 128)."""
+    train, held = quotes()
+    cal = [encode(tok, train[i * 8:(i + 1) * 8]) for i in range(8)]
+    test = [encode(tok, held[i:i + 8]) for i in range(0, 256, 8)]
+    with torch.no_grad():
+        ref = torch.cat([zoo.mean_pool(model(**b).last_hidden_state, b["attention_mask"]) for b in test])
+    ex1, ex8 = encode(tok, held[:1]), encode(tok, held[:8])
+    rows = []
+    for experts, top_ks in ((4, (1, 2)), (8, (1, 2, 4)), (16, (1, 2, 4))):
+        for k in top_ks:
+            cm8 = sparsecc.compile(model, ex8, moe=(experts, k), calibration=cal)
+            cm1 = sparsecc.compile(model, ex1, moe=(experts, k), calibration=cal)
+            recall = [n.meta["sparsecc.routing"]["moe"]["recall"] for n in cm8.graph.graph.nodes
+                      if n.op == "call_module" and "moe" in n.meta.get("sparsecc.routing", {})]
+            row = {"experts": experts, "top_k": k, "cosine": mean_cos(cm8, test, ref),
+                   "recall": sum(recall) / len(recall), "blocks": len(recall)}
+            for name, ex, cm in (("batch1", ex1, cm1), ("batch8", ex8, cm8)):
+                t = interleaved_ms({"torch": lambda: model(**ex), "moe": lambda: cm(**ex)}, runs=runs)
+                row[f"{name}_ms"], row[f"{name}_torch_ms"] = t["moe"], t["torch"]
+                row[f"{name}_speedup"] = t["torch"] / t["moe"]
+            rows.append(row)
+            print(f"MoE {experts} experts top-{k}: cosine {row['cosine']:.4f}, router recall {row['recall']:.3f}; batch 1 "
+                  f"{row['batch1_torch_ms']:.1f} -> {row['batch1_ms']:.1f} ms ({row['batch1_speedup']:.2f}x); batch 8 "
+                  f"{row['batch8_torch_ms']:.1f} -> {row['batch8_ms']:.1f} ms ({row['batch8_speedup']:.2f}x)",
+                  flush=True)
+    return rows
+
+
 class ReluMLP(torch.nn.Module):
     """784 → 1024 → ReLU → 1024 → ReLU → 10: an MLP on Fashion-MNIST pixels."""
 
@@ -269,7 +300,7 @@ def section_relu(runs):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="*", default=["ffn", "model", "relu"])
+    ap.add_argument("--only", nargs="*", default=["ffn", "model", "moe", "relu"])
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--gate", nargs="*", default=["down", "both"], help="model section: which inputs are gated")
     ap.add_argument("--out", default=str(OUT / "routing.json"))
@@ -277,12 +308,14 @@ def main(argv=None):
     torch.set_num_threads(int(os.environ.get("SPARSECC_THREADS", "2")))
     res = {"threads": torch.get_num_threads(), "argv": sys.argv[1:]}
     model = tok = None
-    if "ffn" in args.only or "model" in args.only:
+    if {"ffn", "model", "moe"} & set(args.only):
         model, tok = zoo.minilm()
     if "ffn" in args.only:
         res["ffn"] = section_ffn(model, tok, args.runs)
     if "model" in args.only:
         res["model"] = {g: section_model(model, tok, args.runs, gate=g) for g in args.gate}
+    if "moe" in args.only:
+        res["moe"] = section_moe(model, tok, args.runs)
     if "relu" in args.only:
         res["relu"] = section_relu(args.runs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .errors import InvalidSparsityError, TargetError, TuningError
+from .errors import InvalidArgumentError, InvalidSparsityError, TargetError, TuningError
 from .formats import NM_PATTERN_NAMES, as_matrix, from_matrix
 from .ir.capture import capture, check_model, warn_if_training
 from .ir.rewrite import example_rows
@@ -30,7 +30,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
             dynamic_shapes: Optional[Any] = None, block_shape: Optional[tuple] = None,
             measure: bool = True, print_after=(), dump_dir=None, build_only: bool = False,
             tuning_db=None, activation_density=None, calibration=None,
-            activation_gate: str = "down") -> CompiledModule:
+            activation_gate: str = "down", moe: Optional[tuple] = None) -> CompiledModule:
     """Compile ``model`` into a module whose sparse linears run as TVM kernels.
 
     Parameters
@@ -93,6 +93,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
     activation_gate : {"down", "both"}
         Which inputs are gated: the down projection's (the block's intermediate activation), or also the
         block's input read by the up projection (TEAL), so both projections skip weight rows.
+    moe : (experts, top_k), optional
+        MoE-fication: every feed-forward block's neurons are grouped into ``experts`` experts by co-activation
+        on ``calibration``, and a linear router runs the ``top_k`` best per token (both projections compute only
+        those experts' neurons). Not combined with ``activation_density``. See
+        :class:`sparsecc.passes.routing.MoEfyBlocks`.
 
     Returns
     -------
@@ -145,6 +150,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
         raise InvalidSparsityError(f"block_shape must be (rows, cols) ≥ 1, got {block_shape!r}")
     if activation_density is not None:
         check_densities(activation_density)
+    if moe is not None:
+        if activation_density is not None:
+            raise InvalidArgumentError("moe and activation_density are two routings of the same blocks; give one")
+        if not isinstance(moe, (tuple, list)) or len(moe) != 2:
+            raise InvalidArgumentError(f"moe must be (experts, top_k), got {moe!r}")
     tgt = resolve_target(target, build_only=build_only)
     tgt.check_available()
     db = None
@@ -171,15 +181,15 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
 
     ctx.options["prune_block"] = block
     passes = default_pipeline(tgt, sparsity, pattern, block, measure=measure)
-    if activation_density is not None:
+    if activation_density is not None or moe is not None:
         if tgt.kind not in ("x86", "arm"):
             raise TargetError(f"activation routing runs on CPU targets (x86, arm), not {tgt.name!r}")
         passes += routing_pipeline(activation_density, calibration, measure=measure and tgt.can_time_kernels,
-                                   gate=activation_gate)
+                                   gate=activation_gate, moe=tuple(moe) if moe is not None else None)
     graph = PassManager(passes).run(graph, ctx)
     cm = CompiledModule(graph, tgt, time.perf_counter() - t0, original_bytes, ctx.history,
                         prune_block=block if sparsity is not None else None)
-    if activation_density is not None:
+    if activation_density is not None or moe is not None:
         cm.calibration = list(calibration)
     return finish(cm, tgt)
 

@@ -123,3 +123,62 @@ def gated_linear(k: int, n: int, *, m_tile: int = 1, n_tile: int = 128, chunks: 
                     Y[m, ni] = Y[m, ni] + S[c, m, ni]
 
     return func
+
+
+def expert_up(d: int, k: int, expert_size: int, top_k: int, *, n_tile: int = 64, activation: str | None = "gelu"):
+    """The ``tvm.tirx.PrimFunc`` of a MoE-fied up projection: each token computes only its selected experts' neurons.
+
+    ``H[m, j] = act(X[m] · WUT[:, j] + b[j])`` for the neurons ``j`` of the experts ``SEL[m, 0:top_k]`` (expert
+    ``e`` owns the contiguous neurons ``e·C .. e·C + C - 1``, ``C = expert_size``), 0 elsewhere; the down
+    projection then reads only the nonzero rows (:func:`gated_linear` at threshold 0). MoEfication (Zhang et al.,
+    Findings of ACL 2022) groups an FFN's neurons into experts this way.
+
+    Loop structure::
+
+        for m in parallel(M): H[m, :] = 0
+        for m, s, ct in parallel(M, top_k, C / nt):   # one tile of nt neurons of one selected expert
+            acc (nt) in registers
+            for kk in range(d): acc[ni] += X[m, kk] · WUT[kk, SEL[m, s]·C + ct·nt + ni]   (vectorized over ni)
+            H[m, ...] = act(acc + b)
+
+    Arguments: ``X (M, d)``, ``SEL (M, top_k) int32``, ``WUT (d, K)``, ``B (K,)``, ``H (M, K)``.
+
+    Raises
+    ------
+    UnsupportedOpError
+        Sizes not positive, ``n_tile`` not dividing ``expert_size`` or ``expert_size`` not dividing ``k``.
+    """
+    from sparsecc.codegen.linear import _activation
+
+    D, K, C, TK, nt = int(d), int(k), int(expert_size), int(top_k), int(n_tile)  # noqa: N806
+    if min(D, K, C, TK, nt) < 1 or C % nt or K % C:
+        raise UnsupportedOpError(f"expert up projection: need positive sizes with n_tile | expert_size | K, got "
+                                 f"d={D}, K={K}, expert_size={C}, top_k={TK}, n_tile={nt}")
+    act = _activation(activation)
+    CT = C // nt  # noqa: N806
+
+    @T.prim_func
+    def func(x_h: T.handle, s_h: T.handle, w_h: T.handle, b_h: T.handle, h_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tir.noalias": True, "sparsecc.kind": "expert_up"})
+        M = T.int32()
+        X = T.match_buffer(x_h, (M, D), "float32")
+        SEL = T.match_buffer(s_h, (M, TK), "int32")
+        WUT = T.match_buffer(w_h, (D, K), "float32")
+        B = T.match_buffer(b_h, (K,), "float32")
+        H = T.match_buffer(h_h, (M, K), "float32")
+        for m in T.parallel(M):
+            for j in T.serial(K):
+                H[m, j] = T.float32(0)
+        for it in T.parallel(M * TK * CT):
+            acc = T.decl_buffer((nt,), "float32", data=stack_floats(nt), scope="local")
+            for ni in T.vectorized(nt):
+                acc[ni] = T.float32(0)
+            for kk in T.serial(D):
+                for ni in T.vectorized(nt):
+                    acc[ni] = acc[ni] + X[it // (TK * CT), kk] * WUT[
+                        kk, SEL[it // (TK * CT), it // CT % TK] * C + it % CT * nt + ni]
+            for ni in T.vectorized(nt):
+                H[it // (TK * CT), SEL[it // (TK * CT), it // CT % TK] * C + it % CT * nt + ni] = act(
+                    acc[ni] + B[SEL[it // (TK * CT), it // CT % TK] * C + it % CT * nt + ni])
+
+    return func

@@ -21,7 +21,7 @@ from .attention import ChooseAttention
 from .lower import ChainSparseLinears, LowerSparseLinears
 from .nm import NMPrune
 from .prune import MagnitudePrune
-from .routing import CalibrateGates, FindMLPBlocks, RouteActivations
+from .routing import CalibrateGates, FindMLPBlocks, MoEfyBlocks, RouteActivations
 
 __all__ = ["default_pipeline", "routing_pipeline"]
 
@@ -45,7 +45,10 @@ def default_pipeline(target, sparsity=None, pattern: str = "auto", block=(1, 1),
     return passes
 
 
-def routing_pipeline(densities, calibration, measure: bool = True, gate: str = "down") -> list:
+def routing_pipeline(densities, calibration, measure: bool = True, gate: str = "down", moe=None) -> list:
     """The activation-routing passes, run after :func:`default_pipeline` (layers it lowered to sparse weight
-    kernels are not routed): find the feed-forward blocks, calibrate their gates, route them."""
+    kernels are not routed): find the feed-forward blocks, then calibrate their gates and route them, or
+    (``moe=(experts, top_k)``) MoE-fy them."""
+    if moe is not None:
+        return [FindMLPBlocks(), MoEfyBlocks(*moe, calibration)]
     return [FindMLPBlocks(gate), CalibrateGates(densities, calibration), RouteActivations(measure=measure)]

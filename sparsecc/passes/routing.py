@@ -12,6 +12,9 @@ Three passes:
    skipped, so a ReLU block's natural sparsity is used without changing its output.
 3. :class:`RouteActivations` (rewrite) replaces each marked linear that is faster gated than dense at
    the example's token count (timed here) by a :class:`sparsecc.runtime.gated.GatedLinear` holding every level.
+
+:class:`MoEfyBlocks` (rewrite) is the other routing: the block's neurons grouped into experts by co-activation
+and a router picking the top-k experts per token (MoEfication), run by :class:`sparsecc.runtime.moe.MoEFFN`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from ..ir.graph import SparseGraph, as_call
 from ..ir.rewrite import delete_unused_attrs, fresh_attr, val_shape
 from .base import Pass, PassContext, PassResult
 
-__all__ = ["CalibrateGates", "FindMLPBlocks", "META", "RouteActivations", "check_densities", "routed_blocks"]
+__all__ = ["CalibrateGates", "FindMLPBlocks", "META", "MoEfyBlocks", "RouteActivations", "check_densities",
+           "cluster_neurons", "fit_router", "record_inputs", "routed_blocks"]
 
 #: node.meta key of the routing passes
 META = "sparsecc.routing"
@@ -164,7 +168,9 @@ class _Recorder:
         r = h.detach().reshape(-1, h.shape[-1])
         if self.first is None:
             self.first = r.clone()
-        pick = torch.randperm(r.shape[0], generator=self.gen)[:ROW_SAMPLES] if r.shape[0] > ROW_SAMPLES else None
+        # seeded by the call's index: recorders of one call pick the same tokens (rows of x and h correspond)
+        pick = (torch.randperm(r.shape[0], generator=torch.Generator().manual_seed(len(self.rows)))[:ROW_SAMPLES]
+                if r.shape[0] > ROW_SAMPLES else None)
         self.rows.append((r[pick] if pick is not None else r).float().clone())
         a = h.detach().abs().reshape(-1).float()
         self.seen += a.numel()
@@ -389,3 +395,144 @@ def _example_activation(node: fx.Node, m: int, k: int) -> torch.Tensor:
         return torch.nn.functional.gelu(torch.randn(m, k, generator=torch.Generator().manual_seed(0)))
     reps = -(-m // sample.shape[0])
     return sample.repeat(reps, 1)[:m].contiguous()
+
+
+def cluster_neurons(h: torch.Tensor, experts: int, seed: int = 0) -> torch.Tensor:
+    """A permutation of the ``K`` neurons grouping them into ``experts`` equal groups that fire together.
+
+    ``h: (T, K)`` activations of calibration tokens. Each neuron is described by its standardized activation
+    magnitudes over the tokens; k-means (scikit-learn's ``KMeans``) finds ``experts`` centroids, then neurons are
+    assigned greedily, closest pair first, to centroids with room left (``K / experts`` each), the balanced
+    clustering MoEfication (Zhang et al. 2022) uses. Returns ``perm: (K,)``, expert ``e`` owning
+    ``perm[e·C : (e+1)·C]``.
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``experts`` not dividing ``K``.
+    """
+    import numpy as np
+    from sklearn.cluster import KMeans
+
+    from ..errors import InvalidArgumentError
+
+    t, k = h.shape
+    if experts < 1 or k % experts:
+        raise InvalidArgumentError(f"{experts} experts do not split {k} neurons evenly")
+    f = h.abs().t().double()
+    f = (f - f.mean(1, keepdim=True)) / f.std(1, keepdim=True).clamp_min(1e-12)
+    feats = f.numpy()
+    km = KMeans(n_clusters=experts, n_init=3, random_state=seed).fit(feats)
+    dist = ((feats[:, None, :] - km.cluster_centers_[None]) ** 2).sum(-1)  # (K, E)
+    cap = k // experts
+    room = [cap] * experts
+    owner = -np.ones(k, dtype=np.int64)
+    for idx in np.argsort(dist, axis=None, kind="stable"):
+        j, e = divmod(int(idx), experts)
+        if owner[j] < 0 and room[e] > 0:
+            owner[j] = e
+            room[e] -= 1
+    return torch.from_numpy(np.argsort(owner, kind="stable"))
+
+
+def fit_router(x: torch.Tensor, h: torch.Tensor, perm: torch.Tensor, experts: int) -> tuple:
+    """Least-squares linear router: scores ``x · Rᵀ + r`` predicting each expert's activation mass ``sum |h|``.
+
+    ``x: (T, d)`` block inputs, ``h: (T, K)`` activations of the same tokens. Returns ``(R (E, d), r (E,))``.
+    (MoEfication trains a small MLP router on the same target; a linear one needs no training loop.)
+    """
+    mass = h.abs()[:, perm].reshape(h.shape[0], experts, -1).sum(-1).double()
+    a = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+    sol = torch.linalg.lstsq(a, mass, driver="gelsd").solution  # (d + 1, E)
+    return sol[:-1].t().float().contiguous(), sol[-1].float().contiguous()
+
+
+class MoEfyBlocks(Pass):
+    """Run every plain feed-forward block as a mixture of experts (rewrite pass; MoEfication).
+
+    For each block :class:`FindMLPBlocks` marked (``linear → GELU/ReLU → linear``), records the block's input
+    and intermediate activation on ``calibration``, groups the neurons into ``experts`` experts
+    (:func:`cluster_neurons`), fits a router (:func:`fit_router`) and replaces the three nodes by a
+    :class:`sparsecc.runtime.moe.MoEFFN` running the ``top_k`` experts per token. Gated (SwiGLU) blocks and
+    other activations are left as they are. Writes ``meta["moe"] = {"experts", "top_k", "recall"}``, where
+    recall is the fraction of the calibration activation mass in the experts the router picks.
+
+    Raises
+    ------
+    RoutingError
+        No block to MoE-fy.
+    InvalidArgumentError
+        ``experts`` < 1, ``top_k`` outside ``[1, experts]``, or ``experts`` not dividing a block's neurons.
+    """
+
+    name = "moefy_blocks"
+    requires = ("find_mlp_blocks",)
+
+    def __init__(self, experts: int, top_k: int, calibration):
+        from ..errors import InvalidArgumentError
+
+        if isinstance(experts, bool) or not isinstance(experts, int) or experts < 1:
+            raise InvalidArgumentError(f"experts must be a positive int, got {experts!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= experts:
+            raise InvalidArgumentError(f"top_k must be an int in [1, experts = {experts}], got {top_k!r}")
+        self.experts, self.top_k = experts, top_k
+        self.calibration = list(calibration) if calibration is not None else []
+
+    def run(self, graph: SparseGraph, ctx: PassContext) -> PassResult:
+        from ..errors import InvalidArgumentError
+        from ..runtime.moe import MoEFFN
+
+        blocks = []
+        for node, meta in routed_blocks(graph):
+            if meta.get("role") != "down" or meta["gated"] or meta["activation"] not in ("gelu", "relu"):
+                continue
+            act = node.args[0]
+            if meta["activation"] == "gelu" and (act.args[1:] or act.kwargs.get("approximate", "none")) not in (
+                    (), "none", ("none",)):
+                continue
+            up = graph._as_linear(act.args[0])
+            if up is None or len(up.node.users) != 1:
+                continue
+            blocks.append((node, meta, act, up))
+        if not blocks:
+            raise RoutingError("MoE-fication found no feed-forward block (linear → GELU/ReLU → linear) in the model")
+        if not self.calibration:
+            raise DataError("MoE-fication needs calibration inputs (calibration=[example calls])")
+        for node, meta, act, up in blocks:
+            k = meta["neurons"]
+            if k % self.experts:
+                raise InvalidArgumentError(f"block {meta['name']!r}: {self.experts} experts do not split its {k} "
+                                           f"neurons evenly")
+        rec = record_inputs(graph, [n for n, *_ in blocks] + [up.node for *_, up in blocks], self.calibration)
+        gm = graph.gm
+        removed = []
+        for i, (node, meta, act, up) in enumerate(blocks):
+            site = graph._as_linear(node)
+            h = torch.cat(rec[node].rows)
+            x = torch.cat(rec[up.node].rows)
+            if h.shape[0] != x.shape[0]:
+                raise RoutingError(f"block {meta['name']!r}: its input and activation were recorded for different "
+                                   f"tokens ({x.shape[0]} and {h.shape[0]} rows)")
+            perm = cluster_neurons(h, self.experts, seed=i)
+            r_w, r_b = fit_router(x, h, perm, self.experts)
+            mod = MoEFFN(graph.tensor(up.weight), graph.tensor(up.bias) if up.bias else None,
+                         graph.tensor(site.weight), graph.tensor(site.bias) if site.bias else None,
+                         meta["activation"], perm, self.experts, self.top_k, r_w, r_b, name=meta["name"],
+                         target=ctx.target.tvm_target() if ctx.target is not None else None)
+            with torch.no_grad():
+                mask = mod.expert_mask(x)
+                mass = h.abs()[:, perm]
+                meta["moe"] = {"experts": self.experts, "top_k": self.top_k,
+                               "recall": float((mass * mask).sum() / mass.sum().clamp_min(1e-30))}
+            sub = fresh_attr(gm, "sparsecc_moe_" + meta["name"])
+            gm.add_submodule(sub, mod)
+            with gm.graph.inserting_after(node):
+                new = gm.graph.call_module(sub, (up.node.args[0],))
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            for dead in (node, act, up.node):
+                gm.graph.erase_node(dead)
+            removed += [t for t in (site.weight, site.bias, up.weight, up.bias) if t]
+        gm.graph.eliminate_dead_code()
+        delete_unused_attrs(gm, removed)
+        return PassResult(graph, True)
