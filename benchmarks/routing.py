@@ -74,12 +74,12 @@ def ffn_inputs(model, batches):
     return {i: torch.cat(v) for i, v in xs.items()}, {i: torch.cat(v) for i, v in hs.items()}
 
 
-def section_ffn(model, tok, runs):
+def section_ffn(model, tok, runs, layers=(0, 3, 5), tokens=TOKENS):
     train, held = quotes()
     x_cal, h_cal = ffn_inputs(model, [encode(tok, train[i * 32:(i + 1) * 32]) for i in range(4)])
     x_held, h_held = ffn_inputs(model, [encode(tok, held[:8])])  # batch 8 x seq 128 = 1024 tokens
     rows = []
-    for li in (0, 3, 5):
+    for li in layers:
         layer = model.encoder.layer[li]
         up, down = layer.intermediate.dense, layer.output.dense
         def thresholds(v):
@@ -91,7 +91,7 @@ def section_ffn(model, tok, runs):
                         name=f"layer{li}.down")
         gu = GatedLinear(up.weight.detach(), up.bias.detach(), thresholds(x_cal[li]), DENSITIES, name=f"layer{li}.up")
         wu, bu, wd, bd = (t.detach() for t in (up.weight, up.bias, down.weight, down.bias))
-        for m in TOKENS:
+        for m in tokens:
             x, h = x_held[li][:m].contiguous(), h_held[li][:m].contiguous()
             for lv in range(len(DENSITIES)):
                 g.set_level(lv)
@@ -302,6 +302,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", default=["ffn", "model", "moe", "relu"])
     ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--layers", type=int, nargs="*", default=[0, 3, 5], help="ffn section: MiniLM layers")
+    ap.add_argument("--tokens", type=int, nargs="*", default=list(TOKENS), help="ffn section: token counts")
     ap.add_argument("--gate", nargs="*", default=["down", "both"], help="model section: which inputs are gated")
     ap.add_argument("--out", default=str(OUT / "routing.json"))
     args = ap.parse_args(argv)
@@ -311,7 +313,7 @@ def main(argv=None):
     if {"ffn", "model", "moe"} & set(args.only):
         model, tok = zoo.minilm()
     if "ffn" in args.only:
-        res["ffn"] = section_ffn(model, tok, args.runs)
+        res["ffn"] = section_ffn(model, tok, args.runs, layers=args.layers, tokens=args.tokens)
     if "model" in args.only:
         res["model"] = {g: section_model(model, tok, args.runs, gate=g) for g in args.gate}
     if "moe" in args.only:

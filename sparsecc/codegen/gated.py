@@ -91,10 +91,15 @@ def gated_linear(k: int, n: int, *, m_tile: int = 1, n_tile: int = 128, chunks: 
             idx = T.decl_buffer((KC,), "int32", scope="local")
             cnt = T.decl_buffer((1,), "int32", scope="local")
             hv = T.decl_buffer((mt,), "float32", data=stack_floats(mt), scope="local")
+            vals = T.decl_buffer((KC * mt,), "float32", scope="local")  # the gated values, compacted like idx
             cnt[0] = 0
             for kc in T.serial(KC):  # branch-free compaction: always write, advance when active
                 if cm // (MP // mt) * KC + kc < K:
                     idx[cnt[0]] = cm // (MP // mt) * KC + kc
+                    for mi in T.unroll(mt):
+                        vals[cnt[0] * mt + mi] = T.if_then_else(
+                            active(H[T.min(cm % (MP // mt) * mt + mi, M - 1), cm // (MP // mt) * KC + kc], TH[0]),
+                            H[T.min(cm % (MP // mt) * mt + mi, M - 1), cm // (MP // mt) * KC + kc], T.float32(0))
                     keep = T.bool(False)
                     for mi in T.unroll(mt):
                         keep = keep or active(H[T.min(cm % (MP // mt) * mt + mi, M - 1), cm // (MP // mt) * KC + kc],
@@ -107,8 +112,7 @@ def gated_linear(k: int, n: int, *, m_tile: int = 1, n_tile: int = 128, chunks: 
                         acc[mi * nt + ni] = T.float32(0)
                 for j in T.serial(cnt[0]):
                     for mi in T.unroll(mt):
-                        hv[mi] = T.if_then_else(active(H[T.min(cm % (MP // mt) * mt + mi, M - 1), idx[j]], TH[0]),
-                                                H[T.min(cm % (MP // mt) * mt + mi, M - 1), idx[j]], T.float32(0))
+                        hv[mi] = vals[j * mt + mi]
                     for mi in T.unroll(mt):
                         for ni in T.vectorized(nt):
                             acc[mi * nt + ni] = acc[mi * nt + ni] + hv[mi] * WT[idx[j], no * nt + ni]

@@ -24,7 +24,7 @@ from sparsecc.targets import x86
 __all__ = ["GatedLinear", "export_gated_linear", "gate_keep", "gated_reference", "get_gated_kernel", "tile_options"]
 
 #: (m_tile, n_tile) schedules compared per shape: the per-token gather and two union tiles
-SCHEDULES = ((1, 128), (1, 64), (2, 64), (4, 64))
+SCHEDULES = ((1, 128), (1, 64), (2, 64), (4, 64), (8, 32))
 #: below this many tokens the per-token gather (m_tile = 1) is used without timing
 GATHER_MAX_M = 8
 
