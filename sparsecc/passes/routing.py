@@ -522,6 +522,11 @@ class MoEfyBlocks(Pass):
             with torch.no_grad():
                 mask = mod.expert_mask(x)
                 mass = h.abs()[:, perm]
+                shape = val_shape(up.input)
+                m = math.prod(shape[:-1]) if shape else 1
+                # the down projection's schedule, timed on the experts' activations of calibration tokens
+                sample = torch.where(mask, h[:, perm], torch.zeros(()))
+                mod.down.choose_schedule(m, sample.repeat(-(-m // sample.shape[0]), 1)[:m].contiguous())
                 meta["moe"] = {"experts": self.experts, "top_k": self.top_k,
                                "recall": float((mass * mask).sum() / mass.sum().clamp_min(1e-30))}
             sub = fresh_attr(gm, "sparsecc_moe_" + meta["name"])

@@ -635,8 +635,9 @@ def load(path) -> ExportedModule:
     return ExportedModule(path, manifest)
 
 
-def run_artifact_under_qemu(path, *args, repeat: int = 1, threads: int | None = None):
-    """Run an aarch64 artifact folder under qemu-aarch64 on torch inputs.
+def run_artifact_under_qemu(path, *args, repeat: int = 1, threads: int | None = None, level: int | None = None):
+    """Run an aarch64 artifact folder under qemu-aarch64 on torch inputs (``level``: an activation-routing level;
+    default the level the artifact was exported at, 0).
 
     Returns
     -------
@@ -653,7 +654,21 @@ def run_artifact_under_qemu(path, *args, repeat: int = 1, threads: int | None = 
     for i, (a, s) in enumerate(zip(args, manifest["inputs"])):
         if list(a.shape) != s["shape"]:
             raise InputShapeError(f"input {i}: expected shape {tuple(s['shape'])}, got {tuple(a.shape)}")
-    outs, t = run_under_qemu(path / "model.so", list(args), mode="vm", repeat=repeat,
-                             extra_inputs=(path / "params.bin",), threads=threads)
+    params = path / "params.bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        if level:  # the thresholds of that level in a copy of params.bin (the artifact itself is left alone)
+            from sparsecc.errors import InvalidArgumentError
+            from sparsecc.targets.qemu import read_tensors, write_tensors
+
+            routing = manifest.get("routing") or {"levels": 1, "gates": []}
+            if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < int(routing["levels"]):
+                raise InvalidArgumentError(f"level must be an int in [0, {routing['levels']}), got {level!r}")
+            tensors = read_tensors(params)
+            for g in routing["gates"]:
+                tensors[int(g["param"])] = np.array([g["thresholds"][level]], dtype=np.float32)
+            params = Path(tmp) / "params.bin"
+            write_tensors(params, tensors)
+        outs, t = run_under_qemu(path / "model.so", list(args), mode="vm", repeat=repeat,
+                                 extra_inputs=(params,), threads=threads)
     tree = torch.utils._pytree.treespec_loads(manifest["output_tree"])
     return torch.utils._pytree.tree_unflatten([torch.from_numpy(o) for o in outs], tree), t

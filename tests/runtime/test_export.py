@@ -291,3 +291,29 @@ def test_arm_export_of_unstructured_layers_under_qemu(toolchain, tmp_path):
     assert [a.format for a in cm.layers] == ["xcsr", "xcsr"]
     y, _ = run_artifact_under_qemu(cm.export(tmp_path / "u"), x)
     torch.testing.assert_close(y, sparsecc.prune(model, 0.7)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_arm_routed_mlp_levels_under_qemu(toolchain, tmp_path):
+    """Activation routing on aarch64: one artifact, two levels, each equal to the host module's output."""
+    import torch.nn.functional as F
+
+    from sparsecc.runtime.export import run_artifact_under_qemu
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(32, 256), nn.Linear(256, 16)
+
+        def forward(self, x):
+            return self.down(F.gelu(self.up(x)))
+
+    torch.manual_seed(0)
+    model = MLP().eval()
+    x = torch.randn(3, 32)
+    cm = sparsecc.compile(model, x, target="arm", activation_density=[1.0, 0.3], calibration=[torch.randn(3, 32)] * 2,
+                          measure=False, activation_gate="both")
+    assert len(cm.gated_layers()) == 2
+    path = cm.export(tmp_path / "arm")
+    for level in (0, 1):
+        y, _ = run_artifact_under_qemu(path, x, level=level)
+        torch.testing.assert_close(y, cm(x, level=level), rtol=1e-4, atol=1e-4)
