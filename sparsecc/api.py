@@ -115,11 +115,13 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
     CaptureError
         The model could not be captured.
     InvalidArgumentError
-        ``model`` is not a ``torch.nn.Module``; an activation density outside (0, 1].
+        ``model`` is not a ``torch.nn.Module``; an activation density outside (0, 1]; ``moe`` not a pair, or
+        given with ``activation_density``; ``experts`` not dividing a block's neurons; ``top_k`` outside
+        ``[1, experts]``.
     RoutingError
-        ``activation_density`` given for a model without a feed-forward block.
+        ``activation_density`` or ``moe`` given for a model without a feed-forward block.
     DataError
-        ``activation_density`` without calibration inputs, or one they do not run through.
+        Routing without calibration inputs, or with one they do not run through.
 
     Warns
     -----
@@ -219,11 +221,7 @@ def prune(model: torch.nn.Module, sparsity: Union[None, float, dict] = None, *, 
     ------
     InvalidSparsityError, UnknownLayerError
     InvalidArgumentError
-        ``model`` is not a ``torch.nn.Module``; an activation density outside (0, 1].
-    RoutingError
-        ``activation_density`` given for a model without a feed-forward block.
-    DataError
-        ``activation_density`` without calibration inputs, or one they do not run through.
+        ``model`` is not a ``torch.nn.Module``.
 
     Warns
     -----

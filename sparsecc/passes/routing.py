@@ -159,7 +159,6 @@ class _Recorder:
 
     def __init__(self, seed: int):
         self.parts: list = []
-        self.seen = 0
         self.gen = torch.Generator().manual_seed(seed)
         self.first = None  # the first call's activations (M, K): what the schedules are timed on
         self.rows: list = []  # a sample of whole rows (tokens), at most ROW_SAMPLES per call
@@ -173,7 +172,6 @@ class _Recorder:
                 if r.shape[0] > ROW_SAMPLES else None)
         self.rows.append((r[pick] if pick is not None else r).float().clone())
         a = h.detach().abs().reshape(-1).float()
-        self.seen += a.numel()
         if a.numel() > MAX_SAMPLES // 4:
             a = a[torch.randint(a.numel(), (MAX_SAMPLES // 4,), generator=self.gen)]
         self.parts.append(a)

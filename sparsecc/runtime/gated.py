@@ -149,12 +149,13 @@ class GatedLinear(torch.nn.Module):
 
     # ------------------------------------------------------------------------------------------------ kernel
     def _schedule_for(self, m: int) -> tuple:
-        timed = self.schedule.get(self.level)
-        if not timed or m < GATHER_MAX_M:
-            return self.options[0]
+        timed = self.schedule.get(self.level) or {}
         if m in timed:
             return timed[m]
-        return timed[min(timed, key=lambda mm: abs(math.log(mm / m)))]
+        big = [mm for mm in timed if mm >= GATHER_MAX_M]
+        if m < GATHER_MAX_M or not big:  # a few tokens: the per-token gather
+            return self.options[0]
+        return timed[min(big, key=lambda mm: abs(math.log(mm / m)))]
 
     def _kernel(self, mt: int, nt: int):
         fn = self._fns.get((mt, nt))
