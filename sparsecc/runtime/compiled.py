@@ -11,6 +11,9 @@ from ..ir.annotations import LayerAnnotation, get_annotation
 from ..ir.graph import SparseGraph, as_call, iter_tensor_leaves
 
 
+_ROUTING = "sparsecc.routing"  # node.meta key of the routing passes (passes.routing.META)
+
+
 def module_bytes(module: torch.nn.Module) -> int:
     """Bytes of every parameter and buffer of ``module`` (shared tensors counted once)."""
     seen, total = set(), 0
@@ -247,10 +250,19 @@ class CompiledModule:
                       f"{self.num_levels} (densities per level: "
                       + ", ".join("/".join("?" if d is None else f"{d:.2f}" for d in mod.densities)
                                   for _, mod in gated[:1]) + ")"]
+            metas = {n.meta[_ROUTING]["name"]: n.meta[_ROUTING] for n in self.graph.graph.nodes
+                     if _ROUTING in n.meta and n.op == "call_module"}
             for name, mod in gated:
-                lines.append(f"  {name}: {mod.shape[1]} neurons, thresholds "
-                             + ", ".join("dense" if i in mod.dense_levels else f"{float(t):.4g}"
-                                         for i, t in enumerate(mod.thresholds.reshape(-1))))
+                meta = metas.get(name, {})
+                line = (f"  {name}: {mod.shape[1]} neurons, thresholds "
+                        + ", ".join("dense" if i in mod.dense_levels else f"{float(t):.4g}"
+                                    for i, t in enumerate(mod.thresholds.reshape(-1))))
+                if meta.get("calibrated_density"):
+                    line += "; calibration density " + "/".join(f"{d:.2f}" for d in meta["calibrated_density"])
+                if meta.get("gated_ms"):
+                    line += (f"; ms gated {'/'.join(f'{t:.3f}' for t in meta['gated_ms'])} against dense "
+                             f"{meta['dense_ms']:.3f}")
+                lines.append(line)
         lines.append("")
         lines.append(
             f"{n_sparse}/{len(self.layers)} linears on sparse kernels; weights "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -129,7 +131,10 @@ def test_levels_equal_the_gated_model_and_density_one_the_dense_model():
             torch.testing.assert_close(cm(x, level=level), ref, rtol=1e-5, atol=1e-5)
     assert cm.level == 0  # level= applies to one call
     cm.set_level(2)
-    assert cm.level == 2 and "level 2 of 3" in cm.report()
+    report = cm.report()
+    assert cm.level == 2 and "level 2 of 3" in report
+    # threshold 0 keeps the ReLU's nonzeros (about half); the other levels keep their targets
+    assert re.search(r"calibration density 0\.(4|5)\d/0\.40/0\.20", report)
     with pytest.raises(InvalidArgumentError, match=r"\[0, 3\)"):
         cm.set_level(3)
     with pytest.raises(InvalidArgumentError):
