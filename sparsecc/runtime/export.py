@@ -97,6 +97,25 @@ def _(x, threshold, layer):
     return x.new_empty((*x.shape[:-1], _MODULES[layer].shape[0]))
 
 
+@torch.library.custom_op("sparsecc::export_moe", mutates_args=())
+def _export_moe(x: torch.Tensor, layer: int) -> torch.Tensor:
+    return _MODULES[layer](x).clone()
+
+
+@_export_moe.register_fake
+def _(x, layer):
+    return x.new_empty((*x.shape[:-1], _MODULES[layer].shape[0]))
+
+
+class _MoECall(torch.nn.Module):
+    def __init__(self, layer: int):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return torch.ops.sparsecc.export_moe(x, self.layer)
+
+
 class _GatedCall(torch.nn.Module):
     """A gated linear during export: its threshold is a parameter (TVM's importer keeps parameters as inputs of
     ``main``, buffers it folds), which :meth:`ExportedModule.set_level` replaces (one artifact, every level)."""
@@ -138,8 +157,8 @@ def _kernel_kind(mod) -> str | None:
     """
     if not type(mod).__module__.startswith("sparsecc.runtime"):
         return None
-    if getattr(mod, "format", None) == "gated":  # an activation-gated linear (runtime.gated), not a weight format
-        return "gated"
+    if getattr(mod, "format", None) in ("gated", "moe"):  # activation routing (runtime.gated, runtime.moe)
+        return mod.format
     kind = getattr(mod, "layer_kind", None)
     if kind is None or not getattr(mod, "exportable", True):
         raise UnsupportedOpError(f"{type(mod).__name__} kernels have no export path (exported: the CPU kernel "
@@ -170,6 +189,8 @@ def _export_view(gm: torch.fx.GraphModule):
         name = f"sparsecc_export_{lid}"
         if kind == "gated":
             call = _GatedCall(lid, mod.export_thresholds()[0])
+        elif kind == "moe":
+            call = _MoECall(lid)
         else:
             call = _LinearCall(lid) if kind == "linear" else _ConvCall(lid)
         view.add_submodule(name, call)
@@ -235,9 +256,14 @@ class ExportContext:
         x, th = importer.env[node.args[0]], importer.env[node.args[1]]
         return export_gated_linear(self, importer.block_builder, x, th, self.layers[node.args[2]])
 
+    def moe(self, node, importer):
+        from sparsecc.runtime.moe import export_moe
+
+        return export_moe(self, importer.block_builder, importer.env[node.args[0]], self.layers[node.args[1]])
+
     def convert_map(self):
         return {"export_linear.default": self.linear, "export_conv.default": self.conv,
-                "export_gated.default": self.gated}
+                "export_gated.default": self.gated, "export_moe.default": self.moe}
 
 
 def panels_for_export(bb, x, m: int, k: int, mt: int, kp: int | None = None):

@@ -20,7 +20,7 @@ from sparsecc.runtime.ieee import all_finite, torch_activation
 from sparsecc.runtime.kernels import aligned, load_or_build, output_buffer, rows_of, target_key
 from sparsecc.targets import x86
 
-__all__ = ["MoEFFN", "get_expert_up_kernel"]
+__all__ = ["MoEFFN", "export_moe", "get_expert_up_kernel"]
 
 
 def get_expert_up_kernel(d: int, k: int, expert_size: int, top_k: int, n_tile: int, activation, target=None):
@@ -149,3 +149,38 @@ class MoEFFN(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.experts}, top_k={self.top_k}, neurons={self.up_weight_t.shape[1]}, out={self.shape[0]}"
+
+
+def export_moe(ctx, bb, x, mod: MoEFFN):
+    """Relax for one :class:`MoEFFN`: router matmul and top-k, the expert up-projection kernel, the gated down
+    projection at threshold 0; ``X (..., d)`` -> ``Y (..., N)``.
+
+    Raises
+    ------
+    UnsupportedOpError
+        A non-finite weight (the artifact has no torch path to fall back on).
+    """
+    import tvm
+    from tvm import relax
+
+    from sparsecc.codegen.gated import expert_up
+    from sparsecc.runtime.export import rows_for_export
+    from sparsecc.runtime.gated import export_gated_linear
+
+    n, d = mod.shape
+    k = mod.up_weight_t.shape[1]
+    lead, m = rows_for_export(x)
+    if not (bool(torch.isfinite(mod.up_weight_t).all()) and mod.down.finite_weight):
+        raise UnsupportedOpError(f"block {mod.name!r}: a MoE block with NaN or inf weights cannot be exported")
+    x2 = bb.emit(relax.op.reshape(x, (m, d)))
+    scores = bb.emit(relax.op.add(relax.op.matmul(x2, ctx.const(mod.router_weight.t().contiguous())),
+                                  ctx.const(mod.router_bias)))
+    sel = bb.emit(relax.op.topk(scores, k=mod.top_k, axis=1, ret_type="indices", largest=True, dtype="int32"))
+    func = tvm.IRModule({"main": expert_up(d, k, mod.expert_size, mod.top_k, n_tile=mod.n_tile,
+                                           activation=mod.activation)})
+    gv = ctx.gvar(bb, f"sparsecc_expert_up_{d}x{k}_c{mod.expert_size}_k{mod.top_k}_n{mod.n_tile}_{mod.activation}",
+                  func)
+    h = bb.emit(relax.call_tir(gv, [x2, sel, ctx.const(mod.up_weight_t), ctx.const(mod.up_bias)],
+                               relax.TensorType((m, k), "float32")))
+    y = export_gated_linear(ctx, bb, h, ctx.const(torch.zeros(1)), mod.down)
+    return bb.emit(relax.op.reshape(y, (*lead, n)))

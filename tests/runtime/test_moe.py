@@ -103,3 +103,13 @@ def test_compile_moe_and_errors():
         sparsecc.compile(model, x, moe=(4, 1), activation_density=0.5, calibration=cal)
     with pytest.raises(RoutingError, match="no feed-forward block"):
         sparsecc.compile(torch.nn.Linear(32, 32).eval(), x, moe=(4, 1), calibration=cal)
+
+
+def test_export_moe_matches_the_module(tmp_path):
+    torch.manual_seed(0)
+    model = MLP().eval()
+    x = torch.randn(4, 32)
+    cal = [torch.randn(4, 32) for _ in range(4)]
+    cm = sparsecc.compile(model, x, moe=(4, 2), calibration=cal, measure=False)
+    em = sparsecc.load(cm.export(tmp_path / "moe"))
+    torch.testing.assert_close(em(x), cm(x), rtol=1e-4, atol=1e-4)
