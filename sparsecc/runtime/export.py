@@ -88,12 +88,12 @@ def _(x, residual, layer):
 
 
 @torch.library.custom_op("sparsecc::export_gated", mutates_args=())
-def _export_gated(x: torch.Tensor, threshold: torch.Tensor, layer: int) -> torch.Tensor:
+def _export_gated(x: torch.Tensor, threshold: torch.Tensor, bias: torch.Tensor, layer: int) -> torch.Tensor:
     return _MODULES[layer](x).clone()
 
 
 @_export_gated.register_fake
-def _(x, threshold, layer):
+def _(x, threshold, bias, layer):
     return x.new_empty((*x.shape[:-1], _MODULES[layer].shape[0]))
 
 
@@ -117,16 +117,18 @@ class _MoECall(torch.nn.Module):
 
 
 class _GatedCall(torch.nn.Module):
-    """A gated linear during export: its threshold is a parameter (TVM's importer keeps parameters as inputs of
-    ``main``, buffers it folds), which :meth:`ExportedModule.set_level` replaces (one artifact, every level)."""
+    """A gated linear during export: its threshold and bias are parameters (TVM's importer keeps parameters as
+    inputs of ``main``, buffers it folds), which :meth:`ExportedModule.set_level` replaces (one artifact, every
+    level)."""
 
-    def __init__(self, layer: int, threshold: float):
+    def __init__(self, layer: int, threshold: float, bias: torch.Tensor):
         super().__init__()
         self.layer = layer
         self.threshold = torch.nn.Parameter(torch.tensor([threshold], dtype=torch.float32), requires_grad=False)
+        self.bias = torch.nn.Parameter(bias.detach().clone().float(), requires_grad=False)
 
     def forward(self, x):
-        return torch.ops.sparsecc.export_gated(x, self.threshold, self.layer)
+        return torch.ops.sparsecc.export_gated(x, self.threshold, self.bias, self.layer)
 
 
 class _LinearCall(torch.nn.Module):
@@ -188,7 +190,7 @@ def _export_view(gm: torch.fx.GraphModule):
         layers[lid] = mod
         name = f"sparsecc_export_{lid}"
         if kind == "gated":
-            call = _GatedCall(lid, mod.export_thresholds()[0])
+            call = _GatedCall(lid, mod.export_thresholds()[0], mod.level_bias(0))
         elif kind == "moe":
             call = _MoECall(lid)
         else:
@@ -253,8 +255,8 @@ class ExportContext:
     def gated(self, node, importer):
         from sparsecc.runtime.gated import export_gated_linear
 
-        x, th = importer.env[node.args[0]], importer.env[node.args[1]]
-        return export_gated_linear(self, importer.block_builder, x, th, self.layers[node.args[2]])
+        x, th, bias = (importer.env[a] for a in node.args[:3])
+        return export_gated_linear(self, importer.block_builder, x, th, self.layers[node.args[3]], bias=bias)
 
     def moe(self, node, importer):
         from sparsecc.runtime.moe import export_moe
@@ -428,19 +430,24 @@ def export_compiled(cm, path, *, overwrite: bool = False, example_inputs=None) -
 
 
 def _routing_manifest(mod, layers: dict, n_inputs: int):
-    """``{"levels": L, "gates": [{"layer", "param", "thresholds"}]}`` for the gated layers of an export: which
-    parameter of ``main`` holds each layer's threshold (found by the buffer's name) and its value per level."""
+    """``{"levels": L, "gates": [{"layer", "param", "thresholds", "bias_param", "biases"}]}`` for the gated layers
+    of an export: which parameters of ``main`` hold each layer's threshold and bias (found by name) and their
+    values per level."""
     gated = {lid: m for lid, m in layers.items() if getattr(m, "format", None) == "gated"}
     if not gated:
         return None
     names = [str(p.name) for p in mod["main"].params[n_inputs:]]
     gates = []
     for lid, m in gated.items():
-        hits = [i for i, nm in enumerate(names) if f"sparsecc_export_{lid}_threshold" in nm]
-        if len(hits) != 1:
-            raise UnsupportedOpError(f"layer {m.name}: its gate threshold is not one parameter of the exported "
-                                     f"function (parameters: {names})")
-        gates.append({"layer": m.name, "param": hits[0], "thresholds": m.export_thresholds()})
+        found = {}
+        for what in ("threshold", "bias"):
+            hits = [i for i, nm in enumerate(names) if nm.endswith(f"sparsecc_export_{lid}_{what}")]
+            if len(hits) != 1:
+                raise UnsupportedOpError(f"layer {m.name}: its gate {what} is not one parameter of the exported "
+                                         f"function (parameters: {names})")
+            found[what] = hits[0]
+        gates.append({"layer": m.name, "param": found["threshold"], "thresholds": m.export_thresholds(),
+                      "bias_param": found["bias"], "biases": m.export_biases()})
     return {"levels": len(gates[0]["thresholds"]), "gates": gates}
 
 
@@ -564,7 +571,7 @@ class ExportedModule:
         self.level = 0
 
     def _read_routing(self, routing, mf: Path) -> list:
-        """``[(param index, [threshold tensor per level])]`` from the manifest's ``routing`` field."""
+        """``[(param index, [tensor per level])]`` (thresholds and biases) from the manifest's ``routing`` field."""
         import tvm
 
         if routing is None:
@@ -578,6 +585,12 @@ class ExportedModule:
                     raise ValueError(f"gate {g.get('layer')!r}: parameter {i} / {len(ths)} thresholds do not match "
                                      f"the artifact")
                 gates.append((i, [tvm.runtime.tensor(np.array([t], dtype=np.float32)) for t in ths]))
+                j, bs = int(g["bias_param"]), [np.asarray(b, dtype=np.float32) for b in g["biases"]]
+                if not 0 <= j < len(self._params) or len(bs) != levels or any(
+                        b.shape != tuple(self._params[j].shape) for b in bs):
+                    raise ValueError(f"gate {g.get('layer')!r}: bias parameter {j} / {len(bs)} biases do not match "
+                                     f"the artifact")
+                gates.append((j, [tvm.runtime.tensor(b) for b in bs]))
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{mf}: field 'routing' is malformed: {e}") from e
         return gates
@@ -692,6 +705,7 @@ def run_artifact_under_qemu(path, *args, repeat: int = 1, threads: int | None = 
             tensors = read_tensors(params)
             for g in routing["gates"]:
                 tensors[int(g["param"])] = np.array([g["thresholds"][level]], dtype=np.float32)
+                tensors[int(g["bias_param"])] = np.asarray(g["biases"][level], dtype=np.float32)
             params = Path(tmp) / "params.bin"
             write_tensors(params, tensors)
         outs, t = run_under_qemu(path / "model.so", list(args), mode="vm", repeat=repeat,

@@ -127,8 +127,15 @@ def test_levels_equal_the_gated_model_and_density_one_the_dense_model():
         h = torch.relu(model.up(x))
         torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-5)  # threshold 0: exact zeros only
         for level, t in enumerate(th):
-            ref = model.head(F.linear(h * gate_keep(h, t), model.down.weight, model.down.bias))
+            # the gated product plus the bias correction: W times the mean of what the gate drops in calibration
+            ref = model.head(F.linear(h * gate_keep(h, t), model.down.weight, mod.level_bias(level)))
             torch.testing.assert_close(cm(x, level=level), ref, rtol=1e-5, atol=1e-5)
+        hc = torch.cat([torch.relu(model.up(c)) for c in cal])
+        for level, t in enumerate(th):
+            dropped = torch.where(gate_keep(hc, t), torch.zeros(()), hc).mean(0)
+            torch.testing.assert_close(mod.level_bias(level), model.down.bias + model.down.weight @ dropped,
+                                       rtol=1e-4, atol=1e-5)
+        assert torch.equal(mod.level_bias(0), model.down.bias)  # threshold 0 drops only zeros: no shift
     assert cm.level == 0  # level= applies to one call
     cm.set_level(2)
     report = cm.report()
@@ -157,14 +164,16 @@ def test_both_gates_the_up_projection_input_and_shares_weights():
     three = sparsecc.compile(model, x, activation_density=[0.9, 0.5, 0.3], calibration=cal, measure=False,
                              activation_gate="both")
     assert [n for n, _ in three.gated_layers()] == ["up", "down"]
-    assert three.weight_bytes <= 1.01 * one.weight_bytes  # the levels share one stored weight
+    # the levels share one stored weight; each adds only a bias shift (N floats per layer)
+    assert three.weight_bytes <= 1.2 * one.weight_bytes
+    assert three.weight_bytes - one.weight_bytes == 4 * 2 * (256 + 64 + 2)  # 2 more levels: shifts, thresholds
     up = dict(three.gated_layers())["up"]
     t_up = float(up.thresholds[2, 0])
     down = dict(three.gated_layers())["down"]
     t_down = float(down.thresholds[2, 0])
     with torch.no_grad():
-        h = F.gelu(F.linear(x * gate_keep(x, t_up), model.up.weight, model.up.bias))
-        ref = model.head(F.linear(h * gate_keep(h, t_down), model.down.weight, model.down.bias))
+        h = F.gelu(F.linear(x * gate_keep(x, t_up), model.up.weight, up.level_bias(2)))
+        ref = model.head(F.linear(h * gate_keep(h, t_down), model.down.weight, down.level_bias(2)))
         torch.testing.assert_close(three(x, level=2), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -174,9 +183,9 @@ def test_all_tokens_inactive_and_one_token():
     cal = [torch.randn(1, 64) for _ in range(8)]
     cm = sparsecc.compile(model, cal[0], activation_density=[0.5], calibration=cal, measure=False)
     ((_, mod),) = cm.gated_layers()
-    mod.thresholds.fill_(1e30)  # nothing passes the gate: the down projection is its bias
+    mod.thresholds.fill_(1e30)  # nothing passes the gate: the down projection is its (level's) bias
     with torch.no_grad():
-        ref = model.head(model.down.bias.expand(1, 64))
+        ref = model.head(mod.level_bias(0).expand(1, 64))
         torch.testing.assert_close(cm(cal[1]), ref, rtol=1e-6, atol=1e-6)
 
 
