@@ -30,7 +30,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
             dynamic_shapes: Optional[Any] = None, block_shape: Optional[tuple] = None,
             measure: bool = True, print_after=(), dump_dir=None, build_only: bool = False,
             tuning_db=None, activation_density=None, calibration=None,
-            activation_gate: str = "down", moe: Optional[tuple] = None) -> CompiledModule:
+            activation_gate: str = "down", moe: Optional[tuple] = None,
+            gate_bias_correction: bool = True) -> CompiledModule:
     """Compile ``model`` into a module whose sparse linears run as TVM kernels.
 
     Parameters
@@ -93,6 +94,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
     activation_gate : {"down", "both"}
         Which inputs are gated: the down projection's (the block's intermediate activation), or also the
         block's input read by the up projection (TEAL), so both projections skip weight rows.
+    gate_bias_correction : bool
+        Add to each routed layer's bias, per level, ``W`` times the calibration mean of the activations its gate
+        drops. On MiniLM at 50% the embedding cosine rose from 0.962 to 0.973; on a ReLU MLP classifier at 5%
+        density the accuracy fell by 1.6 points, so it can be turned off.
     moe : (experts, top_k), optional
         MoE-fication: every feed-forward block's neurons are grouped into ``experts`` experts by co-activation
         on ``calibration``, and a linear router runs the ``top_k`` best per token (both projections compute only
@@ -187,7 +192,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
         if tgt.kind not in ("x86", "arm"):
             raise TargetError(f"activation routing runs on CPU targets (x86, arm), not {tgt.name!r}")
         passes += routing_pipeline(activation_density, calibration, measure=measure and tgt.can_time_kernels,
-                                   gate=activation_gate, moe=tuple(moe) if moe is not None else None)
+                                   gate=activation_gate, moe=tuple(moe) if moe is not None else None,
+                                   bias_correction=gate_bias_correction)
     graph = PassManager(passes).run(graph, ctx)
     cm = CompiledModule(graph, tgt, time.perf_counter() - t0, original_bytes, ctx.history,
                         prune_block=block if sparsity is not None else None)

@@ -45,10 +45,12 @@ def default_pipeline(target, sparsity=None, pattern: str = "auto", block=(1, 1),
     return passes
 
 
-def routing_pipeline(densities, calibration, measure: bool = True, gate: str = "down", moe=None) -> list:
+def routing_pipeline(densities, calibration, measure: bool = True, gate: str = "down", moe=None,
+                     bias_correction: bool = True) -> list:
     """The activation-routing passes, run after :func:`default_pipeline` (layers it lowered to sparse weight
     kernels are not routed): find the feed-forward blocks, then calibrate their gates and route them, or
     (``moe=(experts, top_k)``) MoE-fy them."""
     if moe is not None:
         return [FindMLPBlocks(), MoEfyBlocks(*moe, calibration)]
-    return [FindMLPBlocks(gate), CalibrateGates(densities, calibration), RouteActivations(measure=measure)]
+    return [FindMLPBlocks(gate), CalibrateGates(densities, calibration, bias_correction=bias_correction),
+            RouteActivations(measure=measure)]

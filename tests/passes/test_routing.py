@@ -136,6 +136,11 @@ def test_levels_equal_the_gated_model_and_density_one_the_dense_model():
             torch.testing.assert_close(mod.level_bias(level), model.down.bias + model.down.weight @ dropped,
                                        rtol=1e-4, atol=1e-5)
         assert torch.equal(mod.level_bias(0), model.down.bias)  # threshold 0 drops only zeros: no shift
+    plain = sparsecc.compile(model, x, activation_density=[1.0, 0.4, 0.2], calibration=cal, measure=False,
+                             gate_bias_correction=False)
+    with torch.no_grad():
+        ref = model.head(F.linear(h * gate_keep(h, th[2]), model.down.weight, model.down.bias))
+        torch.testing.assert_close(plain(x, level=2), ref, rtol=1e-5, atol=1e-5)
     assert cm.level == 0  # level= applies to one call
     cm.set_level(2)
     report = cm.report()
