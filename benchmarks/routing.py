@@ -13,7 +13,8 @@ Sections (``--only`` picks some):
 * ``moe``: MoE-fication of MiniLM's FFNs (``sparsecc.compile(..., moe=(experts, top_k))``), 4 to 16 experts,
   top-1/2/4: embedding cosine on held-out quotes, router recall, whole-model latency at batch 1 and 8.
 * ``relu``: a ReLU MLP trained on Fashion-MNIST, routed at density 1 (threshold 0: exact zeros skipped) and
-  at lower densities (without bias correction, which cost this classifier accuracy): speed-up, max difference to torch at threshold 0, test accuracy per level. Without bias correction (``gate_bias_correction=False``), which cost this classifier accuracy.
+  at lower densities (``gate_bias_correction=False``: the correction cost this classifier accuracy): speed-up,
+  max difference to torch at threshold 0, test accuracy per level.
 
 Run: ``python benchmarks/routing.py`` (2 threads; results in ``benchmarks/results/routing.md`` and ``.json``).
 """
