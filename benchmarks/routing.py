@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 import sparsecc
 from sparsecc import datasets, zoo
-from sparsecc.runtime.compiled import module_bytes
-from sparsecc.runtime.gated import GatedLinear, gate_keep
+from sparsecc.ir.annotations import ROUTING_META_KEY
+from sparsecc.runtime.gated import GatedLinear
 from sparsecc.runtime.timing import interleaved_ms
 
 SEQ = 128
@@ -217,8 +217,8 @@ def section_moe(model, tok, runs):
         for k in top_ks:
             cm8 = sparsecc.compile(model, ex8, moe=(experts, k), calibration=cal)
             cm1 = sparsecc.compile(model, ex1, moe=(experts, k), calibration=cal)
-            recall = [n.meta["sparsecc.routing"]["moe"]["recall"] for n in cm8.graph.graph.nodes
-                      if n.op == "call_module" and "moe" in n.meta.get("sparsecc.routing", {})]
+            recall = [n.meta[ROUTING_META_KEY]["moe"]["recall"] for n in cm8.graph.graph.nodes
+                      if n.op == "call_module" and "moe" in n.meta.get(ROUTING_META_KEY, {})]
             row = {"experts": experts, "top_k": k, "cosine": mean_cos(cm8, test, ref),
                    "recall": sum(recall) / len(recall), "blocks": len(recall)}
             for name, ex, cm in (("batch1", ex1, cm1), ("batch8", ex8, cm8)):
@@ -261,7 +261,7 @@ def section_relu(runs):
                           dynamic_shapes={"x": {0: batch}}, gate_bias_correction=False)
     gl = cm.gated_layers()
     print(cm.report())
-    acc, realized = [], []
+    acc = []
     for lv in range(len(levels)):
         cm.set_level(lv)
         with torch.no_grad():

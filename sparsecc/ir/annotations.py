@@ -15,6 +15,8 @@ import torch.fx as fx
 from sparsecc.formats import Candidate
 
 META_KEY = "sparsecc"
+#: node.meta key of the activation-routing passes (``sparsecc.passes.routing``)
+ROUTING_META_KEY = "sparsecc.routing"
 
 #: Patterns a layer can be classified or pruned as.
 PATTERNS = ("dense", "unstructured", "block", "n:m")

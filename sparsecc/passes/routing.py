@@ -24,8 +24,8 @@ import math
 import torch
 import torch.fx as fx
 
-from ..errors import DataError, RoutingError
-from ..ir.annotations import annotate, get_annotation
+from ..errors import DataError, InvalidArgumentError, RoutingError
+from ..ir.annotations import ROUTING_META_KEY, annotate, get_annotation
 from ..ir.graph import SparseGraph, as_call
 from ..ir.rewrite import delete_unused_attrs, fresh_attr, val_shape
 from ..runtime.gated import gate_keep
@@ -35,7 +35,7 @@ __all__ = ["CalibrateGates", "FindMLPBlocks", "META", "MoEfyBlocks", "RouteActiv
            "cluster_neurons", "fit_router", "record_inputs", "routed_blocks"]
 
 #: node.meta key of the routing passes
-META = "sparsecc.routing"
+META = ROUTING_META_KEY
 #: activations that make an intermediate worth gating (their outputs cluster near zero)
 ACTIVATIONS = {
     torch.ops.aten.relu.default: "relu", torch.ops.aten.gelu.default: "gelu", torch.ops.aten.silu.default: "silu",
@@ -57,8 +57,6 @@ def check_densities(densities) -> list:
     InvalidArgumentError
         A density outside (0, 1], none, or the levels not in non-increasing order.
     """
-    from ..errors import InvalidArgumentError
-
     if isinstance(densities, (str, bytes)) or not isinstance(densities, (int, float, list, tuple)):
         raise InvalidArgumentError(f"activation density must be a float in (0, 1] or a list of them (one per "
                                    f"level), got {densities!r}")
@@ -110,8 +108,6 @@ class FindMLPBlocks(Pass):
     requires = ()
 
     def __init__(self, gate: str = "down"):
-        from ..errors import InvalidArgumentError
-
         if gate not in ("down", "both"):
             raise InvalidArgumentError(f"activation gate must be 'down' or 'both', got {gate!r}")
         self.gate = gate
@@ -156,30 +152,28 @@ class FindMLPBlocks(Pass):
 
 
 class _Recorder:
-    """Keeps a bounded random sample of the magnitudes a node's input takes over the calibration batches."""
+    """Keeps a random sample of the rows (tokens) a node's input takes over the calibration calls: at most
+    ``ROW_SAMPLES`` per call, the same tokens for every recorder of one call (so the rows of a block's input and
+    of its activation correspond), plus the first call's rows whole."""
 
     def __init__(self, seed: int):
-        self.parts: list = []
         self.gen = torch.Generator().manual_seed(seed)
         self.first = None  # the first call's activations (M, K): what the schedules are timed on
-        self.rows: list = []  # a sample of whole rows (tokens), at most ROW_SAMPLES per call
+        self.rows: list = []
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         r = h.detach().reshape(-1, h.shape[-1])
         if self.first is None:
             self.first = r.clone()
-        # seeded by the call's index: recorders of one call pick the same tokens (rows of x and h correspond)
+        # seeded by the call's index: recorders of one call pick the same tokens
         pick = (torch.randperm(r.shape[0], generator=torch.Generator().manual_seed(len(self.rows)))[:ROW_SAMPLES]
                 if r.shape[0] > ROW_SAMPLES else None)
         self.rows.append((r[pick] if pick is not None else r).float().clone())
-        a = h.detach().abs().reshape(-1).float()
-        if a.numel() > MAX_SAMPLES // 4:
-            a = a[torch.randint(a.numel(), (MAX_SAMPLES // 4,), generator=self.gen)]
-        self.parts.append(a)
         return h
 
     def sample(self) -> torch.Tensor:
-        a = torch.cat(self.parts)
+        """At most ``MAX_SAMPLES`` magnitudes ``|h|`` drawn from the recorded rows (the quantile's input)."""
+        a = torch.cat(self.rows).abs().reshape(-1)
         if a.numel() > MAX_SAMPLES:
             a = a[torch.randint(a.numel(), (MAX_SAMPLES,), generator=self.gen)]
         return a
@@ -422,8 +416,6 @@ def cluster_neurons(h: torch.Tensor, experts: int, seed: int = 0) -> torch.Tenso
     import numpy as np
     from sklearn.cluster import KMeans
 
-    from ..errors import InvalidArgumentError
-
     t, k = h.shape
     if experts < 1 or k % experts:
         raise InvalidArgumentError(f"{experts} experts do not split {k} neurons evenly")
@@ -477,8 +469,6 @@ class MoEfyBlocks(Pass):
     requires = ("find_mlp_blocks",)
 
     def __init__(self, experts: int, top_k: int, calibration):
-        from ..errors import InvalidArgumentError
-
         if isinstance(experts, bool) or not isinstance(experts, int) or experts < 1:
             raise InvalidArgumentError(f"experts must be a positive int, got {experts!r}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= experts:
@@ -487,7 +477,6 @@ class MoEfyBlocks(Pass):
         self.calibration = list(calibration) if calibration is not None else []
 
     def run(self, graph: SparseGraph, ctx: PassContext) -> PassResult:
-        from ..errors import InvalidArgumentError
         from ..runtime.moe import MoEFFN
 
         blocks = []

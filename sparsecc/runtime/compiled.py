@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 
 from ..errors import InputShapeError, InvalidArgumentError, RoutingError
-from ..ir.annotations import LayerAnnotation, get_annotation
+from ..ir.annotations import ROUTING_META_KEY, LayerAnnotation, get_annotation
 from ..ir.graph import SparseGraph, as_call, iter_tensor_leaves
-
-
-_ROUTING = "sparsecc.routing"  # node.meta key of the routing passes (passes.routing.META)
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -53,6 +51,7 @@ class CompiledModule:
         #: the calibration calls of activation routing (``levels()`` measures on them)
         self.calibration: list = []
         self._levels = None
+        self._gated = None  # the routed layers, found once (the graph does not change after compile)
 
     def __call__(self, *args, level: Optional[int] = None, **kwargs):
         """Run the compiled model under ``torch.no_grad``; ``level``: the routing level of this call only.
@@ -85,13 +84,23 @@ class CompiledModule:
     # -------------------------------------------------------------------------------- routing levels
     def gated_layers(self) -> list:
         """``(layer name, GatedLinear)`` of every activation-routed layer, in graph order."""
-        out = []
-        for node in self.graph.graph.nodes:
-            if node.op == "call_module":
-                mod = self.graph.gm.get_submodule(node.target)
-                if getattr(mod, "format", None) == "gated":
-                    out.append((mod.name, mod))
-        return out
+        if self._gated is None:
+            self._gated = [(m.name, m) for m in (self.graph.gm.get_submodule(n.target) for n in self.graph.graph.nodes
+                                                   if n.op == "call_module")
+                           if getattr(m, "format", None) == "gated"]
+        return list(self._gated)
+
+    @contextlib.contextmanager
+    def ungated(self):
+        """Within the block, every routed layer runs its plain dense product (the reference of :meth:`levels`)."""
+        gated = self.gated_layers()
+        for _, mod in gated:
+            mod.bypass = True
+        try:
+            yield
+        finally:
+            for _, mod in gated:
+                mod.bypass = False
 
     @property
     def num_levels(self) -> int:
@@ -116,8 +125,8 @@ class CompiledModule:
         if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < n:
             raise InvalidArgumentError(f"level must be an int in [0, {n}) (the module has {n} routing level"
                                        f"{'s' if n != 1 else ''}), got {level!r}")
-        for _, mod in self.gated_layers():
-            mod.set_level(level)
+        for _, mod in self._gated:
+            mod.level = level  # validated above for all: the layers share the level count
 
     def levels(self, runs: int = 10, refresh: bool = False) -> list:
         """Every routing level's activation densities, latency and fidelity on the calibration data.
@@ -163,14 +172,13 @@ class CompiledModule:
             return hook
 
         try:
-            for _, mod in gated:
-                mod.bypass = True
             hooks = [mod.register_forward_pre_hook(recorder(name)) for name, mod in gated]
-            refs = [first_out(self(*a, **k)) for a, k in calls]
-            for h in hooks:
-                h.remove()
-            for _, mod in gated:
-                mod.bypass = False
+            try:
+                with self.ungated():
+                    refs = [first_out(self(*a, **k)) for a, k in calls]
+            finally:
+                for h in hooks:
+                    h.remove()
             rows = []
             a0, k0 = calls[0]
             for lv in range(self.num_levels):
@@ -192,21 +200,13 @@ class CompiledModule:
                 return lambda: self(*a0, level=lv, **k0)
 
             def ungated():
-                for _, mod in gated:
-                    mod.bypass = True
-                try:
+                with self.ungated():
                     return self(*a0, **k0)
-                finally:
-                    for _, mod in gated:
-                        mod.bypass = False
 
-            fns = {"ungated": ungated} | {lv: at(lv) for lv in range(self.num_levels)}
-            t = interleaved_ms(fns, runs=runs)
+            t = interleaved_ms({"ungated": ungated} | {lv: at(lv) for lv in range(self.num_levels)}, runs=runs)
             for r in rows:
                 r["ms"], r["ungated_ms"] = t[r["level"]], t["ungated"]
         finally:
-            for _, mod in gated:
-                mod.bypass = False
             self.set_level(before)
         self._levels = rows
         return rows
@@ -250,8 +250,8 @@ class CompiledModule:
                       f"{self.num_levels} (densities per level: "
                       + ", ".join("/".join("?" if d is None else f"{d:.2f}" for d in mod.densities)
                                   for _, mod in gated[:1]) + ")"]
-            metas = {n.meta[_ROUTING]["name"]: n.meta[_ROUTING] for n in self.graph.graph.nodes
-                     if _ROUTING in n.meta and n.op == "call_module"}
+            metas = {n.meta[ROUTING_META_KEY]["name"]: n.meta[ROUTING_META_KEY] for n in self.graph.graph.nodes
+                     if ROUTING_META_KEY in n.meta and n.op == "call_module"}
             for name, mod in gated:
                 meta = metas.get(name, {})
                 line = (f"  {name}: {mod.shape[1]} neurons, thresholds "

@@ -129,7 +129,7 @@ class GatedLinear(torch.nn.Module):
         self.finite_weight = bool(torch.isfinite(weight).all())
         self.options = tile_options(n)
         self.schedule = {}  # level -> {M: (m_tile, n_tile)}, timed by choose_schedule
-        self._scratch = {}
+        self._scratch = None
         self._fns = {}
         #: run the plain dense product instead (the ungated reference of ``CompiledModule.levels``)
         self.bypass = False
@@ -191,9 +191,9 @@ class GatedLinear(torch.nn.Module):
         m = h2.shape[0]
         mt, nt = sched
         mp = -(-m // mt) * mt
-        s = self._scratch.get((mp, n))
-        if s is None:
-            s = self._scratch[(mp, n)] = torch.empty(self.chunks, mp, n)
+        s = self._scratch
+        if s is None or s.shape[1] != mp:  # the last call's scratch: one buffer, not one per token count seen
+            s = self._scratch = torch.empty(self.chunks, mp, n)
         y = output_buffer(m, n)
         level = self.level if level is None else level
         self._kernel(mt, nt)(aligned(h2), self._th[level], self._buffers["weight_t"], self.level_bias(level), y, s)
