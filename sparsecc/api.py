@@ -164,6 +164,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
             raise InvalidArgumentError(f"moe must be (experts, top_k), got {moe!r}")
     tgt = resolve_target(target, build_only=build_only)
     tgt.check_available()
+    if (activation_density is not None or moe is not None) and tgt.kind not in ("x86", "arm"):
+        raise TargetError(f"activation routing runs on CPU targets (x86, arm), not {tgt.name!r}")
     db = None
     if tuning_db is not None:
         from .tune.lookup import TuningDatabase
@@ -189,8 +191,6 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
     ctx.options["prune_block"] = block
     passes = default_pipeline(tgt, sparsity, pattern, block, measure=measure)
     if activation_density is not None or moe is not None:
-        if tgt.kind not in ("x86", "arm"):
-            raise TargetError(f"activation routing runs on CPU targets (x86, arm), not {tgt.name!r}")
         passes += routing_pipeline(activation_density, calibration, measure=measure and tgt.can_time_kernels,
                                    gate=activation_gate, moe=tuple(moe) if moe is not None else None,
                                    bias_correction=gate_bias_correction)

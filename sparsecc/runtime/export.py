@@ -97,25 +97,6 @@ def _(x, threshold, bias, layer):
     return x.new_empty((*x.shape[:-1], _MODULES[layer].shape[0]))
 
 
-@torch.library.custom_op("sparsecc::export_moe", mutates_args=())
-def _export_moe(x: torch.Tensor, layer: int) -> torch.Tensor:
-    return _MODULES[layer](x).clone()
-
-
-@_export_moe.register_fake
-def _(x, layer):
-    return x.new_empty((*x.shape[:-1], _MODULES[layer].shape[0]))
-
-
-class _MoECall(torch.nn.Module):
-    def __init__(self, layer: int):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return torch.ops.sparsecc.export_moe(x, self.layer)
-
-
 class _GatedCall(torch.nn.Module):
     """A gated linear during export: its threshold and bias are parameters (TVM's importer keeps parameters as
     inputs of ``main``, buffers it folds), which :meth:`ExportedModule.set_level` replaces (one artifact, every
@@ -191,10 +172,8 @@ def _export_view(gm: torch.fx.GraphModule):
         name = f"sparsecc_export_{lid}"
         if kind == "gated":
             call = _GatedCall(lid, mod.export_thresholds()[0], mod.level_bias(0))
-        elif kind == "moe":
-            call = _MoECall(lid)
-        else:
-            call = _LinearCall(lid) if kind == "linear" else _ConvCall(lid)
+        else:  # a MoE block is a linear from the outside: (..., d) -> (..., N)
+            call = _LinearCall(lid) if kind in ("linear", "moe") else _ConvCall(lid)
         view.add_submodule(name, call)
         node.target = name
     view.recompile()
@@ -244,6 +223,10 @@ class ExportContext:
     def linear(self, node, importer):
         x = importer.env[node.args[0]]
         mod = self.layers[node.args[1]]
+        if mod.format == "moe":  # not a weight format: its converter lives with the module
+            from sparsecc.runtime.moe import export_moe
+
+            return export_moe(self, importer.block_builder, x, mod)
         return get_format(mod.format).exporter("linear")(self, importer.block_builder, x, mod)
 
     def conv(self, node, importer):
@@ -258,14 +241,9 @@ class ExportContext:
         x, th, bias = (importer.env[a] for a in node.args[:3])
         return export_gated_linear(self, importer.block_builder, x, th, self.layers[node.args[3]], bias=bias)
 
-    def moe(self, node, importer):
-        from sparsecc.runtime.moe import export_moe
-
-        return export_moe(self, importer.block_builder, importer.env[node.args[0]], self.layers[node.args[1]])
-
     def convert_map(self):
         return {"export_linear.default": self.linear, "export_conv.default": self.conv,
-                "export_gated.default": self.gated, "export_moe.default": self.moe}
+                "export_gated.default": self.gated}
 
 
 def panels_for_export(bb, x, m: int, k: int, mt: int, kp: int | None = None):
