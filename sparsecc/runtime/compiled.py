@@ -50,6 +50,8 @@ class CompiledModule:
         self.prune_block = prune_block
         #: the calibration calls of activation routing (``levels()`` measures on them)
         self.calibration: list = []
+        #: what structured pruning removed before compiling (``compile(channel_sparsity=...)``), or None
+        self.channels = None
         self._levels = None
         self._gated = None  # the routed layers, found once (the graph does not change after compile)
 
@@ -264,6 +266,8 @@ class CompiledModule:
                              f"{meta['dense_ms']:.3f}")
                 lines.append(line)
         lines.append("")
+        if self.channels is not None:
+            lines.append(f"structured pruning first: {self.channels.summary()}")
         lines.append(
             f"{n_sparse}/{len(self.layers)} linears on sparse kernels; weights "
             f"{self.original_weight_bytes / 2**20:.1f} MiB -> {self.weight_bytes / 2**20:.1f} MiB; "

@@ -268,7 +268,12 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
         ``sparsity``: reach the sparsity and raise if the drop exceeds the budget.
     pattern : {"auto", "unstructured", "block", "<r>x<c>", "N:M", "channel"}
         "auto" lets sensitivity and the target's latency choose among unstructured and the
-        target's fastest block shape, per layer.
+        target's fastest block shape, per layer. "channel" removes whole channels, attention
+        heads and FFN neurons of every dependency group (``sparsity`` of each group's units,
+        or a dict per kind ``{"heads": 0.5, "neurons": 0.5}``; see
+        :mod:`sparsecc.sparsify.structured`) and returns a physically smaller model; the
+        method picks the group importance (magnitude; impact/movement: Taylor;
+        activation/sparsegpt: activation) and ``reconstruct`` refits the linears that lost inputs.
     block_shape : (rows, cols), optional
         For ``pattern="block"``; default the target's choice.
     method : {"magnitude", "impact", "movement", "activation", "sparsegpt"}
@@ -355,6 +360,18 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
     """
     t_start = time.perf_counter()
     check_model(model, "sparsify")
+    if pattern == "channel":  # structured: a physically smaller model (sparsecc.sparsify.structured)
+        from .structured import sparsify_channels
+
+        if sparsity is None or accuracy_budget is not None:
+            raise InvalidSparsityError("pattern='channel' takes sparsity= (the fraction of every group's channels, "
+                                       "heads and neurons removed) and no accuracy_budget")
+        if not isinstance(sparsity, dict):
+            sparsity = check_sparsity_value(sparsity, "the model")
+        return sparsify_channels(model, example_inputs, sparsity=sparsity, method=method, data=data,
+                                 loss_fn=loss_fn, eval_fn=eval_fn,
+                                 training=Training(finetune_steps, lr, optimizer), calib_batches=calib_batches,
+                                 reconstruct=reconstruct, damp=damp, progress=progress, seed=seed, target=target)
     sparsity, allocation, layerwise = _validate(
         model, sparsity=sparsity, accuracy_budget=accuracy_budget, pattern=pattern, method=method,
         schedule=schedule, data=data, loss_fn=loss_fn, eval_fn=eval_fn, finetune_steps=finetune_steps,
