@@ -43,6 +43,7 @@ from sparsecc.cache import cache_root
 from sparsecc.peers import Hidden, onnx_export, ort_session
 from sparsecc.runtime.compiled import module_bytes
 from sparsecc.runtime.timing import interleaved_ms
+from sparsecc.sparsify.distill import distill_encoder
 
 SEQ = 128
 #: Bump when the search's recipe changes: the cached pruned weights are keyed by it.
@@ -153,29 +154,9 @@ def distill(model, pruned, tok, args):
     train = datasets.fortunes_sentences("train")
     random.Random(0).shuffle(train)
     pool = train[:-args.val]
-    params = dict(student.named_parameters())
-    torch.manual_seed(0)  # dropout
-    opt = torch.optim.AdamW([p for n, p in params.items() if "embeddings" not in n], lr=args.distill_lr,
-                            weight_decay=0.0)
-    student.train()
     t0 = time.perf_counter()
-    for step in range(args.distill_steps):
-        enc = encode(tok, [pool[(step * 32 + i) % len(pool)] for i in range(32)])
-        with torch.no_grad():
-            t_out = model(**enc).last_hidden_state
-        s_out = student(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        cos = F.cosine_similarity(zoo.mean_pool(s_out, enc["attention_mask"]),
-                                  zoo.mean_pool(t_out, enc["attention_mask"]), dim=-1)
-        loss = (1 - cos).mean() + ((s_out - t_out).pow(2) * mask).sum() / mask.sum() / s_out.shape[-1]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            for n, m in masks.items():
-                params[n].mul_(m)
-        if (step + 1) % 50 == 0:
-            print(f"  distillation step {step + 1}/{args.distill_steps}: loss {loss.item():.4f}", flush=True)
+    distill_encoder(student, model, lambda step: encode(tok, [pool[(step * 32 + i) % len(pool)] for i in range(32)]),
+                    args.distill_steps, args.distill_lr, masks=masks, log=lambda s: print(s, flush=True))
     student.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:

@@ -1,7 +1,7 @@
 """Structured pruning: remove whole channels, attention heads and FFN neurons, and return a smaller model.
 
 The coupled channels come from the dependency groups of the captured graph
-(:mod:`sparsecc.passes.channels`). Each group's units are scored by an
+(:mod:`sparsecc.ir.channels`). Each group's units are scored by an
 importance aggregated over all its members, the least important are removed
 from every member at once, and the result is a copy of the user's model with
 physically smaller weights (no masks) and the same input and output shapes.
@@ -41,7 +41,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, InvalidSparsityError, StructureError
 from ..ir.capture import capture, check_model
-from ..passes.channels import ChannelGroups, channel_groups
+from ..ir.channels import ChannelGroups, channel_groups
 from .data import first_batches, forward_loss, run_model
 
 __all__ = ["IMPORTANCES", "StructuredResult", "group_importance", "model_channel_groups", "prune_channels",
@@ -59,7 +59,7 @@ def model_channel_groups(model: nn.Module, example_inputs: Any, unknown: str = "
     example_inputs : Tensor, tuple or dict
         As for :func:`sparsecc.compile`.
     unknown : {"error", "keep"}
-        See :func:`sparsecc.passes.channels.channel_groups`.
+        See :func:`sparsecc.ir.channels.channel_groups`.
 
     Raises
     ------
@@ -330,7 +330,7 @@ def check_removal(small: nn.Module, groups: ChannelGroups, keep: dict, example_i
     StructureError
         Another op sequence, or a node whose shape differs from the prediction (the message names it).
     """
-    from ..passes.channels import _shape
+    from ..ir.channels import _shape
 
     new_sizes: dict = {}
     for g in groups:
