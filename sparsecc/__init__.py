@@ -7,10 +7,12 @@
 
 from .api import compile, prune
 from .sparsify import SparsifyResult, sparsify
+from .sparsify.structured import StructuredResult, prune_channels
+from .sparsify.structured import model_channel_groups as channel_groups
 from .errors import (AccuracyBudgetError, ArtifactError, CacheWarning, CaptureError, DataError, DatasetError,
                      InputDtypeError, InputShapeError, InvalidArgumentError, InvalidSparsityError, KernelBuildError,
-                     PassError, PatternWarning, SparseccError, SparseccWarning, TargetError, TrainingError,
-                     TrainModeWarning, UnknownLayerError, UnsupportedOpError)
+                     PassError, PatternWarning, SparseccError, SparseccWarning, StructureError, TargetError,
+                     TrainingError, TrainModeWarning, UnknownLayerError, UnsupportedOpError)
 from .runtime.compiled import CompiledModule
 
 
@@ -27,7 +29,8 @@ type(tune).entry = staticmethod(_tune_model)
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "prune", "load", "tune", "sparsify", "SparsifyResult", "CompiledModule", "SparseccError",
+__all__ = ["compile", "prune", "load", "tune", "sparsify", "SparsifyResult", "prune_channels", "channel_groups",
+           "StructuredResult", "CompiledModule", "SparseccError", "StructureError",
            "AccuracyBudgetError", "ArtifactError", "CaptureError", "DataError", "DatasetError", "InputDtypeError",
            "InputShapeError", "InvalidArgumentError", "InvalidSparsityError", "KernelBuildError", "PassError",
            "TargetError", "TrainingError", "UnknownLayerError", "UnsupportedOpError", "SparseccWarning",

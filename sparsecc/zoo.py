@@ -25,8 +25,9 @@ from sparsecc.errors import InvalidArgumentError
 from sparsecc.fileio import atomic_path
 from sparsecc.cache import cache_root
 
-__all__ = ["BasicBlock", "Bottleneck", "DigitsCNN", "FashionCNN", "PRETRAINED", "ResNetCNN", "accuracy", "pretrained",
-           "pretrained_path", "randomize_batchnorm", "resnet18_like", "train", "minilm", "mean_pool"]
+__all__ = ["BasicBlock", "Bottleneck", "DigitsCNN", "FashionCNN", "InvertedResidual", "MobileNetV2Like", "PRETRAINED",
+           "ResNetCNN", "accuracy", "mobilenet_v2_like", "pretrained", "pretrained_path", "randomize_batchnorm",
+           "resnet18_like", "train", "minilm", "mean_pool"]
 
 
 class FashionCNN(nn.Module):

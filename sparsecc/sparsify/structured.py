@@ -44,8 +44,8 @@ from ..ir.capture import capture, check_model
 from ..ir.channels import ChannelGroups, channel_groups
 from .data import first_batches, forward_loss, run_model
 
-__all__ = ["IMPORTANCES", "StructuredResult", "group_importance", "model_channel_groups", "prune_channels",
-           "reconstruct_linears", "remove_channels"]
+__all__ = ["IMPORTANCES", "StructuredResult", "group_importance", "keep_global", "keep_lowest_removed",
+           "model_channel_groups", "prune_channels", "reconstruct_linears", "remove_channels"]
 
 IMPORTANCES = ("magnitude", "taylor", "activation")
 
@@ -198,6 +198,18 @@ def _activation(model: nn.Module, groups: ChannelGroups, sample: list, magnitude
 # ---------------------------------------------------------------------------------------------- removal
 
 
+def _every_member_keeps_one(keep: dict, groups: ChannelGroups, importance: dict) -> dict:
+    """Give back, in a member that would lose all its entries (one input of a concatenation), its most
+    important unit."""
+    for g in groups:
+        k = keep[g.id]
+        for m in g.members:
+            units = np.unique(m.unit_of)
+            if not bool(k[torch.as_tensor(units)].any()):
+                k[int(units[np.argmax(importance[g.id][units])])] = True
+    return keep
+
+
 def keep_lowest_removed(importance: dict, groups: ChannelGroups, sparsity: Union[float, dict],
                         round_to: int = 1) -> dict:
     """Keep-masks removing the ``sparsity`` fraction of least important units of every group.
@@ -227,7 +239,49 @@ def keep_lowest_removed(importance: dict, groups: ChannelGroups, sparsity: Union
         mask = torch.zeros(g.size, dtype=torch.bool)
         mask[torch.as_tensor(np.sort(order))] = True
         keep[g.id] = mask
-    return keep
+    return _every_member_keeps_one(keep, groups, importance)
+
+
+def keep_global(importance: dict, groups: ChannelGroups, sparsity: Union[float, dict], round_to: int = 1,
+                min_keep: float = 0.1) -> dict:
+    """Keep-masks removing, per group kind, the ``sparsity`` fraction of units with the lowest importance pooled
+    over all groups of that kind (one threshold per kind, as global magnitude pruning does for weights), keeping
+    at least ``min_keep`` of every group.
+
+    Importance must be comparable across groups: the activation importance is (each unit's output energy); the
+    magnitude and Taylor scores are normalised per member, hence roughly so.
+    """
+    keep = {}
+    kinds: dict = {}
+    for g in groups:
+        kinds.setdefault(g.kind, []).append(g)
+    for kind, gs in kinds.items():
+        s = sparsity.get(kind, 0.0) if isinstance(sparsity, dict) else sparsity
+        if not 0.0 <= s < 1.0:
+            raise InvalidSparsityError(f"channel sparsity must be in [0, 1), got {s} for {kind}")
+        total = sum(g.size for g in gs)
+        n_remove = int(round(s * total))
+        floor = {g.id: max(1, int(np.ceil(min_keep * g.size))) for g in gs}
+        order = sorted(((float(importance[g.id][u]), g.id, u) for g in gs for u in range(g.size)))
+        left = {g.id: g.size for g in gs}
+        masks = {g.id: torch.ones(g.size, dtype=torch.bool) for g in gs}
+        removed = 0
+        for _, gid, u in order:
+            if removed >= n_remove:
+                break
+            if left[gid] > floor[gid]:
+                masks[gid][u] = False
+                left[gid] -= 1
+                removed += 1
+        if round_to > 1:  # give back the most important removed units up to a multiple of round_to
+            for g in gs:
+                m = masks[g.id]
+                want = min(g.size, -(-int(m.sum()) // round_to) * round_to)
+                gone = [u for u in np.argsort(-importance[g.id], kind="stable") if not m[u]]
+                for u in gone[:want - int(m.sum())]:
+                    m[u] = True
+        keep.update(masks)
+    return _every_member_keeps_one(keep, groups, importance)
 
 
 def _owners(model: nn.Module) -> dict:
@@ -304,6 +358,9 @@ def remove_channels(model: nn.Module, groups: ChannelGroups, keep: dict, example
         if bool(k.all()):
             continue
         for m in g.members:
+            if not bool(k[torch.as_tensor(np.unique(m.unit_of))].any()):
+                raise StructureError(f"{m.target}: every entry along dim {m.dim} would be removed (group {g.id})")
+        for m in g.members:
             if (m.target, m.dim) in done:
                 continue
             done.add((m.target, m.dim))
@@ -367,12 +424,13 @@ class _Seen(Exception):
 
 
 def reconstruct_linears(dense: nn.Module, small: nn.Module, batches: list, damp: float = 0.01,
-                        layers: Optional[list] = None) -> list:
-    """Refit every ``nn.Linear`` of ``small`` whose inputs shrank (weight and bias, by least squares), in place.
+                        layers: Optional[list] = None, out_rows: Optional[dict] = None) -> list:
+    """Refit ``nn.Linear`` layers of ``small`` (weight and bias, by least squares) to the dense outputs, in place.
 
-    For each such layer in execution order, with ``X`` its input in ``small`` (rows, K') and ``Y`` the dense
-    layer's output in ``dense`` (rows, N): ``[W b] = argmin ‖[X 1]·[W b]ᵀ - Y‖² + λ‖W‖²``, ``λ`` = ``damp`` ·
-    mean of ``diag(XᵀX)``. Later layers see the earlier ones refitted.
+    For each layer in execution order, with ``X`` its input in ``small`` (rows, K') and ``Y`` the dense
+    layer's output in ``dense`` (rows, N) restricted to the rows ``small`` kept: ``[W b] = argmin ‖[X 1]·[W b]ᵀ
+    - Y‖² + λ‖W‖²``, ``λ`` = ``damp`` · mean of ``diag(XᵀX)``. Later layers see the earlier ones refitted. A fit
+    that does not lower the layer's error is not applied.
 
     Parameters
     ----------
@@ -381,14 +439,21 @@ def reconstruct_linears(dense: nn.Module, small: nn.Module, batches: list, damp:
     batches : list of inputs
         Calibration inputs (as the models are called).
     layers : list of str, optional
-        Restrict to these layers.
+        The layers to refit; default: those whose inputs shrank.
+    out_rows : dict layer -> LongTensor, optional
+        For layers that lost output features, the dense rows they kept (:meth:`StructuredResult.kept_rows`).
 
     Returns
     -------
     list of (layer name, relative output error before, after)
     """
+    out_rows = out_rows or {}
     names = [n for n, m in small.named_modules() if isinstance(m, nn.Linear)
-             and m.in_features < dense.get_submodule(n).in_features and (layers is None or n in layers)]
+             and (n in layers if layers is not None else m.in_features < dense.get_submodule(n).in_features)]
+    for n in names:
+        if small.get_submodule(n).out_features != dense.get_submodule(n).out_features and n not in out_rows:
+            raise InvalidArgumentError(f"reconstruction of {n!r}: it lost output features; give its kept rows in "
+                                       f"out_rows")
     from .layerwise import execution_order
 
     if not names:
@@ -403,8 +468,11 @@ def reconstruct_linears(dense: nn.Module, small: nn.Module, batches: list, damp:
         yy = 0.0
         seen: dict = {}
 
+        rows = out_rows.get(name)
+
         def ref_hook(m, inp, out):
-            seen["y"] = out.detach().reshape(-1, out.shape[-1]).double()
+            y = out.detach().reshape(-1, out.shape[-1]).double()
+            seen["y"] = y if rows is None else y[:, rows]
             raise _Seen
 
         def mod_hook(m, inp):
@@ -469,6 +537,18 @@ class StructuredResult:
     keep: dict
     reconstruction: list = field(default_factory=list)
 
+    def kept_rows(self) -> dict:
+        """For every layer that lost output features (weight dim 0), the indices of the dense rows it kept."""
+        rows = {}
+        for g in self.groups:
+            k = self.keep.get(g.id)
+            if k is None:
+                continue
+            for m in g.members:
+                if m.dim == 0 and m.target.endswith(".weight"):
+                    rows[m.layer] = torch.as_tensor(np.nonzero(k.numpy()[m.unit_of])[0], dtype=torch.long)
+        return rows
+
     @property
     def removed(self) -> dict:
         """Units removed per group kind: ``{"heads": (removed, total), ...}``."""
@@ -488,8 +568,9 @@ class StructuredResult:
 
 def prune_channels(model: nn.Module, example_inputs: Any, sparsity: Union[float, dict] = 0.5, *,
                    importance: str = "magnitude", data: Optional[Iterable] = None,
-                   loss_fn: Optional[Callable] = None, batches: int = 4, reconstruct: bool = False,
-                   damp: float = 0.01, round_to: int = 1, unknown: str = "error") -> StructuredResult:
+                   loss_fn: Optional[Callable] = None, batches: int = 4, reconstruct: Union[bool, str] = False,
+                   damp: float = 0.01, round_to: int = 1, allocation: str = "uniform",
+                   unknown: str = "error") -> StructuredResult:
     """Remove the least important channels, heads and neurons of ``model``: a physically smaller copy.
 
     Parameters
@@ -507,10 +588,14 @@ def prune_channels(model: nn.Module, example_inputs: Any, sparsity: Union[float,
         For "taylor", "activation" and ``reconstruct``; ``batches`` of them are used.
     loss_fn : callable (output, target) -> scalar Tensor
         For "taylor".
-    reconstruct : bool
-        Refit the linears whose inputs shrank (:func:`reconstruct_linears`) on ``batches`` batches of ``data``.
+    reconstruct : bool or "all"
+        Refit the linears whose inputs shrank (True), or every linear in execution order ("all"), by least squares
+        to the dense model's outputs (:func:`reconstruct_linears`) on ``batches`` batches of ``data``.
     round_to : int
         Round kept counts up to a multiple of this.
+    allocation : {"uniform", "global"}
+        ``sparsity`` of every group (uniform), or of all the groups of a kind pooled, with one importance
+        threshold per kind and at least 10% of every group kept (:func:`keep_global`).
     unknown : {"error", "keep"}
         An op the analysis does not know: refuse, or keep its channels whole.
 
@@ -527,21 +612,28 @@ def prune_channels(model: nn.Module, example_inputs: Any, sparsity: Union[float,
     InvalidSparsityError, InvalidArgumentError, DataError
     """
     check_model(model, "prune_channels")
+    if reconstruct not in (False, True, "all"):
+        raise InvalidArgumentError(f"reconstruct must be True, False or 'all', got {reconstruct!r}")
+    if allocation not in ("uniform", "global"):
+        raise InvalidArgumentError(f"allocation must be 'uniform' or 'global', got {allocation!r}")
     if reconstruct and data is None:
-        raise InvalidArgumentError("reconstruct=True needs data")
+        raise InvalidArgumentError("reconstruct needs data")
     groups = model_channel_groups(model, example_inputs, unknown=unknown)
     was_training = model.training
     ref = copy.deepcopy(model).eval()
     scores = group_importance(ref, groups, importance, data=data, loss_fn=loss_fn, batches=batches,
                               example_inputs=example_inputs)
-    keep = keep_lowest_removed(scores, groups, sparsity, round_to=round_to)
+    choose = keep_lowest_removed if allocation == "uniform" else keep_global
+    keep = choose(scores, groups, sparsity, round_to=round_to)
     small = remove_channels(ref, groups, keep, example_inputs)
-    report = []
+    result = StructuredResult(small, groups, keep)
     if reconstruct:
         calib = [inputs for inputs, _ in first_batches(data, example_inputs, batches)]
-        report = reconstruct_linears(ref, small, calib, damp=damp)
+        layers = [n for n, m in small.named_modules() if isinstance(m, nn.Linear)] if reconstruct == "all" else None
+        result.reconstruction = reconstruct_linears(ref, small, calib, damp=damp, layers=layers,
+                                                    out_rows=result.kept_rows())
     small.train(was_training)
-    return StructuredResult(small, groups, keep, report)
+    return result
 
 
 #: sparsify's ``method=`` names -> the group importance they become for ``pattern="channel"``

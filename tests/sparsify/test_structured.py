@@ -239,6 +239,10 @@ def test_zeroed_units_removed_exactly_on_hand_built_graphs(which, seed, frac):
         zero_units(model, g, units)
         k = torch.ones(g.size, dtype=torch.bool)
         k[torch.as_tensor(units)] = False
+        for m in g.members:  # a member losing every entry (one input of a concat) is refused: keep one
+            own = np.unique(m.unit_of)
+            if not bool(k[torch.as_tensor(own)].any()):
+                k[int(own[0])] = True  # (still zero: keeping it changes nothing)
         keep[g.id] = k
     small = remove_channels(model, groups, keep, x)
     with torch.no_grad():
@@ -251,3 +255,46 @@ def test_a_split_with_sizes_written_in_the_forward_is_refused():
     model = hand.SplitPlain().eval()
     with pytest.raises(StructureError, match="no longer runs"):
         prune_channels(model, torch.randn(1, 3, 4, 4), 0.5)
+
+
+def test_global_allocation_pools_units_of_a_kind_and_keeps_a_floor():
+    from sparsecc.sparsify.structured import keep_global
+
+    model = nn.Sequential(nn.Linear(8, 20), nn.ReLU(), nn.Linear(20, 8), nn.Linear(8, 40), nn.ReLU(),
+                          nn.Linear(40, 8)).eval()
+    groups = model_channel_groups(model, torch.randn(2, 8))
+    sizes = sorted(g.size for g in groups)
+    assert sizes == [8, 20, 40]
+    imp = {g.id: (np.arange(g.size) + 1.0) * (100.0 if g.size == 40 else 1.0) for g in groups}
+    keep = keep_global(imp, groups, 0.5)
+    kept = {g.size: int(keep[g.id].sum()) for g in groups}
+    assert sum(g.size - kept[g.size] for g in groups) == round(0.5 * 68)
+    assert kept[20] == 2 and kept[8] == 1  # the low-importance groups go down to their 10% floor
+    small = remove_channels(model, groups, keep, torch.randn(2, 8))
+    assert small[0].out_features == 2 and small[3].out_features == kept[40]
+
+
+def test_reconstruct_all_refits_every_linear():
+    torch.manual_seed(0)
+    model = MLP(8, 64).eval()
+    data = [(torch.randn(64, 8), None) for _ in range(4)]
+    res = prune_channels(model, torch.randn(4, 8), 0.5, data=data, reconstruct="all")
+    assert [r[0] for r in res.reconstruction] == ["up", "down"]
+    assert set(res.kept_rows()) == {"up"} and res.kept_rows()["up"].numel() == 32
+    with pytest.raises(InvalidArgumentError, match="reconstruct"):
+        prune_channels(model, torch.randn(4, 8), 0.5, data=data, reconstruct="some")
+
+
+def test_removing_every_channel_of_one_concat_input_is_refused_and_the_default_keeps_one():
+    model = hand.Concat().eval()
+    x = torch.randn(1, 3, 5, 5)
+    groups = model_channel_groups(model, x)
+    k = torch.ones(10, dtype=torch.bool)
+    k[:4] = False  # all of conv a's outputs
+    with pytest.raises(StructureError, match=r"a\.(weight|bias): every entry"):
+        remove_channels(model, groups, {0: k}, x)
+    imp = {0: np.r_[np.zeros(4), np.arange(6) + 1.0]}
+    from sparsecc.sparsify.structured import keep_lowest_removed
+
+    keep = keep_lowest_removed(imp, groups, 0.5)
+    assert int(keep[0][:4].sum()) == 1 and int(keep[0].sum()) == 6
