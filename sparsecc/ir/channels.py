@@ -252,8 +252,6 @@ class _Analysis:
         self.products: list = []  # (merged vertex, [factor vertices, outer first], [factor sizes])
         self.opaque: list = []  # (node, reason)
         self.params = {n for n, _ in gm.named_parameters()}
-        self.tensors = dict(gm.named_parameters())
-        self.tensors.update(dict(gm.named_buffers()))
 
     # -- vertices
     def v(self, node: fx.Node, dim: int) -> Optional[Vertex]:

@@ -16,13 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..zoo import mean_pool
+
 __all__ = ["distill_encoder"]
-
-
-def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``hidden: (B, S, H)`` over the real tokens of ``attention_mask: (B, S)``: ``(B, H)``."""
-    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
 def distill_encoder(student: nn.Module, teacher: nn.Module, batch: Callable[[int], dict], steps: int, lr: float, *,
@@ -64,7 +60,7 @@ def distill_encoder(student: nn.Module, teacher: nn.Module, batch: Callable[[int
             t_out = teacher(**enc).last_hidden_state
         s_out = student(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).float()
-        cos = F.cosine_similarity(_mean_pool(s_out, enc["attention_mask"]), _mean_pool(t_out, enc["attention_mask"]),
+        cos = F.cosine_similarity(mean_pool(s_out, enc["attention_mask"]), mean_pool(t_out, enc["attention_mask"]),
                                   dim=-1)
         loss = (1 - cos).mean() + ((s_out - t_out).pow(2) * mask).sum() / mask.sum() / s_out.shape[-1]
         opt.zero_grad()

@@ -1,8 +1,6 @@
 """Structured pruning: removing zero-importance units is exact, the smaller model is checked against the
 dependency groups, importance scores and reconstruction do what they say, and sparsify/compile use it."""
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -12,8 +10,7 @@ from torch import nn
 import sparsecc
 from sparsecc import zoo
 from sparsecc.errors import InvalidArgumentError, InvalidSparsityError, StructureError
-from sparsecc.sparsify.structured import (group_importance, model_channel_groups, prune_channels,
-                                          reconstruct_linears, remove_channels)
+from sparsecc.sparsify.structured import group_importance, model_channel_groups, prune_channels, remove_channels
 
 
 def zero_units(model, group, units):
