@@ -27,12 +27,12 @@ from .targets import resolve_target
 
 def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
             sparsity: Union[None, float, dict] = None, pattern: str = "auto",
-            dynamic_shapes: Optional[Any] = None, block_shape: Optional[tuple] = None,
+            dynamic_shapes: Optional[Any] = "auto", block_shape: Optional[tuple] = None,
             measure: bool = True, print_after=(), dump_dir=None, build_only: bool = False,
             tuning_db=None, activation_density=None, calibration=None,
             activation_gate: str = "down", moe: Optional[tuple] = None,
             gate_bias_correction: bool = True, channel_sparsity: Union[None, float, dict] = None,
-            channel_importance: str = "magnitude") -> CompiledModule:
+            channel_importance: str = "magnitude", formats_from: Optional[CompiledModule] = None) -> CompiledModule:
     """Compile ``model`` into a module whose sparse linears run as TVM kernels.
 
     Parameters
@@ -59,8 +59,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
         (or those named in a ``sparsity`` dict) to N:M along K by magnitude and
         allow dense or that N:M kernel per layer; ``sparsity`` must then be None
         or the pattern's ``1 - n/m``.
-    dynamic_shapes : optional
-        ``torch.export`` dynamic-shape spec, e.g. ``{"x": {0: Dim("batch")}}``.
+    dynamic_shapes : "auto", None or a torch.export spec
+        "auto" (the default, as ``torch.compile``): the leading (batch) dim of every input is dynamic, and the
+        sequence dim of integer token inputs (ids, masks), wherever the model allows it; kernels are timed at
+        the example's sizes. None fixes every dim to the example's; a ``torch.export`` spec such as
+        ``{"x": {0: Dim("batch", max=64)}}`` names the dynamic dims and their ranges.
     block_shape : (rows, cols), optional
         Block shape for ``pattern="block"`` pruning; default: the block the
         target's cost model estimates fastest (area ≤ 16).
@@ -113,6 +116,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
     channel_importance : {"magnitude", "taylor", "activation"}
         How channels are scored; "magnitude" needs no data (the others: use ``prune_channels`` or
         ``sparsify(pattern="channel")`` and compile its model).
+    formats_from : CompiledModule, optional
+        An earlier compile of the same weights (e.g. at other input shapes): every linear with the same name,
+        weight shape and nnz takes its format without being timed again.
 
     Returns
     -------
@@ -186,6 +192,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
 
         db = TuningDatabase(tuning_db)
     ctx = PassContext(target=tgt, print_after=print_after, dump_dir=dump_dir, tuning_db=db)
+    if formats_from is not None:
+        if not isinstance(formats_from, CompiledModule):
+            raise InvalidArgumentError(f"formats_from must be a CompiledModule, got {type(formats_from).__name__}")
+        ctx.options["prior_formats"] = {a.name: a for a in formats_from.layers}
     original_bytes = module_bytes(model)
     channels = None
     if channel_sparsity is not None:  # structure first: a physically smaller copy, then the usual pipeline
@@ -224,6 +234,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
     if activation_density is not None or moe is not None:
         cm.calibration = list(calibration)
     cm.channels = channels
+    cm.example_inputs = example_inputs
     return finish(cm, tgt)
 
 
@@ -380,7 +391,7 @@ def model_workloads(cm, rows=None) -> tuple:
 
 def tune(model, example_inputs: Any, *, target: str = "x86", sparsity=None, pattern: str = "auto",
          trials: int = 64, work_dir, time_budget_s: Optional[float] = None, progress: bool = True,
-         rows=None, dynamic_shapes=None, block_shape=None, seed: int = 0) -> TuningSummary:
+         rows=None, dynamic_shapes="auto", block_shape=None, seed: int = 0) -> TuningSummary:
     """Autotune the sparse kernels ``sparsecc.compile`` would use for ``model`` into ``work_dir``.
 
     Runs compile's analysis (capture, pruning, format choice by the cost model

@@ -92,6 +92,15 @@ class StructureError(SparseccError, RuntimeError):
     (the message names the node), or a removal would leave a layer without channels."""
 
 
+class MlirError(SparseccError, RuntimeError):
+    """An MLIR step of ``cm.to_mlir()`` (import, lowering, verification, sparsifier, execution) failed."""
+
+
+class NotPicklableError(SparseccError, TypeError):
+    """A compiled module holds TVM kernels, which cannot be pickled or deep-copied (save its ``state_dict``,
+    or write a deployment folder with ``cm.export(path)``)."""
+
+
 class TuningError(SparseccError, RuntimeError):
     """Autotuning failed, or a tuning database (``work_dir``) is missing or unreadable."""
 
@@ -109,6 +118,11 @@ class CacheWarning(SparseccWarning):
 
 class TrainModeWarning(SparseccWarning):
     """The model was in training mode; sparsecc compiled its inference (``eval()``) semantics."""
+
+
+class FallbackWarning(SparseccWarning):
+    """A graph given to the ``torch.compile`` backend runs in eager torch (nothing to prune, or it could not be
+    compiled; the message says which)."""
 
 
 class PatternWarning(SparseccWarning):

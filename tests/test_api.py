@@ -168,7 +168,7 @@ def test_bad_inputs_raise_sparsecc_errors():
     model = MLP().eval()
     x = torch.randn(4, 32)
     cm = sparsecc.compile(model, (x,), sparsity=0.5, measure=False)
-    with pytest.raises(InputShapeError, match=r"expected shape \(4, 32\)"):
+    with pytest.raises(InputShapeError, match=r"expected shape \(0\.\., 32\)"):  # the batch is dynamic
         cm(torch.randn(4, 31))
     with pytest.raises(InputDtypeError, match="torch.float32"):
         cm(x.double())

@@ -292,12 +292,16 @@ def nm_linear_permute(n: int, m: int, chunks: int, *, lanes: int = 16, bias: boo
                     T.Cast(f"int32x{L}", P[vro, ch * GPC * n + gs, T.ramp(0, 1, L)]),
                     dtype=f"float32x{L}") * V[vro, ch * GPC * n + gs, T.ramp(0, 1, L)]
 
+    def kblocked_reads(X, V, P, B, vro, MP):
+        regions = [X[0:MP, 0:KL], V[vro, 0:GN, 0:L], P[vro, 0:GN, 0:L]]
+        return regions if B is None else regions + [B[vro, 0:L]]
+
     @T.macro
     def body_kblocked(X, V, P, B, Y, MP, NR):
         for ro in T.serial(NR):
             with T.sblock("row"):
                 vro = T.axis.spatial(NR, ro)
-                T.reads(X[0:MP, 0:KL], V[vro, 0:GN, 0:L], P[vro, 0:GN, 0:L], B[vro, 0:L] if B is not None else [])
+                T.reads(kblocked_reads(X, V, P, B, vro, MP))
                 T.writes(Y[0:MP, vro, 0:L])
                 C = T.decl_buffer((mt, L), "float32", data=stack_floats(mt * L), scope="local")
                 XC = T.decl_buffer((mt, L), "float32", data=stack_floats(mt * L), scope="local")

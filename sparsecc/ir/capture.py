@@ -1,8 +1,13 @@
 """Capture a PyTorch model into a :class:`SparseGraph`.
 
-``torch.export`` first (dynamic dims through ``dynamic_shapes``), then
-``torch.fx.symbolic_trace`` when export fails. The model is deep-copied first:
+``torch.export`` first, then ``torch.fx.symbolic_trace`` when export fails. The model is deep-copied first:
 sparsecc prunes and rewrites its own copy, never the user's module.
+
+Shapes follow ``torch.compile``'s defaults: with ``dynamic_shapes="auto"`` (what :func:`sparsecc.compile` passes
+unless told otherwise) the leading (batch) dim of every tensor input, and the second (sequence) dim of integer
+inputs of two or more dims (token ids and masks of Hugging Face models), are marked ``torch.export.Dim.AUTO``:
+dynamic where the model allows it, fixed where it does not. Size-1 examples are traced size-obliviously
+(``backed_size_oblivious``), so a batch-1 example still compiles a batch-dynamic graph.
 """
 
 from __future__ import annotations
@@ -89,15 +94,23 @@ def capture(model: torch.nn.Module, example_inputs: Any,
     for p in owned.parameters():
         p.requires_grad_(False)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ep = torch.export.export(owned, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        if isinstance(dynamic_shapes, str):
+            if dynamic_shapes != "auto":
+                raise InvalidArgumentError(f"dynamic_shapes must be 'auto', None or a torch.export spec, got "
+                                           f"{dynamic_shapes!r}")
+            ep = _export_auto(owned, args, kwargs)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ep = torch.export.export(owned, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         gm = ep.module()
         specs = _specs_from_placeholders(gm, args, kwargs, ep.range_constraints)
         return SparseGraph(gm, "export", specs, arg_names=_positional_names(model, len(args)),
                            kwarg_names=tuple(kwargs))
+    except InvalidArgumentError:
+        raise
     except Exception as export_err:  # noqa: BLE001 - any export failure falls back to fx
-        if dynamic_shapes is not None and _is_user_error(export_err):
+        if dynamic_shapes is not None and not isinstance(dynamic_shapes, str) and _is_user_error(export_err):
             raise CaptureError(f"torch.export rejected dynamic_shapes: {export_err}") from export_err
         try:
             gm = fx.symbolic_trace(owned)
@@ -113,6 +126,49 @@ def capture(model: torch.nn.Module, example_inputs: Any,
                  for p, t in iter_tensor_leaves((args, kwargs))]
         return SparseGraph(gm, "fx", specs, arg_names=_positional_names(model, len(args)),
                            kwarg_names=tuple(kwargs))
+
+
+def auto_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict):
+    """The ``torch.export`` spec of ``dynamic_shapes="auto"``: ``Dim.AUTO`` on dim 0 of every tensor input and on
+    dim 1 of integer inputs with ≥ 2 dims (token ids, attention masks); None when the inputs cannot be named
+    (positional inputs of a forward without named parameters, mixed with keyword inputs)."""
+    auto = torch.export.Dim.AUTO
+
+    def leaf(v):
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            return None
+        dims = {0: auto}
+        if v.dim() >= 2 and not (v.dtype.is_floating_point or v.dtype.is_complex) and v.dtype != torch.bool:
+            dims[1] = auto
+        return dims
+
+    spec_args = tuple(torch.utils._pytree.tree_map(leaf, a) for a in args)
+    if not kwargs:
+        return spec_args
+    names = _positional_names(model, len(args))
+    if len(names) != len(args):
+        return None
+    spec = dict(zip(names, spec_args))
+    spec.update({k: torch.utils._pytree.tree_map(leaf, v) for k, v in kwargs.items()})
+    return spec
+
+
+def _export_auto(model: torch.nn.Module, args: tuple, kwargs: dict):
+    """``torch.export`` with :func:`auto_dynamic_shapes`, size-oblivious for size-1 examples; static when the
+    model does not export with dynamic dims."""
+    import torch.fx.experimental._config as fx_config
+
+    spec = auto_dynamic_shapes(model, args, kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if spec is not None:
+            for oblivious in (True, False):
+                try:
+                    with fx_config.patch(backed_size_oblivious=oblivious):
+                        return torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False)
+                except Exception:  # noqa: BLE001 - try the next, stricter capture
+                    continue
+        return torch.export.export(model, args, kwargs, strict=False)
 
 
 def _positional_names(model: torch.nn.Module, n: int) -> tuple:
@@ -135,13 +191,19 @@ def _is_user_error(err: Exception) -> bool:
 def _dim_range(d, range_constraints: dict):
     """``(min, max)`` of a symbolic size from ``torch.export``'s range constraints (max None: unbounded)."""
     import sympy
+    from torch.utils._sympy.numbers import int_oo
 
     vr = range_constraints.get(d.node.expr) if hasattr(d, "node") else None
     if vr is None:
         return None
-    lo = int(vr.lower) if vr.lower.is_finite else 0
-    hi = int(vr.upper) if vr.upper.is_finite and vr.upper != sympy.oo else None
-    return (lo, hi)
+    def finite(v):
+        try:
+            return None if v in (sympy.oo, -sympy.oo, int_oo, -int_oo) or not v.is_finite else int(v)
+        except (TypeError, ValueError, AttributeError):  # sympy infinities of other kinds
+            return None
+
+    lo = finite(vr.lower)
+    return (0 if lo is None else lo, finite(vr.upper))
 
 
 def _specs_from_placeholders(gm: fx.GraphModule, args: tuple, kwargs: dict,

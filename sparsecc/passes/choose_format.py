@@ -125,6 +125,15 @@ class ChooseFormat(Pass):
             cands = no_larger_than_dense(candidates((n, k), self.pattern, ann.density, nm=ann.nm, allowed=allowed),
                                          (n, k), ann.nnz, ann.fill_ratio)
             est = cost.estimates(cands, (n, k), m, ann.nnz, ann.fill_ratio)
+            prior = ctx.options.get("prior_formats", {}).get(site.name)
+            if prior is not None and prior.candidate is not None and prior.candidate.key in est \
+                    and tuple(prior.weight_shape) == (n, k) and prior.nnz == ann.nnz:
+                cand = prior.candidate  # the choice of an earlier compile of the same weights: no timing
+                annotate(site.node, site.name, est_ms=est, format=cand.format, format_params=cand.params or None,
+                         measured_ms=prior.measured_ms, dense_ms=prior.dense_ms,
+                         reason=f"{prior.reason} (kept from the earlier compile)",
+                         **({"kernel": "torch.linear"} if cand.is_dense else {}))
+                continue
             bias = graph.tensor(site.bias).detach() if site.bias else None
 
             def measure(cand, w=w, bias=bias, m=m, k=k):

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import InputShapeError, InvalidArgumentError, RoutingError
+from ..errors import InputShapeError, InvalidArgumentError, NotPicklableError, RoutingError, TrainModeWarning
 from ..ir.annotations import ROUTING_META_KEY, LayerAnnotation, get_annotation
 from ..ir.graph import SparseGraph, as_call, iter_tensor_leaves
 
@@ -24,8 +24,15 @@ def module_bytes(module: torch.nn.Module) -> int:
     return total
 
 
-class CompiledModule:
+class CompiledModule(torch.nn.Module):
     """A model compiled by sparsecc: call it with torch tensors like the model.
+
+    It is a ``torch.nn.Module`` for inference: it nests inside a bigger model, ``state_dict()`` holds the sparse
+    formats' arrays (values, indices, row pointers) and the dense rest, and ``load_state_dict`` of a module
+    compiled the same way restores them (kernels read the buffers in place; nothing is rebuilt). Calls run
+    under ``torch.no_grad``; ``train()`` keeps the inference semantics (with a warning). It cannot move to
+    another device or dtype (compile for that target instead), and it cannot be pickled or deep-copied: TVM
+    kernels are not picklable (:class:`NotPicklableError`).
 
     Attributes
     ----------
@@ -42,7 +49,12 @@ class CompiledModule:
 
     def __init__(self, graph: SparseGraph, target, compile_seconds: float, original_weight_bytes: int,
                  history: Optional[list] = None, prune_block: Optional[tuple] = None):
+        super().__init__()
         self.graph = graph
+        #: the rewritten graph module, a submodule (its buffers are the state_dict's)
+        self.graph_module = graph.gm
+        #: the example inputs of the compile (export uses them for its static shapes)
+        self.example_inputs = None
         self.target = target
         self.compile_seconds = compile_seconds
         self.original_weight_bytes = original_weight_bytes
@@ -55,7 +67,7 @@ class CompiledModule:
         self._levels = None
         self._gated = None  # the routed layers, found once (the graph does not change after compile)
 
-    def __call__(self, *args, level: Optional[int] = None, **kwargs):
+    def forward(self, *args, level: Optional[int] = None, **kwargs):
         """Run the compiled model under ``torch.no_grad``; ``level``: the routing level of this call only.
 
         Raises
@@ -223,8 +235,17 @@ class CompiledModule:
         """Bytes of the weights the compiled module holds (sparse values, indices and dense rest)."""
         return module_bytes(self.graph.gm)
 
-    def report(self) -> str:
-        """Per-layer table: name, weight shape, pattern, block, density, format, kernel, est./measured ms."""
+    def report(self, html=None, **html_options) -> str:
+        """Per-layer table: name, weight shape, pattern, block, density, format, kernel, est./measured ms.
+
+        ``html=path`` also writes the self-contained HTML page of :func:`sparsecc.report.html_report` (the
+        table, time per layer dense against sparse, a density map of each weight, the rewritten graph, the
+        accuracy/latency curve of ``sparsify_result=`` or of the routing levels); ``html_options`` go to it.
+        """
+        if html is not None:
+            from ..report import html_report
+
+            html_report(self, html, **html_options)
         head = ("layer", "weight (N, K)", "pattern", "block", "density", "format", "kernel",
                 "est ms", "meas ms", "dense ms")
         rows = [head]
@@ -274,6 +295,19 @@ class CompiledModule:
             f"target {self.target.describe()}; compiled in {self.compile_seconds:.1f} s")
         return "\n".join(lines)
 
+    def to_mlir(self, example_inputs=None, *, lower: bool = True, nm: str = "csr", pruned_dense: bool = True):
+        """The rewritten graph as MLIR (linalg on tensors, ``#sparse_tensor.encoding`` on the sparse weights),
+        with torch-mlir; see :func:`sparsecc.runtime.mlir.to_mlir`.
+
+        Returns
+        -------
+        MlirModule
+            ``.text``, ``.verify()``, ``.run(*inputs)`` (sparsifier passes and MLIR's ExecutionEngine).
+        """
+        from .mlir import to_mlir
+
+        return to_mlir(self, example_inputs, lower=lower, nm=nm, pruned_dense=pruned_dense)
+
     def export(self, path, *, overwrite: bool = False, example_inputs=None):
         """Write a deployment folder: Relax VM ``model.so`` for the target, ``params.bin``, ``manifest.json``.
 
@@ -291,6 +325,68 @@ class CompiledModule:
         from .export import export_compiled
 
         return export_compiled(self, path, overwrite=overwrite, example_inputs=example_inputs)
+
+    # -------------------------------------------------------------------------------- nn.Module behaviour
+    def train(self, mode: bool = True):
+        """Compiled modules run inference only; ``train(True)`` warns and keeps it (returns self)."""
+        if mode:
+            import warnings
+
+            warnings.warn("a CompiledModule runs the inference (eval) semantics of its model; train() changes "
+                          "nothing (fine-tune the torch model, then compile it again)", TrainModeWarning,
+                          stacklevel=2)
+        return self
+
+    def _apply(self, fn, recurse=True):
+        raise InvalidArgumentError(
+            "a CompiledModule is bound to its target's device and float32 kernels; it cannot be moved or cast "
+            "(.to/.cuda/.half/...): compile the model for that target instead (sparsecc.compile(..., target=...))")
+
+    def to(self, *args, **kwargs):
+        """No-op for the module's own device and float32; otherwise :class:`InvalidArgumentError`."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        own = torch.device(self.target.torch_device)
+        if (device is None or torch.device(device).type == own.type) and dtype in (None, torch.float32):
+            return self
+        return self._apply(None)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Copy a ``state_dict`` of a module compiled the same way into this one's buffers.
+
+        Raises
+        ------
+        InvalidArgumentError
+            A key is missing or unexpected (``strict``), or an array's shape differs: the state is from a model
+            compiled with other sparsity, pattern or layer shapes (the message names the first keys).
+        """
+        if assign:
+            raise InvalidArgumentError("load_state_dict(assign=True) would replace the aligned buffers the "
+                                       "kernels read; use assign=False")
+        own = self.state_dict()
+        bad = [f"{k}: {tuple(v.shape)} here, {tuple(state_dict[k].shape)} given" for k, v in own.items()
+               if k in state_dict and hasattr(state_dict[k], "shape") and tuple(state_dict[k].shape) != tuple(v.shape)]
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        if bad or (strict and (missing or unexpected)):
+            parts = ([f"shape mismatch ({'; '.join(bad[:3])})"] if bad else []) + (
+                [f"missing keys {missing[:3]}"] if strict and missing else []) + (
+                [f"unexpected keys {unexpected[:3]}"] if strict and unexpected else [])
+            raise InvalidArgumentError("state_dict does not fit this compiled module: " + ", ".join(parts)
+                                       + " (compile the same model with the same sparsity and pattern first)")
+        with torch.no_grad():
+            for k, v in own.items():
+                if k in state_dict:
+                    v.copy_(state_dict[k])
+        self._levels = None
+        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    def __reduce_ex__(self, protocol):
+        raise NotPicklableError("a CompiledModule holds TVM kernels and cannot be pickled or deep-copied: save "
+                                "cm.state_dict() and load it into a module compiled the same way, or write a "
+                                "deployment folder with cm.export(path)")
+
+    def __deepcopy__(self, memo):
+        return self.__reduce_ex__(2)
 
     def __repr__(self) -> str:
         return f"CompiledModule(target={self.target.name!r}, layers={len(self.layers)})"

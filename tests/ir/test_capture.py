@@ -57,7 +57,7 @@ def test_dynamic_batch_dim_is_unconstrained(mlp):
     g = capture(mlp, (torch.randn(4, 32),), dynamic_shapes=({0: b},))
     assert g.input_specs[0].shape == (None, 32)
     g.check_inputs((torch.randn(9, 32),), {})
-    with pytest.raises(InputShapeError, match=r"\(\*, 32\)"):
+    with pytest.raises(InputShapeError, match=r"\((\*|\d+\.\.), 32\)"):
         g.check_inputs((torch.randn(9, 31),), {})
 
 
