@@ -108,21 +108,47 @@ def ieee_hardtanh(v, lo: float, hi: float):
     return T.Select(v < T.float32(lo), T.float32(lo), T.Select(v > T.float32(hi), T.float32(hi), v))
 
 
-def ieee_gelu(v):
-    """torch's exact (erf) ``F.gelu``: ``v · Φ(v)`` with erf by :func:`fast_erf`; NaN for NaN and for ±inf,
-    as torch's CPU and CUDA kernels give (the formula alone gives +inf at +inf)."""
+def host_gelu_at_inf() -> tuple:
+    """``(F.gelu(+inf), F.gelu(-inf))`` of torch's vectorized CPU kernel on this host.
+
+    torch itself differs across CPUs: its AVX-512 kernel gives NaN at both infinities, its AVX2 kernel the
+    formula's ``+inf`` and ``NaN`` (and a lone element, the scalar path, NaN at both). The fused epilogues follow
+    the vectorized kernel of the host, so a compiled layer gives what ``F.gelu`` gives on the same tensor.
+    """
+    global _GELU_AT_INF
+    if _GELU_AT_INF is None:
+        import torch
+
+        x = torch.zeros(64)
+        x[0], x[1] = float("inf"), float("-inf")
+        y = torch.nn.functional.gelu(x)
+        _GELU_AT_INF = (float(y[0]), float(y[1]))
+    return _GELU_AT_INF
+
+
+_GELU_AT_INF = None
+#: torch's CUDA kernel (and its AVX-512 CPU kernel): NaN at both infinities
+GELU_NAN_AT_INF = (float("nan"), float("nan"))
+
+
+def ieee_gelu(v, at_inf=None):
+    """torch's exact (erf) ``F.gelu``: ``v · Φ(v)`` with erf by :func:`fast_erf`, NaN for NaN, and at ``±inf``
+    the values ``at_inf`` (default: those of torch's CPU kernel on this host, :func:`host_gelu_at_inf`)."""
+    pos, neg = at_inf if at_inf is not None else host_gelu_at_inf()
     g = v * T.float32(0.5) * (T.float32(1) + fast_erf(v * T.float32(_INV_SQRT2)))
-    return T.Select(T.abs(v) == T.float32(float("inf")), T.float32(float("nan")), g)
+    return T.Select(v == T.float32(float("inf")), T.float32(pos),
+                    T.Select(v == T.float32(float("-inf")), T.float32(neg), g))
 
 
-def _activation(activation):
-    """The TIR epilogue of ``activation``, with torch's IEEE semantics for NaN, ±inf and -0.0."""
+def _activation(activation, gelu_at_inf=None):
+    """The TIR epilogue of ``activation``, with torch's IEEE semantics for NaN, ±inf and -0.0 (``gelu_at_inf``:
+    see :func:`ieee_gelu`)."""
     if activation is None:
         return lambda v: v
     if activation == "relu":
         return ieee_relu
     if activation == "gelu":
-        return ieee_gelu
+        return lambda v: ieee_gelu(v, gelu_at_inf)
     raise UnsupportedOpError(f"activation {activation!r} is not supported; expected one of {ACTIVATIONS}")
 
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from sparsecc.codegen.linear import _activation
+from sparsecc.codegen.linear import GELU_NAN_AT_INF, _activation
 from sparsecc.errors import UnsupportedOpError
 
 __all__ = ["BLOCK_NAMES", "bsr_linear_gpu"]
@@ -91,7 +91,7 @@ def bsr_linear_gpu(block: tuple[int, int], *, k: int, bias: bool = False, activa
             f"rows={rb}, k={kdim}, pad={pad}")
     if kdim % bc:
         raise UnsupportedOpError(f"K={kdim} is not a multiple of the block width {bc}")
-    act = _activation(activation)
+    act = _activation(activation, GELU_NAN_AT_INF)  # torch's CUDA gelu: NaN at ±inf
 
     def bias_val(B, vio, vii):
         return T.float32(0) if B is None else B[vio, vii]

@@ -255,5 +255,9 @@ def test_calibration_batches_larger_than_the_example_are_cut():
     a = sparsecc.compile(model, torch.randn(4, 64), activation_density=0.3, calibration=big, measure=False)
     b = sparsecc.compile(model, torch.randn(4, 64), activation_density=0.3, calibration=small, measure=False)
     assert torch.equal(a.gated_layers()[0][1].thresholds, b.gated_layers()[0][1].thresholds)
-    with pytest.raises(DataError, match="calibration input 0"):  # 10 is not a multiple of 4
-        sparsecc.compile(model, torch.randn(4, 64), activation_density=0.3, calibration=[torch.randn(10, 64)])
+    with pytest.raises(DataError, match="calibration input 0"):  # 10 is not a multiple of 4, the batch is fixed
+        sparsecc.compile(model, torch.randn(4, 64), activation_density=0.3, calibration=[torch.randn(10, 64)],
+                         dynamic_shapes=None)
+    c = sparsecc.compile(model, torch.randn(4, 64), activation_density=0.3, calibration=[torch.randn(10, 64)],
+                         measure=False)  # the batch is dynamic (the default): a batch of 10 runs as it is
+    assert c.gated_layers()
