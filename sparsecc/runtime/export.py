@@ -6,25 +6,28 @@
   (``SparseLinear``, ``SparseConv2d``) become ``relax.call_tir`` to their *scheduled* TensorIR kernels
   (the same templates and rules the host uses; for ARM built with NEON tile sizes for the aarch64 target), with
   their sparse weights as constants; every other op (dense convs and linears, pooling, adds, norms) is
-  imported by ``tvm.relax.frontend.torch.from_exported_program`` and legalized with TVM's default (untuned)
-  schedules.
+  imported by ``tvm.relax.frontend.torch.from_exported_program``, legalized, and scheduled with dlight's CPU
+  rules plus :func:`_dense_rule` (reductions and matmuls tiled, parallel and vectorized; element-wise ops
+  parallel and vectorized).
 * ``params.bin``: the remaining dense parameters, detached, in the tensor-file format of
   :mod:`sparsecc.targets.qemu` (the harness and :func:`load` read it).
-* ``manifest.json``: format version, target, input and output specs (static shapes: the example inputs'),
-  per-layer formats, the files' SHA-256, sparsecc / torch / TVM versions.
+* ``manifest.json``: format version, target, input and output specs (static shapes: the example inputs';
+  ``fixed_dims`` lists an input's dims that were dynamic in the compiled module and are fixed here), the
+  output structure as a JSON tree (:func:`sparsecc.runtime.deploy.tree_flatten`), per-layer formats, the
+  files' SHA-256, sparsecc / torch / TVM versions.
 
 How the sparse layers reach Relax: each kernel module is swapped for a call of an opaque torch custom op
 (``sparsecc::export_linear``, ``sparsecc::export_conv``) before ``torch.export``; ``from_exported_program``
 then converts those nodes through its ``custom_convert_map`` into ``call_tir`` plus the layout glue (padding
 M to the kernel's tile, NCHW <-> NHWC, zero borders), so no pattern matching on imported matmuls is needed.
 
-A host artifact is loaded with :func:`load` (``sparsecc.load``) into a callable; an aarch64 artifact is run
+A host artifact is loaded with :func:`load` (``sparsecc.load``, ``sparsecc.runtime.load``; it lives in the
+torch-free :mod:`sparsecc.runtime.deploy` and is re-exported here) into a callable; an aarch64 artifact is run
 with :func:`run_artifact_under_qemu` here, or copied to a board with the aarch64 ``libtvm_runtime.so``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -43,14 +46,15 @@ from sparsecc.errors import (
     UnsupportedOpError,
 )
 from sparsecc.formats import get_format
+from sparsecc.runtime.deploy import (  # noqa: F401 - re-exported: the loader lives in the torch-free module
+    FILES, FORMAT_VERSION, OPENED, ExportedModule, _check_signature, _flatten_result, _sha256, load, read_manifest,
+    tree_flatten, tree_unflatten)
+from sparsecc.runtime import register_kernels
+
+register_kernels()  # the export converters of every format
 
 __all__ = ["ExportContext", "ExportedModule", "export_compiled", "load", "panels_for_export", "rows_for_export",
            "run_artifact_under_qemu"]
-
-FORMAT_VERSION = 1
-FILES = ("model.so", "params.bin", "manifest.json")
-#: the files :func:`load` opens besides the manifest: each must be listed in it with its hash
-OPENED = ("model.so", "params.bin")
 
 # -- opaque custom ops standing for the kernel modules during torch.export ------------------------------------
 
@@ -272,14 +276,6 @@ def rows_for_export(x) -> tuple:
 # -- export ------------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _versions() -> dict:
     from importlib.metadata import version
 
@@ -351,8 +347,8 @@ def export_compiled(cm, path, *, overwrite: bool = False, example_inputs=None) -
     mod, params = detach_params(mod)
     param_list = [p.numpy() for p in params.get("main", [])]
     routing = _routing_manifest(mod, layers, len(args))
-    ex = tvm.compile(mod, target=tvm_target)
-    out_leaves, out_spec = torch.utils._pytree.tree_flatten(ref)
+    ex = tvm.compile(mod, target=tvm_target, relax_pipeline=_relax_pipeline(tvm_target, set(conv.funcs)))
+    out_leaves, out_tree = tree_flatten(ref)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
@@ -361,9 +357,9 @@ def export_compiled(cm, path, *, overwrite: bool = False, example_inputs=None) -
         manifest = {
             "format_version": FORMAT_VERSION,
             "target": {"name": target_obj.name, "tvm": str(tvm_target), "arch": target_obj.deploy_arch},
-            "inputs": [{"shape": list(a.shape), "dtype": str(a.dtype).replace("torch.", "")} for a in args],
+            "inputs": _input_specs(cm, args),
             "outputs": [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in out_leaves],
-            "output_tree": torch.utils._pytree.treespec_dumps(out_spec),
+            "output_tree": out_tree,
             "num_params": len(param_list),
             "layers": [{"name": a.name, "format": a.format,
                         "block": list(a.format_params) if a.format_params else None, "density": a.density}
@@ -430,226 +426,47 @@ def _routing_manifest(mod, layers: dict, n_inputs: int):
 
 
 def _example_inputs(cm, example_inputs):
+    """``(args, kwargs)`` fixing the exported shapes: ``example_inputs``, else the compile's example inputs
+    (``cm.example_inputs``, then the graph's), else random inputs of the graph's static input specs.
+
+    Raises
+    ------
+    UnsupportedOpError
+        No example inputs are known and the compiled graph has dynamic input dims.
+    """
     from sparsecc.ir.capture import normalize_inputs
 
     if example_inputs is not None:
         return normalize_inputs(example_inputs)
-    ex = getattr(cm.graph, "example_inputs", None)
-    if ex is None:
-        specs = getattr(cm.graph, "input_specs", None) or []
-        if not specs or any(d is None for s in specs for d in s.shape):
-            raise UnsupportedOpError("export needs example_inputs= (the compiled graph has dynamic input dims)")
-        return tuple(torch.randn(s.shape).to(s.dtype) for s in specs), {}
-    return normalize_inputs(ex)
+    for ex in (getattr(cm, "example_inputs", None), getattr(cm.graph, "example_inputs", None)):
+        if ex is None:
+            continue
+        if isinstance(ex, tuple) and len(ex) == 2 and isinstance(ex[0], (tuple, list)) and isinstance(ex[1], dict):
+            return tuple(ex[0]), dict(ex[1])  # (args, kwargs)
+        return normalize_inputs(ex)
+    specs = getattr(cm.graph, "input_specs", None) or []
+    if not specs or any(d is None for s in specs for d in s.shape):
+        raise UnsupportedOpError("export needs example_inputs= (the compiled graph has dynamic input dims and "
+                                 "the compiled module holds no example inputs)")
+    return tuple(torch.randn(s.shape).to(s.dtype) for s in specs), {}
 
 
-# -- load ----------------------------------------------------------------------------------------------------
+def _input_specs(cm, args) -> list:
+    """Manifest input specs: shape, dtype and ``fixed_dims``, the dims dynamic in the compiled graph (its
+    input specs' ``None`` dims) that the artifact fixes to the example's size."""
+    specs = list(getattr(cm.graph, "input_specs", None) or [])
+    out = []
+    for i, a in enumerate(args):
+        spec = {"shape": list(a.shape), "dtype": str(a.dtype).replace("torch.", "")}
+        shape = tuple(specs[i].shape) if i < len(specs) and len(specs) == len(args) else ()
+        fixed = [d for d, v in enumerate(shape) if v is None and d < a.dim()]
+        if fixed:
+            spec["fixed_dims"] = fixed
+        out.append(spec)
+    return out
 
 
-def read_manifest(path) -> dict:
-    """Manifest of an artifact folder after checking every file exists and matches its SHA-256.
-
-    Raises
-    ------
-    ArtifactError
-        Missing folder or file, unreadable manifest, a file whose hash differs (corrupt or replaced), or a
-        format version this sparsecc does not read. The message names the file.
-    """
-    path = Path(path)
-    mf = path / "manifest.json"
-    if not mf.is_file():
-        raise ArtifactError(f"{mf} is missing: {path} is not a sparsecc export folder")
-    try:
-        manifest = json.loads(mf.read_text())
-        files = manifest["files"]
-        version = manifest["format_version"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ArtifactError(f"{mf} is corrupt: {e}") from e
-    if version != FORMAT_VERSION:
-        raise ArtifactError(f"{mf}: format version {version}, this sparsecc reads {FORMAT_VERSION}")
-    if not isinstance(files, dict):
-        raise ArtifactError(f"{mf}: field 'files' must map file names to SHA-256 digests, got {type(files).__name__}")
-    unlisted = [f for f in OPENED if f not in files]
-    if unlisted:  # never open a file whose hash was not checked
-        raise ArtifactError(f"{mf}: field 'files' does not list {', '.join(unlisted)} (every file load opens "
-                            "must carry its SHA-256)")
-    for name, digest in files.items():
-        f = path / name
-        if Path(name).name != name:
-            raise ArtifactError(f"{mf}: field 'files' names {name!r}, not a file of the export folder")
-        if not f.is_file():
-            raise ArtifactError(f"{f} is missing from the export folder")
-        if _sha256(f) != digest:
-            raise ArtifactError(f"{f} is corrupt (its SHA-256 differs from the manifest's)")
-    _check_signature(manifest, mf)
-    return manifest
-
-
-_DTYPES = {"float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"}
-
-
-def _check_signature(manifest: dict, mf: Path) -> None:
-    """The fields :func:`load` trusts (target, input specs, output tree), checked before anything is opened.
-
-    Raises
-    ------
-    ArtifactError
-        A missing or malformed field; the message names the file and the field.
-    """
-    target = manifest.get("target")
-    if not isinstance(target, dict) or not isinstance(target.get("name"), str) or not isinstance(target.get("arch"), str):
-        raise ArtifactError(f"{mf}: field 'target' must hold the strings 'name' and 'arch', got {target!r}")
-    inputs = manifest.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise ArtifactError(f"{mf}: field 'inputs' must be a non-empty list of input specs, got {inputs!r}")
-    for i, spec in enumerate(inputs):
-        shape = spec.get("shape") if isinstance(spec, dict) else None
-        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                for d in shape)):
-            raise ArtifactError(f"{mf}: field 'inputs[{i}].shape' must be a list of sizes ≥ 0, got {shape!r}")
-        if spec.get("dtype") not in _DTYPES:
-            raise ArtifactError(f"{mf}: field 'inputs[{i}].dtype' is {spec.get('dtype')!r}, expected one of "
-                                f"{sorted(_DTYPES)}")
-    try:
-        torch.utils._pytree.treespec_loads(manifest.get("output_tree"))
-    except Exception as e:  # noqa: BLE001 - any failure to parse is a bad field
-        raise ArtifactError(f"{mf}: field 'output_tree' is not a torch pytree spec ({type(e).__name__}: {e})") from e
-
-
-class ExportedModule:
-    """A host artifact loaded with :func:`load`: call it with torch tensors of the exported shapes."""
-
-    def __init__(self, path: Path, manifest: dict):
-        import tvm
-        from tvm import relax
-
-        from sparsecc.targets.qemu import read_tensors
-
-        self.path, self.manifest = path, manifest
-        try:
-            lib = tvm.runtime.load_module(str(path / "model.so"))
-        except Exception as e:
-            raise ArtifactError(f"{path / 'model.so'} cannot be loaded: {e}") from e
-        self._vm = relax.VirtualMachine(lib, tvm.cpu())
-        try:
-            self._params = [tvm.runtime.tensor(a) for a in read_tensors(path / "params.bin")]
-        except Exception as e:  # noqa: BLE001 - hash-checked, so written by another version or by hand
-            raise ArtifactError(f"{path / 'params.bin'} cannot be read: {e}") from e
-        self._tree = torch.utils._pytree.treespec_loads(manifest["output_tree"])
-        try:
-            arity = int(self._vm._get_function_arity("main"))
-        except Exception as e:  # noqa: BLE001
-            raise ArtifactError(f"{path / 'model.so'} has no function 'main': {e}") from e
-        want = len(manifest["inputs"]) + len(self._params)
-        if arity != want:  # an edited manifest (or params.bin) that no longer matches the library
-            raise ArtifactError(f"{path / 'manifest.json'}: field 'inputs' lists {len(manifest['inputs'])} inputs and "
-                                f"params.bin holds {len(self._params)} tensors, but {path / 'model.so'}'s main takes "
-                                f"{arity} arguments")
-        self._gates = self._read_routing(manifest.get("routing"), path / "manifest.json")
-        self.level = 0
-
-    def _read_routing(self, routing, mf: Path) -> list:
-        """``[(param index, [tensor per level])]`` (thresholds and biases) from the manifest's ``routing`` field."""
-        import tvm
-
-        if routing is None:
-            return []
-        try:
-            levels = int(routing["levels"])
-            gates = []
-            for g in routing["gates"]:
-                i, ths = int(g["param"]), [float(t) for t in g["thresholds"]]
-                if not 0 <= i < len(self._params) or tuple(self._params[i].shape) != (1,) or len(ths) != levels:
-                    raise ValueError(f"gate {g.get('layer')!r}: parameter {i} / {len(ths)} thresholds do not match "
-                                     f"the artifact")
-                gates.append((i, [tvm.runtime.tensor(np.array([t], dtype=np.float32)) for t in ths]))
-                j, bs = int(g["bias_param"]), [np.asarray(b, dtype=np.float32) for b in g["biases"]]
-                if not 0 <= j < len(self._params) or len(bs) != levels or any(
-                        b.shape != tuple(self._params[j].shape) for b in bs):
-                    raise ValueError(f"gate {g.get('layer')!r}: bias parameter {j} / {len(bs)} biases do not match "
-                                     f"the artifact")
-                gates.append((j, [tvm.runtime.tensor(b) for b in bs]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(f"{mf}: field 'routing' is malformed: {e}") from e
-        return gates
-
-    @property
-    def num_levels(self) -> int:
-        """Routing levels the artifact holds (1 without activation routing)."""
-        return len(self._gates[0][1]) if self._gates else 1
-
-    def set_level(self, level: int) -> None:
-        """Use the gate thresholds of ``level`` from the next call on (no rebuild: the thresholds are parameters).
-
-        Raises
-        ------
-        InvalidArgumentError
-            ``level`` outside ``[0, num_levels)``.
-        """
-        from sparsecc.errors import InvalidArgumentError
-
-        n = self.num_levels
-        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < n:
-            raise InvalidArgumentError(f"level must be an int in [0, {n}), got {level!r}")
-        for i, per_level in self._gates:
-            self._params[i] = per_level[level]
-        self.level = level
-
-    def __call__(self, *args, level: int | None = None):
-        import tvm
-
-        if level is not None:
-            before = self.level
-            self.set_level(level)
-            try:
-                return self(*args)
-            finally:
-                self.set_level(before)
-        specs = self.manifest["inputs"]
-        if len(args) != len(specs):
-            raise InputShapeError(f"expected {len(specs)} inputs, got {len(args)}")
-        xs = []
-        for i, (a, s) in enumerate(zip(args, specs)):
-            if list(a.shape) != s["shape"]:
-                raise InputShapeError(f"input {i}: expected shape {tuple(s['shape'])}, got {tuple(a.shape)}")
-            if str(a.dtype).replace("torch.", "") != s["dtype"]:
-                raise InputDtypeError(f"input {i}: expected dtype {s['dtype']}, got {a.dtype}")
-            xs.append(tvm.runtime.tensor(a.detach().contiguous().numpy()))
-        out = self._vm["main"](*xs, *self._params)
-        leaves = _flatten_result(out)
-        return torch.utils._pytree.tree_unflatten([torch.from_numpy(t.numpy()) for t in leaves], self._tree)
-
-    def __repr__(self) -> str:
-        return f"ExportedModule({str(self.path)!r}, target={self.manifest['target']['name']!r})"
-
-
-def _flatten_result(out) -> list:
-    import tvm
-
-    if isinstance(out, tvm.runtime.Tensor):
-        return [out]
-    res = []
-    for o in out:
-        res += _flatten_result(o)
-    return res
-
-
-def load(path) -> ExportedModule:
-    """Load a host artifact written by ``cm.export(path)``.
-
-    Raises
-    ------
-    ArtifactError
-        Missing or corrupt file (named), or an artifact built for another architecture (use
-        :func:`run_artifact_under_qemu` for aarch64 ones).
-    """
-    path = Path(path)
-    manifest = read_manifest(path)
-    arch = manifest["target"].get("arch")
-    if arch != platform.machine():
-        raise ArtifactError(f"{path} was built for {arch}, this host is {platform.machine()}; "
-                            "run aarch64 artifacts with sparsecc.runtime.export.run_artifact_under_qemu")
-    return ExportedModule(path, manifest)
+# -- load (torch-free, in sparsecc.runtime.deploy) --------------------------------------------------------
 
 
 def run_artifact_under_qemu(path, *args, repeat: int = 1, threads: int | None = None, level: int | None = None):
@@ -688,5 +505,129 @@ def run_artifact_under_qemu(path, *args, repeat: int = 1, threads: int | None = 
             write_tensors(params, tensors)
         outs, t = run_under_qemu(path / "model.so", list(args), mode="vm", repeat=repeat,
                                  extra_inputs=(params,), threads=threads)
-    tree = torch.utils._pytree.treespec_loads(manifest["output_tree"])
-    return torch.utils._pytree.tree_unflatten([torch.from_numpy(o) for o in outs], tree), t
+    return tree_unflatten([torch.from_numpy(o) for o in outs], manifest["output_tree"]), t
+
+
+# -- schedules of the dense rest --------------------------------------------------------------------------
+
+
+def _static_factor(extent, candidates) -> int:
+    """The largest of ``candidates`` dividing the static ``extent`` (1 for a symbolic extent or none)."""
+    try:
+        n = int(extent)
+    except TypeError:
+        return 1
+    return next((c for c in candidates if n % c == 0 and n >= c), 1)
+
+
+def _schedule_spatial(sch, block) -> None:
+    """Parallel outer and vectorized inner loop of an injective block (element-wise ops, layout glue)."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    extent = sch.get(fused).extent
+    vec = _static_factor(extent, (16, 8, 4))
+    if vec > 1:
+        outer, inner = sch.split(fused, [None, vec])
+        sch.parallel(outer)
+        sch.vectorize(inner)
+    else:
+        sch.parallel(fused)
+
+
+def _schedule_reduction(sch, block) -> bool:
+    """Tile a reduction block whose loops are spatial then reduction (matmuls, norms' sums, pooling).
+
+    Matmul-like blocks (two or more spatial loops): ``(i, j)`` tiled ``(io, jo, k, ii, ji)`` with ``ji``
+    vectorized, ``ii`` unrolled, ``io`` parallel, the init split off (``decompose_reduction``). Other reductions:
+    spatial loops fused and parallel. Returns False when the block does not have that loop structure.
+    """
+    from tvm import tirx
+
+    loops = sch.get_loops(block)
+    iters = sch.get(block).iter_vars
+    if len(loops) != len(iters):
+        return False
+    kinds = ["R" if iv.iter_type == tirx.IterVar.CommReduce else "S" for iv in iters]
+    n_s = kinds.index("R") if "R" in kinds else len(kinds)
+    if n_s == 0 or "S" in kinds[n_s:]:
+        return False
+    spatial, red = loops[:n_s], loops[n_s:]
+    k = sch.fuse(*red) if len(red) > 1 else red[0]
+    if n_s >= 2:
+        i = sch.fuse(*spatial[:-1]) if n_s > 2 else spatial[0]
+        j = spatial[-1]
+        vj = _static_factor(sch.get(j).extent, (16, 8, 4))
+        vi = _static_factor(sch.get(i).extent, (4, 2))
+        if vj > 1:
+            io, ii = sch.split(i, [None, vi])
+            jo, ji = sch.split(j, [None, vj])
+            sch.reorder(io, jo, k, ii, ji)
+            sch.parallel(io)
+            sch.vectorize(ji)
+            if vi > 1:
+                sch.unroll(ii)
+            sch.decompose_reduction(block, k)  # after vectorize: the update block is no reduction block after it
+            return True
+        outer = sch.fuse(i, j)
+    else:
+        outer = spatial[0]
+    sch.parallel(outer)
+    return True
+
+
+def _dense_rule():
+    """A dlight rule for every PrimFunc the dlight CPU rules leave: reductions tiled, spatial blocks parallel and
+    vectorized (the dense rest is otherwise built single-threaded and unvectorized)."""
+    from tvm import s_tir
+    from tvm.s_tir import dlight as dl
+
+    class _CPUDense(dl.cpu.base.CPUScheduleRule if hasattr(dl.cpu, "base") else dl.ScheduleRule):
+        def apply(self, func, target, _):
+            if not isinstance(func, __import__("tvm").tirx.PrimFunc):
+                return None
+            sch = s_tir.Schedule(func)
+            infos = dl.normalize_prim_func(sch)
+            if infos is None:
+                return None
+            infos = dl.try_inline_contiguous_spatial(sch, infos)
+            try:
+                for info in infos:
+                    if info.is_reduction():
+                        if not _schedule_reduction(sch, info.block_rv):
+                            return None
+                    else:
+                        _schedule_spatial(sch, info.block_rv)
+            except Exception:  # noqa: BLE001 - a shape this rule does not handle: keep the default schedule
+                return None
+            return sch
+
+    return _CPUDense()
+
+
+def _relax_pipeline(tvm_target, kernels: set):
+    """TVM's default CPU pipeline with the dense rest scheduled (dlight CPU rules, then :func:`_dense_rule`)
+    between legalization and lowering; the sparse kernels (``kernels``, already scheduled) are left alone."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.s_tir import dlight as dl
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _mark(mod, _ctx):  # the sparse kernels carry their own schedules
+        for gv, func in list(mod.functions.items()):
+            if gv.name_hint in kernels and isinstance(func, tvm.tirx.PrimFunc):
+                mod[gv] = func.with_attr("tirx.is_scheduled", True)
+        return mod
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod, _ctx):
+        with tvm_target:
+            seq = tvm.transform.Sequential(
+                cpu.library_dispatch_passes(tvm_target) + [_mark] + cpu.legalize_passes(tvm_target)
+                + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction(), _dense_rule())]
+                + cpu.dataflow_lower_passes(tvm_target) + cpu.finalize_passes(tvm_target))
+            return seq(mod)
+
+    return _pipeline
