@@ -626,7 +626,7 @@ def _relax_pipeline(tvm_target, kernels: set):
         with tvm_target:
             seq = tvm.transform.Sequential(
                 cpu.library_dispatch_passes(tvm_target) + [_mark] + cpu.legalize_passes(tvm_target)
-                + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction(), _dense_rule())]
+                + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), _dense_rule(), dl.cpu.Reduction())]
                 + cpu.dataflow_lower_passes(tvm_target) + cpu.finalize_passes(tvm_target))
             return seq(mod)
 
