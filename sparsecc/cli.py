@@ -335,6 +335,19 @@ def _prune_for_cli(model, kind: str, sparsity, pattern: str, block_shape):
     return pruned, None
 
 
+def _load_and_compile(prog, model, batch, seq, target, sparsity, pattern, block_shape, channel_sparsity, measure,
+                      tuning_db=None):
+    """Load MODEL and compile it under a progress task; returns (task, compiled module)."""
+    t = prog.add_task(f"loading {model}", total=None)
+    m, args, kind = load_model(model, batch=batch, seq=seq)
+    if kind == "pt2":
+        m, sparsity = _prune_for_cli(m, kind, sparsity, pattern, block_shape)
+    prog.update(t, description=f"compiling for {target}")
+    cm = _compile(m, args, target=target, sparsity=sparsity, pattern=pattern, block_shape=block_shape,
+                  channel_sparsity=channel_sparsity, tuning_db=tuning_db, measure=measure)
+    return t, cm
+
+
 def _compile(model, args, *, target, sparsity, pattern, block_shape, channel_sparsity, tuning_db=None,
              measure=True):
     from sparsecc.api import compile as compile_model
@@ -387,13 +400,8 @@ def compile(model: str = _MODEL, target: str = _TARGET, sparsity: Optional[float
     """Compile MODEL, print its per-layer report and write the deployment artifact."""
     with _cli(json_out):
         with _progress() as prog:
-            t = prog.add_task(f"loading {model}", total=None)
-            m, args, kind = load_model(model, batch=batch, seq=seq)
-            if kind == "pt2":
-                m, sparsity = _prune_for_cli(m, kind, sparsity, pattern, block_shape)
-            prog.update(t, description=f"compiling for {target}")
-            cm = _compile(m, args, target=target, sparsity=sparsity, pattern=pattern, block_shape=block_shape,
-                          channel_sparsity=channel_sparsity, tuning_db=tuning_db, measure=measure)
+            t, cm = _load_and_compile(prog, model, batch, seq, target, sparsity, pattern, block_shape,
+                                      channel_sparsity, measure, tuning_db)
             if out is not None:
                 prog.update(t, description=f"exporting to {out}")
                 art = cm.export(out, overwrite=overwrite)
@@ -557,13 +565,8 @@ def inspect(model: str = typer.Argument(..., help="MODEL, or an artifact folder 
         return
     with _cli(json_out):
         with _progress() as prog:
-            t = prog.add_task(f"loading {model}", total=None)
-            m, args, kind = load_model(model, batch=batch, seq=seq)
-            if kind == "pt2":
-                m, sparsity = _prune_for_cli(m, kind, sparsity, pattern, block_shape)
-            prog.update(t, description=f"compiling for {target}")
-            cm = _compile(m, args, target=target, sparsity=sparsity, pattern=pattern, block_shape=block_shape,
-                          channel_sparsity=channel_sparsity, measure=measure)
+            t, cm = _load_and_compile(prog, model, batch, seq, target, sparsity, pattern, block_shape,
+                                      channel_sparsity, measure)
             if html is not None:
                 prog.update(t, description=f"writing {html}")
                 _write_html(cm, html)
