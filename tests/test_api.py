@@ -206,7 +206,8 @@ def test_calibrated_cost_model_keeps_dense_where_csr_loses():
     assert "csr_1x1" not in a.est_ms and a.format == min(("dense", "xcsr"), key=a.est_ms.get)
     cm = sparsecc.compile(model, (x,), sparsity=0.9, pattern="block", block_shape=(16, 1))
     for a in cm.layers:
-        assert a.format == "bsr" and a.format_params == (16, 1)
+        # a block the 16x1 pruning tiles without fill-in (AVX2 hosts time 8x1 faster, AVX-512 ones 16x1)
+        assert a.format == "bsr" and a.format_params in ((16, 1), (8, 1), (4, 1)), a.format_params
         assert a.est_ms["bsr_16x1"] < 0.5 * a.est_ms["dense"]
         assert a.measured_ms < a.dense_ms
     check_close(cm(x), sparsecc.prune(model, 0.9, block_shape=(16, 1))(x), atol=1e-4, rtol=1e-4)
