@@ -180,49 +180,8 @@ def _export_view(gm: torch.fx.GraphModule):
             call = _LinearCall(lid) if kind in ("linear", "moe") else _ConvCall(lid)
         view.add_submodule(name, call)
         node.target = name
-    _dense_linears_on_kernels(view, layers)
     view.recompile()
     return view, layers
-
-
-#: output rows of the block a dense linear is stored in for export (the BSR template's 16x1 schedules)
-DENSE_EXPORT_BLOCK = (16, 1)
-
-
-def _dense_linears_on_kernels(view: torch.fx.GraphModule, layers: dict) -> None:
-    """Every dense ``aten.linear`` of a constant float32 ``W: (N, K)`` (N a multiple of 16) runs on the BSR 16x1
-    kernel with all its blocks stored: TVM's legalized matmul, even tiled, ran 2.5x slower than torch's dense
-    linear on MiniLM, the BSR template at full density about as fast."""
-    from sparsecc.formats.bsr import BlockSparseMatrix
-    from sparsecc.runtime.kernels import SparseLinear
-
-    for node in list(view.graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
-            continue
-        x, w_node, b_node = (list(node.args) + [None])[:3]
-        if getattr(w_node, "op", None) != "get_attr" or (b_node is not None and b_node.op != "get_attr"):
-            continue
-        w = _attr(view, w_node.target)
-        b = _attr(view, b_node.target) if b_node is not None else None
-        if w.dim() != 2 or w.dtype != torch.float32 or w.shape[0] % DENSE_EXPORT_BLOCK[0] or w.numel() == 0:
-            continue
-        lid = next(_IDS)
-        layers[lid] = SparseLinear(BlockSparseMatrix.from_dense(w.detach(), DENSE_EXPORT_BLOCK),
-                                   None if b is None else b.detach())
-        name = f"sparsecc_export_{lid}"
-        view.add_submodule(name, _LinearCall(lid))
-        with view.graph.inserting_before(node):
-            call = view.graph.call_module(name, (x,))
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        view.graph.erase_node(node)
-
-
-def _attr(root: torch.nn.Module, target: str) -> torch.Tensor:
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 # -- converters: custom-op nodes -> relax.call_tir ------------------------------------------------------------
