@@ -182,10 +182,9 @@ class _Frozen:
                 if attr != "weight" or (b is not None and (b not in weights or weights[b][0] != f"{path}.bias")):
                     continue
                 bias = weights[b][1] if b is not None else None
-                if path in out.values() or _has(root, path):
-                    existing = root.get_submodule(path) if _has(root, path) else None
-                    if existing is None or existing.weight is not w:
-                        continue
+                existing = root.get_submodule(path) if _has(root, path) else None
+                if existing is not None and getattr(existing, "weight", None) is not w:
+                    continue  # the path holds another module: leave this call as it is
                 if node.target in _LINEAR:
                     if w.dim() != 2:
                         continue
@@ -199,13 +198,13 @@ class _Frozen:
                         continue
                     mod = torch.nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=stride,
                                           padding=padding, dilation=dilation, groups=groups, bias=bias is not None)
-                if not _has(root, path):
+                if existing is None:
                     mod.weight = torch.nn.Parameter(w.detach(), requires_grad=False)
                     if bias is not None:
                         mod.bias = torch.nn.Parameter(bias.detach(), requires_grad=False)
                     parent, _, leaf = path.rpartition(".")
                     _module_at(root, parent).add_module(leaf, mod)
-                elif not isinstance(root.get_submodule(path), type(mod)):
+                elif not isinstance(existing, type(mod)):
                     continue
                 out[node] = (path, args[0])
         return out
@@ -340,12 +339,11 @@ class _Entry:
         return cm
 
     def __call__(self, module: torch.nn.Module, inputs: tuple):
-        for cm in self.modules:
-            if _fits(cm, inputs):
-                try:
-                    return cm(*inputs)
-                except InputShapeError:  # a size the graph specialized on (seen only when its guard runs)
-                    continue
+        for cm in self.modules:  # the module checks its input specs (and its graph's guards) itself
+            try:
+                return cm(*inputs)
+            except InputShapeError:
+                continue
         return self._compile(module, inputs)(*inputs)
 
 
