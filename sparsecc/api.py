@@ -32,13 +32,15 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
             tuning_db=None, activation_density=None, calibration=None,
             activation_gate: str = "down", moe: Optional[tuple] = None,
             gate_bias_correction: bool = True, channel_sparsity: Union[None, float, dict] = None,
-            channel_importance: str = "magnitude", formats_from: Optional[CompiledModule] = None) -> CompiledModule:
+            channel_importance: str = "magnitude", formats_from: Optional[CompiledModule] = None,
+            rpc=None) -> CompiledModule:
     """Compile ``model`` into a module whose sparse linears run as TVM kernels.
 
     Parameters
     ----------
-    model : torch.nn.Module
-        The user's model; never modified (sparsecc works on a deep copy).
+    model : torch.nn.Module or torch.export.ExportedProgram
+        The user's model; never modified (sparsecc works on a deep copy). A program's ``aten.linear`` /
+        ``aten.conv2d`` layers become modules again (:func:`sparsecc.ir.modules.modules_from_program`).
     example_inputs : Tensor, tuple or dict
         Example call: positional inputs, or keyword inputs as a dict.
     target : str or dict
@@ -119,6 +121,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
     formats_from : CompiledModule, optional
         An earlier compile of the same weights (e.g. at other input shapes): every linear with the same name,
         weight shape and nnz takes its format without being timed again.
+    rpc : str, dict or sparsecc.tune.remote.RPCDevice, optional
+        ARM targets: a device behind a TVM RPC tracker, ``"host:port/key"``. The cost model is then fitted to
+        kernels timed on that device (:func:`sparsecc.tune.calibrate.calibrate_remote`, cached) instead of the
+        core's static roofline, and dense, CSR and BSR compete for each layer. If the device cannot be
+        reached, the static roofline is used with a :class:`~sparsecc.errors.RemoteFallbackWarning`.
 
     Returns
     -------
@@ -147,6 +154,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
         ``activation_density`` or ``moe`` given for a model without a feed-forward block.
     DataError
         Routing without calibration inputs, or with one they do not run through.
+    TuningError
+        ``tuning_db`` is not a tuning folder.
+    RPCError
+        ``rpc`` is not of the form ``"host:port/key"``.
 
     Warns
     -----
@@ -154,10 +165,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
         The model is in training mode: the compiled module has its ``eval()`` semantics.
     PatternWarning
         ``block_shape`` does not tile some layers (they are pruned unstructured).
-    TuningError
-        ``tuning_db`` is not a tuning folder.
+    RemoteFallbackWarning
+        ``rpc`` could not be used (the message says why).
     """
     t0 = time.perf_counter()
+    model = _from_program(model)
     check_model(model, "compile")
     warn_if_training(model, "compile")
     check_pattern(pattern)
@@ -184,6 +196,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
             raise InvalidArgumentError(f"moe must be (experts, top_k), got {moe!r}")
     tgt = resolve_target(target, build_only=build_only)
     tgt.check_available()
+    if rpc is not None:
+        tgt = _remote_target(tgt, rpc)
     if (activation_density is not None or moe is not None) and tgt.kind not in ("x86", "arm"):
         raise TargetError(f"activation routing runs on CPU targets (x86, arm), not {tgt.name!r}")
     db = None
@@ -235,7 +249,31 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, target: str = "x86",
         cm.calibration = list(calibration)
     cm.channels = channels
     cm.example_inputs = example_inputs
+    cm.tuning_db = db
     return finish(cm, tgt)
+
+
+def _from_program(model):
+    """A ``torch.export.ExportedProgram`` as a module with its linears and convs as modules, else ``model``."""
+    if not isinstance(model, torch.export.ExportedProgram):
+        return model
+    from .ir.modules import modules_from_program
+
+    module = modules_from_program(model)
+    for sub in module.modules():  # traced in the mode it was exported in; the flag alone would warn
+        sub.training = False
+    return module
+
+
+def _remote_target(tgt, rpc):
+    """``tgt`` (an ARM target) with its formats timed on the remote device ``rpc``."""
+    from .targets.arm import ArmTarget
+    from .tune.remote import RPCDevice
+
+    if tgt.kind != "arm":
+        raise TargetError(f"rpc= times kernels on a remote ARM device; target {tgt.name!r} is measured on this "
+                          "host (use target='arm' or 'arm:<core>')")
+    return ArmTarget(tgt.device, rpc=RPCDevice.parse(rpc))
 
 
 def prune(model: torch.nn.Module, sparsity: Union[None, float, dict] = None, *, block_shape: tuple = (1, 1),
@@ -391,7 +429,7 @@ def model_workloads(cm, rows=None) -> tuple:
 
 def tune(model, example_inputs: Any, *, target: str = "x86", sparsity=None, pattern: str = "auto",
          trials: int = 64, work_dir, time_budget_s: Optional[float] = None, progress: bool = True,
-         rows=None, dynamic_shapes="auto", block_shape=None, seed: int = 0) -> TuningSummary:
+         rows=None, dynamic_shapes="auto", block_shape=None, seed: int = 0, rpc=None) -> TuningSummary:
     """Autotune the sparse kernels ``sparsecc.compile`` would use for ``model`` into ``work_dir``.
 
     Runs compile's analysis (capture, pruning, format choice by the cost model
@@ -422,6 +460,11 @@ def tune(model, example_inputs: Any, *, target: str = "x86", sparsity=None, patt
         Rows ``M`` of X to tune at (e.g. ``[1, 16, 128]``); default: the example's.
     seed : int
         Order in which each task's knob points are tried.
+    rpc : str, dict or sparsecc.tune.remote.RPCDevice, optional
+        ARM targets: the device behind a TVM RPC tracker (``"host:port/key"``) the candidates are cross-built
+        for and timed on. Formats are chosen as ``compile(..., target=target, rpc=rpc)`` chooses them, and the
+        records are stored under the device's target, where ``compile(target=..., tuning_db=work_dir)`` finds
+        them for the exported artifact.
 
     Returns
     -------
@@ -431,19 +474,31 @@ def tune(model, example_inputs: Any, *, target: str = "x86", sparsity=None, patt
     Raises
     ------
     TuningError
-        A target other than x86, ``trials < 1``, or an unreadable database.
+        A target other than x86 without ``rpc`` (or other than ARM with it), ``trials < 1``, or an
+        unreadable database.
+    RPCError
+        ``rpc`` is malformed or cannot be reached.
     """
     from .tune.tuner import tune_workloads
 
-    if isinstance(target, str) and target.lower() not in ("x86", "x86_64", "cpu", "llvm", "host"):
-        raise TuningError(f"autotuning supports the x86 target only, got {target!r}")
+    host = isinstance(target, str) and target.lower() in ("x86", "x86_64", "cpu", "llvm", "host")
+    if rpc is None and not host:
+        raise TuningError(f"autotuning on this host supports the x86 target; {target!r} is tuned on its device "
+                          "(pass rpc='host:port/key', a TVM RPC tracker and the device's key)")
     if int(trials) < 1:
         raise TuningError(f"trials must be ≥ 1, got {trials}")
+    device = None
+    if rpc is not None:
+        from .tune.remote import RPCDevice
+
+        device = RPCDevice.parse(rpc)
+        device.check().close()  # fail before compiling (compile alone would fall back to the static roofline)
     cm = compile(model, example_inputs, target=target, sparsity=sparsity, pattern=pattern,
-                    dynamic_shapes=dynamic_shapes, block_shape=block_shape, measure=False)
-    if getattr(cm.target, "name", "x86") != "x86":
-        raise TuningError(f"autotuning supports the x86 target only, got {cm.target!r}")
+                    dynamic_shapes=dynamic_shapes, block_shape=block_shape, measure=False, rpc=device)
+    if device is None and getattr(cm.target, "name", "x86") != "x86":
+        raise TuningError(f"autotuning on this host supports the x86 target, got {cm.target!r}")
     workloads, layers = model_workloads(cm, rows)
-    results = tune_workloads(workloads, work_dir, target=cm.target.tvm_target(), trials=trials,
-                             time_budget_s=time_budget_s, progress=progress, seed=seed)
+    tvm_target = cm.target.deploy_tvm_target() if device is not None else cm.target.tvm_target()
+    results = tune_workloads(workloads, work_dir, target=tvm_target, trials=trials,
+                             time_budget_s=time_budget_s, progress=progress, seed=seed, rpc=device)
     return TuningSummary(results, layers, str(work_dir))

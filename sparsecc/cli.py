@@ -201,7 +201,9 @@ def load_model(spec: str, *, batch: Optional[int] = None, seq: int = 128) -> tup
                 args = _with_batch(args, batch)
         else:
             args = _inputs_from_specs(ep, made_batch, seq)
-        module = ep.module()
+        from sparsecc.ir.modules import modules_from_program
+
+        module = modules_from_program(ep)  # its linears and convs as nn.Linear / nn.Conv2d, so they can be pruned
         # The graph was traced in the mode it was exported in; the unlifted module only carries the flag
         # (its eval() is not implemented), and compile would warn about training mode for nothing.
         for sub in module.modules():
@@ -283,73 +285,31 @@ def _layer_rows(cm) -> list:
              "measured_ms": a.measured_ms, "dense_ms": a.dense_ms} for a in cm.layers]
 
 
-def _graph_linear_weights(gm) -> dict:
-    """``{weight name: Parameter}`` of the 2-D float32 weights that ``aten.linear`` calls read in ``gm``."""
-    import torch
-
-    out = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.linear.default and \
-                getattr(node.args[1], "op", None) == "get_attr":
-            w = gm.get_parameter(node.args[1].target) if node.args[1].target in dict(gm.named_parameters()) \
-                else getattr(gm, node.args[1].target, None)
-            if isinstance(w, torch.Tensor) and w.dim() == 2 and w.dtype == torch.float32:
-                out[node.args[1].target] = w
-    return out
-
-
-def _prune_for_cli(model, kind: str, sparsity, pattern: str, block_shape):
-    """The model pruned as ``compile(sparsity=...)`` prunes it, and the sparsity left for compile.
-
-    A module of a ``.pt2`` program has no ``nn.Linear`` submodules, so compile's pruning (which prunes the
-    weights of linear modules) would skip it; its ``aten.linear`` weights are pruned here instead with the
-    same magnitude masks (:func:`sparsecc.passes.prune.magnitude_masks`, per layer), on a copy.
-    """
-    import copy
-
-    import torch
-
+def _prune_for_cli(model, sparsity, pattern: str, block_shape):
+    """The model pruned as ``compile(sparsity=...)`` prunes it (the torch reference of ``bench``), on a copy."""
     from sparsecc.api import prune
-    from sparsecc.passes.prune import magnitude_masks
 
     sparsity = _sparsity_arg(sparsity)
     if sparsity is None:
-        return model, None
+        return model
     block = parse_block_shape(block_shape)
-    if kind != "pt2":
-        pruned = prune(model, sparsity, block_shape=block if (block and pattern == "block") else (1, 1),
-                                pattern=pattern if ":" in pattern else None)
-        return pruned, sparsity
-    if ":" in pattern or (pattern == "block" and block is None):
-        raise InvalidArgumentError(f"--pattern {pattern} --sparsity {sparsity}: a .pt2 program is pruned here by "
-                                   f"magnitude, unstructured or in a --block-shape; give --block-shape, or prune "
-                                   f"it first (sparsecc sparsify) and compile its zeros")
-    pruned = copy.deepcopy(model)
-    weights = _graph_linear_weights(pruned)
-    if not weights:
-        raise InvalidArgumentError(f"--sparsity {sparsity}: the .pt2 program has no linear layers to prune")
-    masks = magnitude_masks({k: w.detach() for k, w in weights.items()}, sparsity, block or (1, 1))
-    with torch.no_grad():
-        for k, w in weights.items():
-            w.mul_(masks[k].to(w.dtype))
-    return pruned, None
+    return prune(model, sparsity, block_shape=block if (block and pattern == "block") else (1, 1),
+                 pattern=pattern if ":" in pattern else None)
 
 
 def _load_and_compile(prog, model, batch, seq, target, sparsity, pattern, block_shape, channel_sparsity, measure,
-                      tuning_db=None):
+                      tuning_db=None, rpc=None):
     """Load MODEL and compile it under a progress task; returns (task, compiled module)."""
     t = prog.add_task(f"loading {model}", total=None)
-    m, args, kind = load_model(model, batch=batch, seq=seq)
-    if kind == "pt2":
-        m, sparsity = _prune_for_cli(m, kind, sparsity, pattern, block_shape)
+    m, args, _ = load_model(model, batch=batch, seq=seq)
     prog.update(t, description=f"compiling for {target}")
     cm = _compile(m, args, target=target, sparsity=sparsity, pattern=pattern, block_shape=block_shape,
-                  channel_sparsity=channel_sparsity, tuning_db=tuning_db, measure=measure)
+                  channel_sparsity=channel_sparsity, tuning_db=tuning_db, measure=measure, rpc=rpc)
     return t, cm
 
 
 def _compile(model, args, *, target, sparsity, pattern, block_shape, channel_sparsity, tuning_db=None,
-             measure=True):
+             measure=True, rpc=None):
     from sparsecc.api import compile as compile_model
 
     kw: dict = dict(target=target, sparsity=_sparsity_arg(sparsity), pattern=pattern,
@@ -358,6 +318,8 @@ def _compile(model, args, *, target, sparsity, pattern, block_shape, channel_spa
         kw["channel_sparsity"] = channel_sparsity
     if tuning_db is not None:
         kw["tuning_db"] = tuning_db
+    if rpc is not None:
+        kw["rpc"] = rpc
     return compile_model(model, args, **kw)
 
 
@@ -381,6 +343,7 @@ _BATCH1 = typer.Option(None, "--batch", help="batch size of the example inputs (
                                               "else 1)")
 _SEQ = typer.Option(128, "--seq", help="sequence length of made example inputs")
 _JSON = typer.Option(False, "--json", help="print one JSON object on stdout")
+_RPC = typer.Option(None, "--rpc", help="ARM: time kernels on the device behind a TVM RPC tracker, host:port/key")
 _MEASURE = typer.Option(True, "--measure/--no-measure", help="time the kernels against torch dense to choose "
                                                               "formats (--no-measure: cost model alone)")
 
@@ -396,12 +359,13 @@ def compile(model: str = _MODEL, target: str = _TARGET, sparsity: Optional[float
             overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty artifact folder"),
             report_html: Optional[Path] = typer.Option(None, "--report-html", help="write the HTML report"),
             tuning_db: Optional[Path] = typer.Option(None, "--tuning-db", help="folder written by sparsecc tune"),
+            rpc: Optional[str] = _RPC,
             batch: Optional[int] = _BATCH1, seq: int = _SEQ, measure: bool = _MEASURE, json_out: bool = _JSON) -> None:
     """Compile MODEL, print its per-layer report and write the deployment artifact."""
     with _cli(json_out):
         with _progress() as prog:
             t, cm = _load_and_compile(prog, model, batch, seq, target, sparsity, pattern, block_shape,
-                                      channel_sparsity, measure, tuning_db)
+                                      channel_sparsity, measure, tuning_db, rpc)
             if out is not None:
                 prog.update(t, description=f"exporting to {out}")
                 art = cm.export(out, overwrite=overwrite)
@@ -508,6 +472,7 @@ def tune(model: str = _MODEL, target: str = _TARGET, sparsity: Optional[float] =
          work_dir: Path = typer.Option(..., "--work-dir", help="tuning database folder (created if missing)"),
          trials: int = typer.Option(64, "--trials", help="candidates measured per workload"),
          time_budget_s: Optional[float] = typer.Option(None, "--time-budget", help="stop after about N seconds"),
+         rpc: Optional[str] = _RPC,
          batch: Optional[int] = _BATCH1, seq: int = _SEQ, json_out: bool = _JSON) -> None:
     """Autotune the sparse kernels of MODEL into --work-dir (pass it to compile with --tuning-db)."""
     from sparsecc.api import tune as tune_model
@@ -516,7 +481,7 @@ def tune(model: str = _MODEL, target: str = _TARGET, sparsity: Optional[float] =
         m, args, _ = load_model(model, batch=batch, seq=seq)
         summary = tune_model(m, args, target=target, sparsity=_sparsity_arg(sparsity), pattern=pattern,
                                 block_shape=parse_block_shape(block_shape), trials=trials, work_dir=work_dir,
-                                time_budget_s=time_budget_s, progress=True)
+                                time_budget_s=time_budget_s, progress=True, rpc=rpc)
     if json_out:
         _emit({"work_dir": summary.work_dir, "workloads": summary.rows()})
     else:
@@ -599,11 +564,11 @@ def bench(model: str = _MODEL, target: str = typer.Option("x86", "--target", hel
         rows = []
         with _progress() as prog:
             t = prog.add_task(f"loading {model}", total=None)
-            m, args, kind = load_model(model, seq=seq)
+            m, args, _ = load_model(model, seq=seq)
             prog.update(t, description="pruning (the torch reference)")
-            pruned, left = _prune_for_cli(m, kind, sparsity, pattern, block_shape)
+            pruned = _prune_for_cli(m, sparsity, pattern, block_shape)
             prog.update(t, description=f"compiling for {target}")
-            cm = _compile(pruned if kind == "pt2" else m, args, target=target, sparsity=left, pattern=pattern,
+            cm = _compile(m, args, target=target, sparsity=sparsity, pattern=pattern,
                           block_shape=block_shape, channel_sparsity=None, measure=measure)
             for b in batch:
                 prog.update(t, description=f"timing batch {b} ({runs} rounds)")

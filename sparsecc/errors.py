@@ -105,6 +105,11 @@ class TuningError(SparseccError, RuntimeError):
     """Autotuning failed, or a tuning database (``work_dir``) is missing or unreadable."""
 
 
+class RPCError(SparseccError, RuntimeError):
+    """A remote device could not be reached through its TVM RPC tracker (none registered under the key, tracker
+    down), or a call on it (upload, load, timing) failed; the message names the tracker and key."""
+
+
 # -- warnings: the result is right, but something the user should know happened ---------------------------
 
 
@@ -123,6 +128,11 @@ class TrainModeWarning(SparseccWarning):
 class FallbackWarning(SparseccWarning):
     """A graph given to the ``torch.compile`` backend runs in eager torch (nothing to prune, or it could not be
     compiled; the message says which)."""
+
+
+class RemoteFallbackWarning(SparseccWarning):
+    """The remote device given with ``rpc=`` could not be used; formats were chosen with the target's static
+    roofline instead (the message says why)."""
 
 
 class PatternWarning(SparseccWarning):

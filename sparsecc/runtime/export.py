@@ -202,11 +202,20 @@ class ExportContext:
         What the artifact is built for (:meth:`Target.deploy_tvm_target`).
     """
 
-    def __init__(self, layers: dict, target):
+    def __init__(self, layers: dict, target, tuning_db=None):
         self.layers = layers
         self.target = target
         self.tvm_target = target.deploy_tvm_target()
+        self.tuning_db = tuning_db
+        self.tuned_layers: list = []  # names of the kernels built from tuned schedules
         self.funcs = {}  # kernel name -> GlobalVar
+
+    def tuned_linear(self, block, n: int, k: int, nnzb: int, bias: bool, activation, regime: str, m: int):
+        """``(schedule, m_tile)`` tuned for the deploy target (``compile(tuning_db=...)``), or None."""
+        if self.tuning_db is None:
+            return None
+        found = self.tuning_db.for_layer(block, n, k, nnzb, bias, activation, self.tvm_target)
+        return found.schedule(regime, m) if found is not None else None
 
     def gvar(self, bb, name: str, sch):
         """The GlobalVar of the scheduled kernel ``sch`` added to ``bb`` once under ``name``."""
@@ -336,7 +345,7 @@ def export_compiled(cm, path, *, overwrite: bool = False, example_inputs=None) -
         with torch.no_grad():
             ep = torch.export.export(view, tuple(args))
             ref = view(*args)
-        conv = ExportContext(layers, target_obj)
+        conv = ExportContext(layers, target_obj, getattr(cm, "tuning_db", None))
         try:
             mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=conv.convert_map())
         except Exception as e:
@@ -364,6 +373,7 @@ def export_compiled(cm, path, *, overwrite: bool = False, example_inputs=None) -
             "layers": [{"name": a.name, "format": a.format,
                         "block": list(a.format_params) if a.format_params else None, "density": a.density}
                        for a in cm.layers],
+            "tuned_kernels": sorted(set(conv.tuned_layers)),
             "versions": _versions(),
             "files": {},
         }
@@ -606,13 +616,39 @@ def _dense_rule():
     return _CPUDense()
 
 
+def dense_schedule_pass():
+    """The module pass scheduling an export's dense rest: dlight's CPU GEMV rule, :func:`_dense_rule`, then dlight's
+    CPU reduction rule (apply inside ``with tvm_target:``)."""
+    from tvm.s_tir import dlight as dl
+
+    return dl.ApplyDefaultSchedule(dl.cpu.GEMV(), _dense_rule(), dl.cpu.Reduction())
+
+
+def dense_linear_kernel(m: int, n: int, k: int, tvm_target):
+    """A dense linear ``Y = X W^T + b`` as the export schedules it (:func:`dense_schedule_pass`), for timing.
+
+    Arguments of its ``main``: ``X: (M, K)``, ``W: (N, K)``, ``b: (N,)``, ``Y: (M, N)``, all float32.
+    """
+    import tvm
+    from tvm import te
+
+    x = te.placeholder((m, k), "float32", name="X")
+    w = te.placeholder((n, k), "float32", name="W")
+    b = te.placeholder((n,), "float32", name="b")
+    r = te.reduce_axis((0, k), name="r")
+    mm = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r), name="matmul")
+    y = te.compute((m, n), lambda i, j: mm[i, j] + b[j], name="Y")
+    mod = tvm.IRModule({"main": te.create_prim_func([x, w, b, y])})
+    with tvm_target:
+        return dense_schedule_pass()(mod)
+
+
 def _relax_pipeline(tvm_target, kernels: set):
     """TVM's default CPU pipeline with the dense rest scheduled (dlight CPU rules, then :func:`_dense_rule`)
     between legalization and lowering; the sparse kernels (``kernels``, already scheduled) are left alone."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
-    from tvm.s_tir import dlight as dl
 
     @tvm.transform.module_pass(opt_level=0)
     def _mark(mod, _ctx):  # the sparse kernels carry their own schedules
@@ -626,7 +662,7 @@ def _relax_pipeline(tvm_target, kernels: set):
         with tvm_target:
             seq = tvm.transform.Sequential(
                 cpu.library_dispatch_passes(tvm_target) + [_mark] + cpu.legalize_passes(tvm_target)
-                + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), _dense_rule(), dl.cpu.Reduction())]
+                + [dense_schedule_pass()]
                 + cpu.dataflow_lower_passes(tvm_target) + cpu.finalize_passes(tvm_target))
             return seq(mod)
 

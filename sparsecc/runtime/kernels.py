@@ -307,7 +307,8 @@ def cpu_linear(matrix: BlockSparseMatrix, bias=None, activation=None, target=Non
 def export_linear(ctx, bb, x, mod: SparseLinear):
     """Relax for one :class:`SparseLinear`: X (..., K) -> (M, K) padded to the M tile, kernel, Y -> (..., N).
 
-    The kernel is the target's schedule of the same template (ARM: NEON tiles, :func:`arm_params`).
+    The kernel is the target's schedule of the same template (ARM: NEON tiles, :func:`arm_params`), or the
+    schedule tuned for the deploy target where ``compile(tuning_db=...)`` has one for this layer.
     """
     from tvm import relax
 
@@ -318,9 +319,17 @@ def export_linear(ctx, bb, x, mod: SparseLinear):
     lead, m = rows_for_export(x)
     regime = x86.regime_for(m)
     bias = mod.bias is not None
-    params = ctx.target.kernel_params("linear", regime, block=(br, bc))
-    sch = x86.schedule_linear((br, bc), regime, bias=bias, activation=mod.activation, params=params, k=k)
-    mt = params.m_tile
+    name = f"sparsecc_{block_candidate((br, bc)).kernel_name('linear', regime, bias, mod.activation)}_k{k}"
+    tuned = ctx.tuned_linear((br, bc), n, k, int(mod.indptr[-1]), bias, mod.activation, regime, m)
+    if tuned is not None:
+        sch, mt = tuned
+        name += f"_mt{mt}_tuned"
+        ctx.tuned_layers.append(name)
+    else:
+        params = ctx.target.kernel_params("linear", regime, block=(br, bc))
+        sch = x86.schedule_linear((br, bc), regime, bias=bias, activation=mod.activation, params=params, k=k)
+        mt = params.m_tile
+        name += f"_mt{mt}"
     mp = -(-max(m, 1) // mt) * mt
     x2 = bb.emit(relax.op.reshape(x, (m, k)))
     if mp != m:
@@ -328,7 +337,6 @@ def export_linear(ctx, bb, x, mod: SparseLinear):
     args = [x2, ctx.const(mod.data), ctx.const(mod.indices), ctx.const(mod.indptr)]
     if bias:
         args.append(ctx.const(mod.bias))
-    name = f"sparsecc_{block_candidate((br, bc)).kernel_name('linear', regime, bias, mod.activation)}_k{k}_mt{mt}"
     gv = ctx.gvar(bb, name, sch)
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType((mp, n // br, br), "float32")))
     y = bb.emit(relax.op.reshape(y, (mp, n)))

@@ -49,7 +49,8 @@ from sparsecc.targets.toolchain import aarch64_toolchain
 from sparsecc.targets.x86_nm import default_nm_params, schedule_nm
 
 __all__ = ["ARM_DEVICES", "ArmDevice", "ArmTarget", "arm_params", "arm_target", "build", "build_linear_kernel",
-           "build_nm_kernel", "disassemble", "export_library", "neon_instructions", "nm_params", "static_roofline"]
+           "build_nm_kernel", "cross_built", "disassemble", "export_library", "neon_instructions", "nm_params",
+           "static_roofline"]
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def build_linear_kernel(block, regime: str, *, bias: bool, activation=None, devi
     block = tuple(block)
     sch = schedule_linear(block, regime, bias=bias, activation=activation, k=k)
     name = block_candidate(block).kernel_name("linear", regime, bias, activation)
-    return _cross_built(sch, name, target)
+    return cross_built(sch, name, target)
 
 
 def build_xcsr_kernel(regime: str, *, activation=None, index_dtype: str = "int16", device: str = "arm",
@@ -198,12 +199,20 @@ def build_xcsr_kernel(regime: str, *, activation=None, index_dtype: str = "int16
     target = arm_target(device)
     params = params or default_xcsr_params(regime)
     sch = schedule_xcsr(regime, activation=activation, index_dtype=index_dtype, target=target, params=params)
-    return _cross_built(sch, xcsr_kernel_name(regime, activation, index_dtype, params), target)
+    return cross_built(sch, xcsr_kernel_name(regime, activation, index_dtype, params), target)
 
 
-def _cross_built(sch, name: str, target) -> Path:
-    digest = KERNELS.digest(sch.mod.script(), str(target), tvm.__version__)
-    return KERNELS.library(name, digest, lambda tmp: export_library(build(sch, target), tmp), target_dir="aarch64")
+def cross_built(sch, name: str, target) -> Path:
+    """The aarch64 ``.so`` of a scheduled kernel (a ``Schedule`` or an ``IRModule``), built once into the kernel
+    cache under ``name`` and the hash of its TensorIR.
+
+    Raises
+    ------
+    KernelBuildError, ToolchainError
+    """
+    mod = getattr(sch, "mod", sch)
+    digest = KERNELS.digest(mod.script(), str(target), tvm.__version__)
+    return KERNELS.library(name, digest, lambda tmp: export_library(build(mod, target), tmp), target_dir="aarch64")
 
 
 def disassemble(lib_path) -> str:
@@ -280,15 +289,19 @@ class ArmTarget(Target):
     ----------
     device : str
         A key of :data:`ARM_DEVICES` or an alias (``"graviton3"``), optionally prefixed ``"arm:"``.
+    rpc : sparsecc.tune.remote.RPCDevice, optional
+        A board behind a TVM RPC tracker: the cost model is fitted to kernels timed there
+        (:func:`sparsecc.tune.cost_model.cost_model_for`) instead of :func:`static_roofline`.
     """
 
     kind = "arm"
     layer_formats = {"linear": frozenset({"csr", "bsr", "nm", "xcsr"}), "conv2d": frozenset({"csr", "bsr"})}
     can_time_kernels = False
 
-    def __init__(self, device: str = "arm"):
+    def __init__(self, device: str = "arm", rpc=None):
         from sparsecc.targets.x86 import X86Target
 
+        self.rpc = rpc
         self.device, self.arm_device = device_for(device)
         self.name = "arm" if self.device == "arm" else f"arm:{self.device}"
         self.host = X86Target()  # runs the compiled module's kernels in this process
@@ -322,7 +335,8 @@ class ArmTarget(Target):
         export_library(lib, path)
 
     def describe(self) -> str:
-        return f"{self.name} ({self.arm_device.description}; host kernels for cm(), aarch64 export)"
+        remote = f"; formats timed on {self.rpc.describe()}" if self.rpc is not None else ""
+        return f"{self.name} ({self.arm_device.description}; host kernels for cm(), aarch64 export{remote})"
 
     def cache_key(self) -> str:
         return f"{self.name}|{self.deploy_tvm_target()}|tvm {tvm.__version__}"
@@ -331,7 +345,7 @@ class ArmTarget(Target):
         return static_roofline(self.device)
 
     def __repr__(self) -> str:
-        return f"ArmTarget({self.device!r})"
+        return f"ArmTarget({self.device!r})" if self.rpc is None else f"ArmTarget({self.device!r}, rpc={self.rpc!r})"
 
 
 def nm_params(regime: str, device: str = "arm"):
@@ -346,6 +360,6 @@ def build_nm_kernel(n: int, m: int, groups: int, regime: str, *, bias: bool, act
     params = params or nm_params(regime, device)
     sch = schedule_nm(n, m, groups, regime, bias=bias, activation=activation, target=target, params=params)
     name = Candidate("nm", (n, m)).kernel_name("linear", regime, bias, activation) + f"_g{groups}"
-    return _cross_built(sch, name, target)
+    return cross_built(sch, name, target)
 
 

@@ -26,7 +26,7 @@ from sparsecc.errors import ToolchainError
 from sparsecc.fileio import atomic_path
 from sparsecc.targets.toolchain import Toolchain, aarch64_toolchain
 
-__all__ = ["build_harness", "read_tensors", "run_under_qemu", "write_tensors"]
+__all__ = ["RPC_SESSION_SRC", "build_harness", "read_tensors", "run_under_qemu", "write_tensors"]
 
 _MAGIC = b"SPCCTEN1"
 # DLDataTypeCode: 0 int, 1 uint, 2 float.
@@ -36,6 +36,8 @@ _DTYPES = {np.dtype("float32"): (2, 32), np.dtype("float64"): (2, 64), np.dtype(
            np.dtype("bool"): (1, 1)}
 _CODES = {v: k for k, v in _DTYPES.items()}
 _HARNESS_SRC = Path(__file__).with_name("arm_harness.cc")
+#: One TVM RPC session (``rpc.ServerLoop`` on a connected socket), served by :mod:`sparsecc.targets.qemu_rpc`.
+RPC_SESSION_SRC = Path(__file__).with_name("arm_rpc_session.cc")
 
 
 def _as_numpy(t) -> np.ndarray:
@@ -93,17 +95,25 @@ def read_tensors(path) -> list:
     return out
 
 
-def build_harness(tc: Toolchain | None = None) -> Path:
-    """The aarch64 harness executable, cross-compiled on first use (~10 s) and cached by source hash."""
+def build_harness(tc: Toolchain | None = None, source: Path = _HARNESS_SRC) -> Path:
+    """An aarch64 executable linked with the TVM runtime, cross-compiled on first use (~10 s), cached by source hash.
+
+    Parameters
+    ----------
+    tc : Toolchain, optional
+    source : Path
+        ``arm_harness.cc`` (default: runs a library on tensor files) or :data:`RPC_SESSION_SRC`.
+    """
     tc = tc or aarch64_toolchain()
-    digest = hashlib.sha256(_HARNESS_SRC.read_bytes()).hexdigest()[:16]
-    exe = tc.root.parent / f"harness-{digest}"
+    source = Path(source)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    exe = tc.root.parent / f"{'harness' if source == _HARNESS_SRC else source.stem}-{digest}"
     if exe.exists():
         return exe
     with atomic_path(exe, suffix=".bin") as tmp:
-        tc.compile(["-std=c++17", "-O2", str(_HARNESS_SRC), "-o", str(tmp), f"-I{tc.tvm_include}",
+        tc.compile(["-std=c++17", "-O2", str(source), "-o", str(tmp), f"-I{tc.tvm_include}",
                     f"-L{tc.tvm_lib}", f"-Wl,-rpath,{tc.tvm_lib}", "-Wl,--no-as-needed", "-ltvm_runtime",
-                    "-ltvm_ffi", "-Wl,--as-needed", "-ldl", "-lpthread"], "the harness arm_harness.cc",
+                    "-ltvm_ffi", "-Wl,--as-needed", "-ldl", "-lpthread"], f"the aarch64 program {source.name}",
                    cxx=True)
         tmp.chmod(0o755)
     return exe

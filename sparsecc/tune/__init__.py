@@ -3,7 +3,8 @@
 * :mod:`.cost_model` (roofline in M from the format registry, per-target cost model), :mod:`.calibrate`
 * :mod:`.space` (workloads and knobs), :mod:`.search` (grid search strategy), :mod:`.measure`
   (in-process builder, runner, timing), :mod:`.database` (the JSON tuning folder),
-  :mod:`.tuner` (the tuning loop), :mod:`.lookup` (what ``compile(tuning_db=...)`` reads)
+  :mod:`.tuner` (the tuning loop), :mod:`.lookup` (what ``compile(tuning_db=...)`` reads),
+  :mod:`.remote` (timing on a device behind a TVM RPC tracker)
 
 ``sparsecc.tune(model, example_inputs, work_dir=...)`` (:func:`sparsecc.api.tune`) tunes a model's
 sparse kernels into a database; this package is callable for that (the public API registers the

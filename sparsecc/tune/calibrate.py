@@ -41,6 +41,13 @@ def _fit(t_tiny: float, t1: float, t4: float, t128: float, fl: Callable, by: Cal
     return KernelCalibration(gflops_gemv=gflops_gemv, gflops_gemm=gflops_gemm, gbps=gbps, overhead_ms=oh)
 
 
+def _fit_candidate(cand, times, n: int, k: int, stored: int) -> KernelCalibration:
+    """:func:`_fit` of ``(tiny, M=1, M=4, M=128)`` times (ms) with the format's FLOPs and bytes at ``W: (n, k)``."""
+    fl = cand.entry.flops(cand.params, n, k, stored)
+    by = cand.entry.bytes(cand.params, n, k, stored)
+    return _fit(*times, lambda m: float(fl.subs(M, m)), lambda m: float(by.subs(M, m)))
+
+
 def _measure_candidate(make: Callable[[int, int], Callable], n: int, k: int) -> tuple:
     fn_tiny = make(16, 16)
     fn = make(n, k)
@@ -62,6 +69,29 @@ def _kernel_sources_digest() -> str:
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
+def _cached(path: Path):
+    """The cost model stored at ``path``, or None (missing; damaged: warned and measured again)."""
+    if not path.exists():
+        return None
+    ok, why = verified(path)
+    if ok:
+        try:
+            return CostModel.from_json(path.read_text())
+        except (ValueError, KeyError, TypeError) as e:
+            why = f"it does not parse ({e})"
+    warnings.warn(f"calibration {path}: {why}; measuring again", CacheWarning, stacklevel=3)
+    return None
+
+
+def _store(path: Path, model: CostModel) -> None:
+    text = model.to_json()
+    try:
+        write_verified(path, lambda tmp: tmp.write_text(text))
+    except OSError as e:  # a read-only cache: the measured model is used, just not kept
+        warnings.warn(f"calibration {path} not written ({e}); it is used for this process only", CacheWarning,
+                      stacklevel=3)
+
+
 def calibrate(target, use_cache: bool = True, verbose: bool = False, candidates=None) -> CostModel:
     """Measure dense torch and every sparse kernel of ``target``; return the fitted cost model.
 
@@ -79,14 +109,9 @@ def calibrate(target, use_cache: bool = True, verbose: bool = False, candidates=
                           torch.__version__, platform.machine(), sorted(c.key for c in cands)])
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     path = cache_root() / "calibration" / f"{key}.json"
-    if use_cache and path.exists():
-        ok, why = verified(path)
-        if ok:
-            try:
-                return CostModel.from_json(path.read_text())
-            except (ValueError, KeyError, TypeError) as e:
-                why = f"it does not parse ({e})"
-        warnings.warn(f"calibration {path}: {why}; measuring again", CacheWarning, stacklevel=2)
+    cached = _cached(path) if use_cache else None
+    if cached is not None:
+        return cached
     t0 = time.perf_counter()
     model = CostModel(source=f"measured {time.strftime('%Y-%m-%d')} on {target.describe()}, "
                              f"{torch.get_num_threads()} threads")
@@ -103,19 +128,107 @@ def calibrate(target, use_cache: bool = True, verbose: bool = False, candidates=
 
         times = _measure_candidate(make, n, k)
         w = fmt.calibration_weight(cand.params, n, k, CAL_DENSITY)
-        stored = fmt.units_of(cand.to_storage(w))
-        fl = fmt.flops(cand.params, n, k, stored)
-        by = fmt.bytes(cand.params, n, k, stored)
-        cal = _fit(*times, lambda m: float(fl.subs(M, m)), lambda m: float(by.subs(M, m)))
-        model.kernels[cand.key] = cal
+        cal = model.kernels[cand.key] = _fit_candidate(cand, times, n, k, fmt.units_of(cand.to_storage(w)))
         if verbose:
             print(f"calibrated {cand.key}: {cal}")
     model.source += f" in {time.perf_counter() - t0:.1f} s"
     if use_cache:
-        text = model.to_json()
-        try:
-            write_verified(path, lambda tmp: tmp.write_text(text))
-        except OSError as e:  # a read-only cache: the measured model is used, just not kept
-            warnings.warn(f"calibration {path} not written ({e}); it is used for this process only", CacheWarning,
-                          stacklevel=2)
+        _store(path, model)
+    return model
+
+
+#: Linear formats a remote device times: dense (TVM's dense matmul, scheduled as an export schedules it) and
+#: the BSR family (CSR = 1x1 blocks). N:M and xcsr kernels pack their weights in host modules and are not
+#: offered when the cost model comes from a remote device.
+REMOTE_FORMATS = ("dense", "csr", "bsr")
+
+
+def remote_candidates(target) -> list:
+    """The calibration candidates of ``target`` a remote device times (:data:`REMOTE_FORMATS`)."""
+    return [c for c in calibration_candidates(target) if c.entry.name in REMOTE_FORMATS]
+
+
+def _remote_kernel(cand, target, m: int, n: int, k: int, density: float) -> tuple:
+    """``(aarch64 .so, numpy arguments, stored units)`` of one call of ``cand``'s kernel at ``M = m``."""
+    import numpy as np
+
+    from sparsecc.runtime.export import dense_linear_kernel
+    from sparsecc.targets import arm, x86
+
+    fmt = cand.entry
+    w = fmt.calibration_weight(cand.params, n, k, density)
+    rng = np.random.default_rng(0)
+    b = rng.standard_normal(n, dtype=np.float32)
+    tvm_target = target.deploy_tvm_target()
+    if cand.is_dense:
+        lib = arm.cross_built(dense_linear_kernel(m, n, k, tvm_target), f"dense_linear_m{m}_n{n}_k{k}", tvm_target)
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        return lib, [x, w.numpy(), b, np.zeros((m, n), np.float32)], fmt.units_of(cand.to_storage(w))
+    storage = cand.to_storage(w)
+    br, bc = storage.block
+    regime = x86.regime_for(m)
+    mt = arm.arm_params((br, bc), regime).m_tile
+    mp = -(-m // mt) * mt
+    lib = arm.build_linear_kernel((br, bc), regime, bias=True, device=target.device, k=k)
+    x = rng.standard_normal((mp, k), dtype=np.float32)
+    args = [x, storage.data.numpy(), storage.indices.numpy(), storage.indptr.numpy(), b.reshape(n // br, br),
+            np.zeros((mp, n // br, br), np.float32)]
+    return lib, args, fmt.units_of(storage)
+
+
+def calibrate_remote(target, device, use_cache: bool = True, verbose: bool = False, candidates=None) -> CostModel:
+    """Fit the cost model of ``target`` from kernels timed on a remote device through TVM's RPC tracker.
+
+    The same measurements as :func:`calibrate` (W: (768, 768) at density 0.2 for M ∈ {1, 4, 128}, and a
+    16x16 call for the fixed overhead), each kernel cross-built for the device, uploaded and timed with
+    ``time_evaluator`` there (the minimum of 5 samples).
+
+    Parameters
+    ----------
+    target : sparsecc.targets.arm.ArmTarget
+        What the kernels are built for (``deploy_tvm_target()``).
+    device : sparsecc.tune.remote.RPCDevice
+    use_cache : bool
+        Reuse (and write) ``<cache_root>/calibration/rpc-<key>.json``, keyed by the kernel sources, the target,
+        the tracker and the device key.
+    candidates : list of Candidate, optional
+        Default: :func:`remote_candidates`.
+
+    Returns
+    -------
+    CostModel
+        Its ``source`` names the device and the tracker.
+
+    Raises
+    ------
+    RPCError
+        The device cannot be reached or a kernel failed on it.
+    ToolchainError, KernelBuildError
+        A kernel could not be cross-built.
+    """
+    cands = list(candidates) if candidates is not None else remote_candidates(target)
+    key_src = json.dumps([CALIBRATION_VERSION, _kernel_sources_digest(), target.cache_key(), device.tracker,
+                          device.key, sorted(c.key for c in cands)])
+    path = cache_root() / "calibration" / f"rpc-{hashlib.sha256(key_src.encode()).hexdigest()[:16]}.json"
+    cached = _cached(path) if use_cache else None
+    if cached is not None:
+        return cached
+    t0 = time.perf_counter()
+    model = CostModel(source=f"measured {time.strftime('%Y-%m-%d')} on {device.describe()} over TVM RPC, "
+                             f"kernels built for {target.name}")
+    n, k = CAL_N, CAL_K
+    with device.session() as sess:
+        for cand in cands:
+            lib, args, _ = _remote_kernel(cand, target, 1, 16, 16, 0.5)
+            t_tiny = min(sess.time_ms(lib, args, number=10, repeat=5))
+            times, stored = [t_tiny], 0
+            for m in (1, 4, 128):
+                lib, args, stored = _remote_kernel(cand, target, m, n, k, CAL_DENSITY)
+                times.append(min(sess.time_ms(lib, args, number=1, repeat=5)))
+            cal = model.kernels[cand.key] = _fit_candidate(cand, times, n, k, stored)
+            if verbose:
+                print(f"calibrated {cand.key} on {device.describe()}: {cal}")
+    model.source += f" in {time.perf_counter() - t0:.1f} s"
+    if use_cache:
+        _store(path, model)
     return model

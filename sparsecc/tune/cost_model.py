@@ -157,6 +157,9 @@ def cost_model_for(target) -> CostModel:
     TargetError
         A target that neither has a roofline nor can time kernels here.
     """
+    rpc = getattr(target, "rpc", None)
+    if rpc is not None:
+        return _remote_model(target, rpc)
     constants = target.roofline()
     if constants is not None:
         return CostModel.from_roofline(constants, f"static roofline of {target.describe()}, not measured")
@@ -172,4 +175,24 @@ def cost_model_for(target) -> CostModel:
         from sparsecc.tune.calibrate import calibrate
 
         model = _MODELS[key] = calibrate(target)
+    return model
+
+
+def _remote_model(target, rpc) -> CostModel:
+    """Calibrated on the remote device (cached per process and on disk); the static roofline if it fails."""
+    key = ("rpc", target.cache_key(), rpc.tracker, rpc.key)
+    model = _MODELS.get(key)
+    if model is None:
+        import warnings
+
+        from sparsecc.errors import RemoteFallbackWarning, RPCError
+        from sparsecc.tune.calibrate import calibrate_remote
+
+        try:
+            model = _MODELS[key] = calibrate_remote(target, rpc)
+        except RPCError as e:
+            warnings.warn(f"{e}; formats are chosen with the static roofline of {target.name}",
+                          RemoteFallbackWarning, stacklevel=3)
+            return CostModel.from_roofline(target.roofline(), f"static roofline of {target.describe()}, not "
+                                           f"measured ({rpc.describe()} could not be used)")
     return model

@@ -93,22 +93,30 @@ class TuningDatabase:
                 found[wl.m] = (wl, e)
         return TunedKernels(self, found, target) if found else None
 
-    def kernel(self, wl: Workload, entry: dict, target):
-        """``(fn, m_tile)`` of the tuned kernel of ``wl`` (any M, any nnzb), or None to use the hand one."""
+    def schedule(self, wl: Workload, entry: dict, target):
+        """``(schedule, m_tile)``: the tuned trace of ``wl`` replayed onto the symbolic template (any M, any
+        nnzb), or None where tuning kept the hand schedule."""
         if entry.get("choice") != "tuned":
             return None
+        mt = int(entry["params"]["m_tile"])
+        rec = self.record(wl, mt, target)
+        if rec is None:
+            return None
+        return space.schedule_from_trace(rec.trace, wl.block, bias=wl.bias, activation=wl.activation,
+                                         m_tile=mt, k=wl.k), mt
+
+    def kernel(self, wl: Workload, entry: dict, target):
+        """``(fn, m_tile)`` of the tuned kernel of ``wl`` built for ``target``, or None to use the hand one."""
         key = (wl, target_key(target))
         if key not in self._kernels:
             from sparsecc.formats import block_candidate
             from sparsecc.runtime.kernels import load_or_build
 
-            mt = int(entry["params"]["m_tile"])
-            rec = self.record(wl, mt, target)
-            if rec is None:
+            tuned = self.schedule(wl, entry, target)
+            if tuned is None:
                 self._kernels[key] = None
             else:
-                sch = space.schedule_from_trace(rec.trace, wl.block, bias=wl.bias, activation=wl.activation,
-                                                m_tile=mt, k=wl.k)
+                sch, mt = tuned
                 name = block_candidate(wl.block).kernel_name("linear", wl.regime, wl.bias, wl.activation) + "_tuned"
                 self._kernels[key] = (load_or_build(sch, name, target), mt)
         return self._kernels[key]
@@ -157,13 +165,21 @@ class TunedKernels:
         (ties: the smaller M); None when there is none or it kept the hand schedule.
         """
         key = (regime, space.m_bucket(m))
-        if key in self._by_m:
-            return self._by_m[key]
+        if key not in self._by_m:
+            found = self.nearest(regime, m)
+            self._by_m[key] = self.db.kernel(*found, self.target) if found is not None else None
+        return self._by_m[key]
+
+    def nearest(self, regime: str, m: int):
+        """``(Workload, index entry)`` tuned at the M bucket of ``regime`` nearest to ``m`` in log2 (ties: the
+        smaller M), or None."""
         ms_ = [mb for mb in self.found if x86.regime_for(mb) == regime]
-        out = None
-        if ms_:
-            mb = min(ms_, key=lambda v: (abs(math.log2(v) - math.log2(max(m, 1))), v))
-            wl, entry = self.found[mb]
-            out = self.db.kernel(wl, entry, self.target)
-        self._by_m[key] = out
-        return out
+        if not ms_:
+            return None
+        return self.found[min(ms_, key=lambda v: (abs(math.log2(v) - math.log2(max(m, 1))), v))]
+
+    def schedule(self, regime: str, m: int):
+        """``(schedule, m_tile)`` of the tuned entry :meth:`kernel` would use, unbuilt (an export builds it
+        into its own library), or None."""
+        found = self.nearest(regime, m)
+        return self.db.schedule(*found, self.target) if found is not None else None

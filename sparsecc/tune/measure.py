@@ -32,6 +32,7 @@ __all__ = [
     "InProcessBuilder",
     "InProcessRunner",
     "Measurement",
+    "RemoteBench",
     "compare",
     "drop_artifacts",
     "pool_wakeup_ms",
@@ -133,6 +134,102 @@ class InProcessRunner(PyRunner):
                     res = RunnerResult([min(self.meas.burst_ms(fn) for _ in range(self.repeat)) / 1e3], None)
                 except Exception as e:  # noqa: BLE001 - a failing candidate is a failed trial
                     res = RunnerResult(None, f"run failed: {e}")
+            if self.on_result is not None:
+                self.on_result()
+            out.append(_DoneFuture(res))
+        return out
+
+
+# -- a remote device (TVM RPC) ---------------------------------------------------------
+
+class RemoteBench:
+    """Builds candidates of one workload for a remote device and times them there (TVM RPC).
+
+    Each candidate is cross-built (:func:`sparsecc.targets.arm.export_library`) into a temporary folder,
+    uploaded once and timed with ``time_evaluator`` on arguments of a valid sparse instance
+    (:func:`~sparsecc.tune.space.make_args`) copied to the device once; a sample is the minimum of
+    ``repeat`` runs of at least ``min_repeat_ms``.
+
+    Parameters
+    ----------
+    wl : Workload
+    target : tvm.target.Target
+        The device's target (aarch64).
+    session : sparsecc.tune.remote.RemoteSession
+    seed : int
+    repeat : int
+    """
+
+    def __init__(self, wl: Workload, target, session, seed: int = 0, repeat: int = 5, min_repeat_ms: int = 5):
+        import tempfile
+
+        self.target, self.session = target, session
+        self.args = session.tensors(space.make_args(wl, seed))
+        self.repeat, self.min_repeat_ms = int(repeat), int(min_repeat_ms)
+        self._dir = tempfile.TemporaryDirectory(prefix="sparsecc-remote-")
+
+    def build(self, mod) -> str:
+        """Path of the cross-built shared library of ``mod`` (a scheduled TensorIR module)."""
+        from pathlib import Path
+
+        from sparsecc.targets import arm
+
+        path = Path(self._dir.name) / f"cand{next(_TOKENS)}.so"
+        arm.export_library(x86.build(mod, self.target), path)
+        return str(path)
+
+    def time_ms(self, path: str) -> float:
+        """Minimum over ``repeat`` runs of the kernel at ``path`` on the device (ms)."""
+        return min(self.session.time_ms(path, self.args, repeat=self.repeat, min_repeat_ms=self.min_repeat_ms))
+
+    def compare(self, paths: dict, rounds: int = 3) -> dict:
+        """``{name: ms}``: the minimum over ``rounds`` interleaved samples of every kernel (rotating order)."""
+        names, times = list(paths), {k: [] for k in paths}
+        for r in range(int(rounds)):
+            for k in names[r % len(names):] + names[:r % len(names)]:
+                times[k].append(self.time_ms(paths[k]))
+        return {k: min(v) for k, v in times.items()}
+
+    def close(self) -> None:
+        """Free the device tensors and the built libraries."""
+        self.args = []
+        self._dir.cleanup()
+
+
+@derived_object
+class RemoteBuilder(PyBuilder):
+    """Cross-builds candidates for :class:`RemoteBench`'s device; the artifact is the library's path."""
+
+    def __init__(self, bench: RemoteBench) -> None:
+        super().__init__()
+        self.bench = bench
+
+    def build(self, build_inputs):
+        results = []
+        for bi in build_inputs:
+            try:
+                results.append(BuilderResult(self.bench.build(bi.mod), None))
+            except Exception as e:  # noqa: BLE001 - a candidate that does not build is a failed trial
+                results.append(BuilderResult(None, str(e)))
+        return results
+
+
+@derived_object
+class RemoteRunner(PyRunner):
+    """Times each cross-built candidate on :class:`RemoteBench`'s device."""
+
+    def __init__(self, bench: RemoteBench, on_result=None) -> None:
+        super().__init__()
+        self.bench = bench
+        self.on_result = on_result
+
+    def run(self, runner_inputs):
+        out = []
+        for ri in runner_inputs:
+            try:
+                res = RunnerResult([self.bench.time_ms(str(ri.artifact_path)) / 1e3], None)
+            except Exception as e:  # noqa: BLE001 - a failing candidate is a failed trial
+                res = RunnerResult(None, f"remote run failed: {e}")
             if self.on_result is not None:
                 self.on_result()
             out.append(_DoneFuture(res))

@@ -171,10 +171,20 @@ def _acc_bytes(block, m_tile: int) -> int:
     return int(m_tile) * br * (bc if bc > 1 else 1) * 4
 
 
-def m_tile_choices(wl: Workload) -> list:
-    """Register tiles to try for ``wl``: the hand one first, then the others that divide ``M`` and
-    keep the accumulator on the stack."""
-    hand = x86.default_params(tuple(wl.block), wl.regime).m_tile
+def hand_params(wl: Workload, target=None) -> x86.ScheduleParams:
+    """The runtime's hand schedule of ``wl`` on ``target`` (a ``tvm.target.Target``): NEON tiles
+    (:func:`sparsecc.targets.arm.arm_params`) for an aarch64 target, the x86 ones otherwise."""
+    if target is not None and "aarch64" in str(target):
+        from sparsecc.targets.arm import arm_params
+
+        return arm_params(tuple(wl.block), wl.regime)
+    return x86.default_params(tuple(wl.block), wl.regime)
+
+
+def m_tile_choices(wl: Workload, hand: x86.ScheduleParams | None = None) -> list:
+    """Register tiles to try for ``wl``: the hand one first (``hand``, default the x86 one), then the others
+    that divide ``M`` and keep the accumulator on the stack."""
+    hand = (hand or x86.default_params(tuple(wl.block), wl.regime)).m_tile
     if wl.regime == "gemv":
         return [hand]
     out = [hand]
@@ -184,10 +194,10 @@ def m_tile_choices(wl: Workload) -> list:
     return out
 
 
-def grid(wl: Workload, m_tile: int, seed: int = 0) -> list:
-    """Knob points of one task, as :class:`ScheduleParams`: the hand schedule first (when
-    ``m_tile`` is the hand tile), then the rest in a seeded random order."""
-    hand = x86.default_params(tuple(wl.block), wl.regime)
+def grid(wl: Workload, m_tile: int, seed: int = 0, hand: x86.ScheduleParams | None = None) -> list:
+    """Knob points of one task, as :class:`ScheduleParams`: the hand schedule (``hand``, default the x86
+    one) first when ``m_tile`` is its tile, then the rest in a seeded random order."""
+    hand = hand or x86.default_params(tuple(wl.block), wl.regime)
     m_outer = KNOBS["m_outer"] if wl.regime == "gemm" else (1,)
     points = [x86.ScheduleParams(m_tile=int(m_tile), m_outer=bool(mo), row_group=g, k_unroll=u, parallel=bool(par))
               for mo, g, u, par in itertools.product(m_outer, KNOBS["row_group"], KNOBS["k_unroll"],
@@ -257,9 +267,9 @@ def schedule_point(sch, wl: Workload, params) -> None:
     apply_params(sch, wl.block, wl.regime, params)
 
 
-def space_fn(wl: Workload, m_tile: int, seed: int = 0):
+def space_fn(wl: Workload, m_tile: int, seed: int = 0, hand: x86.ScheduleParams | None = None):
     """A ``ScheduleFn`` body returning every knob point of one task as a design space."""
-    points = grid(wl, m_tile, seed)
+    points = grid(wl, m_tile, seed, hand)
 
     def fn(sch):
         base = tvm.s_tir.Schedule(sch.mod, enable_check=False)  # the rules run unchecked (dynamic loops)

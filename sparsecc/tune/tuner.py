@@ -10,7 +10,8 @@ How one workload (:class:`~sparsecc.tune.space.Workload`) is tuned (:func:`tune_
 2. :class:`~sparsecc.tune.search.GridSearch` measures those points without
    repetition, in a seeded order, within the trial and time budgets; tasks
    share the trials round-robin. Builds and runs happen in this process
-   (:mod:`sparsecc.tune.measure`).
+   (:mod:`sparsecc.tune.measure`), or, for a device behind a TVM RPC tracker, candidates are
+   cross-built here and timed there (:class:`~sparsecc.tune.measure.RemoteBench`).
 3. Every trial goes to ``work_dir``'s JSON database (``database_*.json``,
    :mod:`sparsecc.tune.database`).
 4. The best :data:`FINALISTS` points of every task and the hand schedule are
@@ -51,8 +52,8 @@ from sparsecc.errors import TuningError
 from sparsecc.targets import x86
 from sparsecc.tune import space
 from sparsecc.tune.database import BEST_DIR, normalize_mod, open_json_database, read_index, target_key, write_index
-from sparsecc.tune.measure import (InProcessBuilder, InProcessRunner, Measurement, compare, drop_artifacts,
-                                   pool_wakeup_ms, runnable)
+from sparsecc.tune.measure import (InProcessBuilder, InProcessRunner, Measurement, RemoteBench, RemoteBuilder,
+                                   RemoteRunner, compare, drop_artifacts, pool_wakeup_ms, runnable)
 from sparsecc.tune.search import GridSearch
 from sparsecc.tune.space import Workload
 
@@ -161,7 +162,7 @@ def _is_done(entry: Optional[dict], trials: int) -> bool:
 
 
 def tune_one(wl: Workload, target, work_dir: Path, db, best_db, trials: int, deadline, seed: int,
-             on_trial=None, per_iter: int = 8) -> WorkloadResult:
+             on_trial=None, per_iter: int = 8, session=None) -> WorkloadResult:
     """Tune ``wl`` (steps 1-4 of the module docstring); the winning tuned record goes to ``best_db``.
 
     Parameters
@@ -182,6 +183,9 @@ def tune_one(wl: Workload, target, work_dir: Path, db, best_db, trials: int, dea
         Called once per measured candidate.
     per_iter : int
         Candidates per MetaSchedule iteration.
+    session : sparsecc.tune.remote.RemoteSession, optional
+        Build for ``target`` (a remote device's) and time there (:class:`~sparsecc.tune.measure.RemoteBench`)
+        instead of in this process.
 
     Returns
     -------
@@ -189,27 +193,37 @@ def tune_one(wl: Workload, target, work_dir: Path, db, best_db, trials: int, dea
         Not yet in the index (:func:`tune_workloads` writes it).
     """
     t0 = time.monotonic()
-    m_tiles = space.m_tile_choices(wl)
-    sizes = {mt: len(space.grid(wl, mt, seed)) for mt in m_tiles}
+    hand = space.hand_params(wl, target)
+    m_tiles = space.m_tile_choices(wl, hand)
+    sizes = {mt: len(space.grid(wl, mt, seed, hand)) for mt in m_tiles}
     cap = max(1, math.ceil(trials / len(m_tiles)))
     funcs = {mt: space.workload_func(wl, mt) for mt in m_tiles}
-    hand = x86.default_params(tuple(wl.block), wl.regime)
     hand_sch = tvm.s_tir.Schedule(funcs[hand.m_tile], enable_check=False)  # the runtime's hand kernel
     space.apply_params(hand_sch, wl.block, wl.regime, hand)
-    fns = {hand: runnable(x86.build(hand_sch.mod, target))["main"]}
-    meas = Measurement(wl, seed)
-    meas.calibrate(fns[hand])
+    if session is None:
+        def build(mod):
+            return runnable(x86.build(mod, target))["main"]
+
+        fns = {hand: build(hand_sch.mod)}
+        meas = Measurement(wl, seed)
+        meas.calibrate(fns[hand])
+        builder, runner = InProcessBuilder(), InProcessRunner(meas, on_result=on_trial)
+    else:
+        bench = RemoteBench(wl, target, session, seed)
+        build = bench.build
+        fns = {hand: build(hand_sch.mod)}
+        builder, runner = RemoteBuilder(bench), RemoteRunner(bench, on_result=on_trial)
     with _without_tensor_intrin():
         tasks = [ms.TuneContext(
             mod=normalize_mod(funcs[mt]), target=target,
-            space_generator=ms.space_generator.ScheduleFn(space.space_fn(wl, mt, seed), sch_rules=[],
+            space_generator=ms.space_generator.ScheduleFn(space.space_fn(wl, mt, seed, hand), sch_rules=[],
                                                          postprocs=[], mutator_probs={}),
             search_strategy=GridSearch(deadline, ArgInfo.from_prim_func(space.specialized_func(wl, mt))),
             task_name=f"{wl.key()}|mt{mt}", rand_state=seed,
             num_threads=1, logger=None) for mt in m_tiles]
     ms.tune_tasks(tasks=tasks, task_weights=[1.0] * len(tasks), work_dir=str(work_dir),
                   max_trials_global=int(trials), max_trials_per_task=cap, num_trials_per_iter=per_iter,
-                  builder=InProcessBuilder(), runner=InProcessRunner(meas, on_result=on_trial),
+                  builder=builder, runner=runner,
                   database=db, cost_model=ms.cost_model.RandomModel(seed=seed),
                   measure_callbacks=[ms.measure_callback.AddToDatabase()], task_scheduler="round-robin")
     drop_artifacts()
@@ -229,14 +243,20 @@ def tune_one(wl: Workload, target, work_dir: Path, db, best_db, trials: int, dea
     for p, r in cands.items():
         s = tvm.s_tir.Schedule(funcs[p.m_tile], enable_check=False)
         r.trace.apply_to_schedule(s, remove_postproc=True)
-        fns[p] = runnable(x86.build(s.mod, target))["main"]
-    timed = {p: float(v) for p, v in compare(fns, meas, rounds=21).items()}
-    wake = pool_wakeup_ms(target)
+        fns[p] = build(s.mod)
+    if session is None:
+        timed = {p: float(v) for p, v in compare(fns, meas, rounds=21).items()}
+        wake = pool_wakeup_ms(target)
+    else:
+        timed = {p: float(v) for p, v in bench.compare(fns).items()}
+        bench.close()
+        wake = None  # no wake-up figure of the device: serial and parallel candidates compete as timed
     # a serial kernel beats the pool for sure only when it takes less than twice the wake-up: with the
     # second core free, the parallel kernel takes about t_serial / 2 + wake-up (a serial win on a big
     # kernel means the other core was busy while tuning, and reverses when it is free: FFN-up at M=128
     # ran serially in 0.94x of the hand time during tuning and in 1.48x of it minutes later)
-    tuned = [p for p in timed if p != hand and (p.parallel or not hand.parallel or timed[p] < 2.0 * wake)]
+    tuned = [p for p in timed
+             if p != hand and (wake is None or p.parallel or not hand.parallel or timed[p] < 2.0 * wake)]
     best = min(tuned, key=timed.get) if tuned else hand
     if timed[best] > timed[hand] * (1.0 - KEEP_HAND_MARGIN):  # not clearly faster than the hand one: keep it
         best = hand
@@ -256,7 +276,7 @@ def tune_one(wl: Workload, target, work_dir: Path, db, best_db, trials: int, dea
 
 
 def tune_workloads(workloads, work_dir, *, target=None, trials: int = 64, time_budget_s: Optional[float] = None,
-                   progress: bool = True, seed: int = 0) -> list:
+                   progress: bool = True, seed: int = 0, rpc=None) -> list:
     """Tune each distinct workload not yet tuned to ``trials`` in ``work_dir``; return every result.
 
     Parameters
@@ -276,6 +296,8 @@ def tune_workloads(workloads, work_dir, *, target=None, trials: int = 64, time_b
         tqdm bar over the trials.
     seed : int
         Order in which each task's knob points are tried.
+    rpc : sparsecc.tune.remote.RPCDevice, optional
+        Time on this remote device (one session for the whole run); ``target`` is then its target.
 
     Returns
     -------
@@ -285,6 +307,8 @@ def tune_workloads(workloads, work_dir, *, target=None, trials: int = 64, time_b
     ------
     TuningError
         ``trials < 1`` or an unreadable database.
+    RPCError
+        ``rpc`` cannot be reached.
     """
     if int(trials) < 1:
         raise TuningError(f"trials must be ≥ 1, got {trials}")
@@ -302,7 +326,11 @@ def tune_workloads(workloads, work_dir, *, target=None, trials: int = 64, time_b
         db = open_json_database(work_dir)
         best_db = open_json_database(work_dir / BEST_DIR)
         deadline = None if time_budget_s is None else time.monotonic() + float(time_budget_s)
-        total = sum(min(trials, sum(len(space.grid(wl, mt)) for mt in space.m_tile_choices(wl))) for wl in todo)
+        total = 0
+        for wl in todo:
+            hand = space.hand_params(wl, target)
+            total += min(trials, sum(len(space.grid(wl, mt, hand=hand)) for mt in space.m_tile_choices(wl, hand)))
+        session = rpc.session() if rpc is not None else None
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -315,7 +343,7 @@ def tune_workloads(workloads, work_dir, *, target=None, trials: int = 64, time_b
                 if bar is not None:
                     bar.set_postfix_str(wl.key())
                 res = tune_one(wl, target, work_dir, db, best_db, int(trials), deadline, seed,
-                               on_trial=(lambda: bar.update(1)) if bar is not None else None)
+                               on_trial=(lambda: bar.update(1)) if bar is not None else None, session=session)
                 index = read_index(work_dir)  # another process may have added entries meanwhile
                 index["entries"].setdefault(tkey, {})[wl.key()] = res.as_entry()
                 write_index(work_dir, index)
@@ -323,4 +351,6 @@ def tune_workloads(workloads, work_dir, *, target=None, trials: int = 64, time_b
         finally:
             if bar is not None:
                 bar.close()
+            if session is not None:
+                session.close()
     return [results[wl.key()] for wl in unique if wl.key() in results]
