@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from .errors import FallbackWarning, InputShapeError, InvalidArgumentError, SparseccError
+from .ir.modules import linear_and_conv_modules, module_at
 
 __all__ = ["sparsecc_backend", "BACKEND_OPTIONS", "STATS", "reset"]
 
@@ -38,8 +39,6 @@ __all__ = ["sparsecc_backend", "BACKEND_OPTIONS", "STATS", "reset"]
 BACKEND_OPTIONS = ("target", "sparsity", "pattern", "block_shape", "measure", "tuning_db", "dynamic_shapes",
                    "channel_sparsity")
 
-_LINEAR = {torch._C._nn.linear, torch.nn.functional.linear}
-_CONV2D = {torch.conv2d, torch.nn.functional.conv2d}
 _LOCK = threading.Lock()
 #: compiled graphs, by (weights' identities, tensor ops, options): dynamo's dynamic recompile of a graph reuses
 #: the batch-dynamic module compiled for its first shape
@@ -74,15 +73,6 @@ def _is_weight(node: fx.Node, value) -> str | None:
     return fqn
 
 
-def _module_at(root: torch.nn.Module, path: str) -> torch.nn.Module:
-    mod = root
-    for part in path.split(".") if path else ():
-        if part not in mod._modules:
-            mod.add_module(part, torch.nn.Module())
-        mod = mod._modules[part]
-    return mod
-
-
 def _split(fqn: str) -> tuple[str, str]:
     path, _, attr = fqn.rpartition(".")
     return path, attr
@@ -109,10 +99,10 @@ class _Frozen:
                 if n not in weights and isinstance(v, torch.Tensor)]
         for _, n in user:
             env[n] = graph.placeholder(n.name)
-        modules = self._linear_and_conv_modules(gm, weights, root)
+        modules = linear_and_conv_modules(gm, weights, root)
         for n, (fqn, v) in weights.items():
             path, attr = _split(fqn)
-            owner = _module_at(root, path)
+            owner = module_at(root, path)
             if attr not in owner._parameters and attr not in owner._buffers:
                 t = v.detach()
                 if isinstance(v, torch.nn.Parameter):
@@ -155,60 +145,6 @@ class _Frozen:
                          if n.op in ("call_function", "call_method", "call_module")
                          and isinstance(n.meta.get("example_value"), torch.Tensor))
 
-    @staticmethod
-    def _linear_and_conv_modules(gm, weights: dict, root: torch.nn.Module) -> dict:
-        """Turn ``linear(x, W, b)`` / ``conv2d(x, W, b, ...)`` of module weights back into modules.
-
-        Returns ``{call node: (module path, input node)}``.
-        """
-        out = {}
-        for node in gm.graph.nodes:
-            if node.op != "call_function" or node.target not in _LINEAR | _CONV2D:
-                continue
-            args = list(node.args)
-            names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-            for k, v in node.kwargs.items():
-                if k not in names:
-                    break
-                i = names.index(k)
-                args += [None] * (i + 1 - len(args))
-                args[i] = v
-            else:
-                if len(args) < 2 or args[1] not in weights:
-                    continue
-                fqn, w = weights[args[1]]
-                path, attr = _split(fqn)
-                b = args[2] if len(args) > 2 else None
-                if attr != "weight" or (b is not None and (b not in weights or weights[b][0] != f"{path}.bias")):
-                    continue
-                bias = weights[b][1] if b is not None else None
-                existing = root.get_submodule(path) if _has(root, path) else None
-                if existing is not None and getattr(existing, "weight", None) is not w:
-                    continue  # the path holds another module: leave this call as it is
-                if node.target in _LINEAR:
-                    if w.dim() != 2:
-                        continue
-                    mod = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
-                else:
-                    if w.dim() != 4:
-                        continue
-                    full = args + [None, None, None, 1, 0, 1, 1][len(args):]
-                    stride, padding, dilation, groups = full[3:7]
-                    if isinstance(padding, str):
-                        continue
-                    mod = torch.nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=stride,
-                                          padding=padding, dilation=dilation, groups=groups, bias=bias is not None)
-                if existing is None:
-                    mod.weight = torch.nn.Parameter(w.detach(), requires_grad=False)
-                    if bias is not None:
-                        mod.bias = torch.nn.Parameter(bias.detach(), requires_grad=False)
-                    parent, _, leaf = path.rpartition(".")
-                    _module_at(root, parent).add_module(leaf, mod)
-                elif not isinstance(existing, type(mod)):
-                    continue
-                out[node] = (path, args[0])
-        return out
-
     def call(self, entry, module) -> Callable:
         positions = self.user_positions
 
@@ -216,14 +152,6 @@ class _Frozen:
             return entry(module, tuple(args[i] for i in positions))
 
         return run
-
-
-def _has(root: torch.nn.Module, path: str) -> bool:
-    try:
-        root.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
 
 
 def _check_options(options: dict) -> dict:
