@@ -8,10 +8,10 @@ Schedules: the x86 rules of :mod:`sparsecc.targets.x86` are target-neutral
 (they vectorize along the contiguous block dimension, unroll an M tile of
 accumulators and parallelize the outer loop), so ARM reuses them. What
 differs is the register budget: NEON has 32 registers of 4 floats (AVX-512: 32
-of 16). The M tile is therefore chosen so the accumulator tile of one block row
-(``m_tile * br * bc`` floats) fits in 16 NEON registers, half the file, leaving
-the rest for X broadcasts and weights: 16x1 and 4x4 blocks get 4 rows (x86:
-8), the others 8. A vector loop wider than 4 lanes (16x1: 16 lanes) is split by
+of 16, AVX2: 16 of 8). The M tile is therefore chosen so the accumulator tile of one
+block row (``m_tile * br * bc`` floats) fits in 16 NEON registers, half the file,
+leaving the rest for X broadcasts and weights: 16x1 and 4x4 blocks get 4 rows (x86:
+8 with AVX-512, 4 with AVX2, by the same rule), the others 8. A vector loop wider than 4 lanes (16x1: 16 lanes) is split by
 LLVM into several ``fmla v.4s`` instructions. These tile sizes follow from the
 register count only; they are not measured on ARM hardware (none is available
 here, and qemu timings do not predict a core's).

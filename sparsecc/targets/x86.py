@@ -12,6 +12,8 @@ otherwise (a register tile of ``m_tile`` rows x one block row).
 
 from __future__ import annotations
 
+import functools
+
 import os
 from dataclasses import dataclass
 
@@ -118,18 +120,34 @@ class ScheduleParams:
     parallel: bool = True
 
 
+@functools.lru_cache(maxsize=1)
+def host_vector_file() -> tuple[int, int]:
+    """``(float32 lanes, vector registers)`` of this CPU's widest vector ISA: AVX-512 ``(16, 32)``, else AVX2
+    ``(8, 16)``."""
+    return (16, 32) if "avx512f" in _cpu_flags() else (8, 16)
+
+
 def default_params(block: tuple[int, int], regime: str) -> ScheduleParams:
-    """Hand-picked tiles, measured on a 2-core Zen 4 (``benchmarks/linear.py --minilm``)."""
+    """Hand-picked tiles for this CPU (``benchmarks/linear.py --minilm``).
+
+    The M tile keeps the accumulators of one block row, ``m_tile * br * bc`` floats, within half of the vector
+    register file (:func:`host_vector_file`), at most 8 rows: AVX-512 (16 zmm of 16 floats) gives 8 rows for
+    every block shape up to 16 floats; AVX2 (8 ymm of 8 floats) gives 4 rows of 16x1 or 4x4 blocks and 8 of
+    8x1 and smaller. On a 2-core AVX2 Zen 3, 16x1 blocks at M = 128 ran 2.3x faster with 4 rows than with 8
+    (66 against 29 GFLOP/s; 8 rows of two ymm each need all 16 registers and spill), while 8x1 blocks ran
+    fastest with 8. The rule is the one of :func:`sparsecc.targets.arm.arm_params` with NEON's file.
+    """
     if regime == "gemv":
         return ScheduleParams(m_tile=1, m_outer=True)
     br, bc = block
     if (br, bc) == (1, 1):
         return ScheduleParams(m_tile=8, m_outer=True)
-    # m_tile * br * bc * 4 bytes (the accumulator) must stay under TVM's 1024-byte stack limit
+    # m_tile * br * bc * 4 bytes (the accumulator) must also stay under TVM's 1024-byte stack limit
     # (kMaxStackAlloca): above it TVM puts it on the heap and LLVM cannot keep it in registers
-    # (16x1 with 16 rows ran 4x slower). 16x1 with 12 rows ran ~5% faster than 8 on one core,
+    # (16x1 with 16 rows ran 4x slower). 16x1 with 12 rows ran ~5% faster than 8 on one AVX-512 core,
     # but M = 8 * batch * seq then needs a padded copy of X on every call, which costs more.
-    return ScheduleParams(m_tile=8, m_outer=True)
+    lanes, registers = host_vector_file()
+    return ScheduleParams(m_tile=max(1, min(8, registers // 2 * lanes // (br * bc))), m_outer=True)
 
 
 def template_for(block, regime: str, *, bias: bool, activation, params: ScheduleParams | None = None,

@@ -91,9 +91,11 @@ def test_workload_key_buckets():
     assert space.density_bucket(3697, 36864) == 0.1  # 10.03% of the blocks: the 0.10 bucket
     assert space.m_bucket(24) == 32 and space.m_bucket(7) == 1 and space.m_bucket(8) == 8
     # every m_tile keeps the accumulator on the stack and divides M; the hand tile comes first
-    assert space.m_tile_choices(Workload.for_layer((16, 1), 64, 64, 4, 16, False, None)) == [8, 4]
-    g = space.grid(Workload.for_layer((16, 1), 64, 64, 4, 16, False, None), 8)
-    assert g[0] == x86.default_params((16, 1), "gemm") and len(set(g)) == len(g) == 32
+    choices = space.m_tile_choices(Workload.for_layer((16, 1), 64, 64, 4, 16, False, None))
+    assert choices[0] == x86.default_params((16, 1), "gemm").m_tile and sorted(choices) == [4, 8]  # hand first
+    hand = x86.default_params((16, 1), "gemm")
+    g = space.grid(Workload.for_layer((16, 1), 64, 64, 4, 16, False, None), hand.m_tile)
+    assert g[0] == hand and len(set(g)) == len(g) == 32
 
 
 @given(st.integers(1, 64), st.integers(1, 64), st.data())
