@@ -133,9 +133,9 @@ def default_params(block: tuple[int, int], regime: str) -> ScheduleParams:
     The M tile keeps the accumulators of one block row, ``m_tile * br * bc`` floats, within half of the vector
     register file (:func:`host_vector_file`), at most 8 rows: AVX-512 (16 zmm of 16 floats) gives 8 rows for
     every block shape up to 16 floats; AVX2 (8 ymm of 8 floats) gives 4 rows of 16x1 or 4x4 blocks and 8 of
-    8x1 and smaller. On a 2-core AVX2 Zen 3, 16x1 blocks at M = 128 ran 2.3x faster with 4 rows than with 8
-    (66 against 29 GFLOP/s; 8 rows of two ymm each need all 16 registers and spill), while 8x1 blocks ran
-    fastest with 8. The rule is the one of :func:`sparsecc.targets.arm.arm_params` with NEON's file.
+    8x1 and smaller. On a 2-core AVX2 Zen 3 (``benchmarks/m_tile.py``), 16x1 blocks at M = 128 ran 1.9-2.3x
+    faster with 4 rows than with 8 (8 rows of two ymm each need all 16 registers and spill), while 8x1
+    blocks ran fastest with 8. The rule is the one of :func:`sparsecc.targets.arm.arm_params` with NEON's file.
     """
     if regime == "gemv":
         return ScheduleParams(m_tile=1, m_outer=True)
