@@ -285,7 +285,7 @@ def _layer_rows(cm) -> list:
              "measured_ms": a.measured_ms, "dense_ms": a.dense_ms} for a in cm.layers]
 
 
-def _prune_for_cli(model, sparsity, pattern: str, block_shape):
+def _torch_reference(model, sparsity, pattern: str, block_shape):
     """The model pruned as ``compile(sparsity=...)`` prunes it (the torch reference of ``bench``), on a copy."""
     from sparsecc.api import prune
 
@@ -426,10 +426,10 @@ def sparsify(model: str = _MODEL, target: str = _TARGET,
             t = prog.add_task(f"loading {model}", total=None)
             m, args, kind = load_model(model, batch=batch, seq=seq)
             if kind == "pt2":
-                raise InvalidArgumentError(f"MODEL {model}: sparsify prunes and fine-tunes the model's modules "
-                                           f"(nn.Linear, nn.Conv2d) and a torch.export program has none; pass "
-                                           f"module:callable or a Hugging Face folder, or prune the program by "
-                                           f"magnitude with `sparsecc compile {model} --sparsity S`")
+                raise InvalidArgumentError(f"MODEL {model}: sparsify fine-tunes, and a torch.export program is "
+                                           f"a graph traced for inference (dropout gone, batch-norm statistics "
+                                           f"fixed); pass module:callable or a Hugging Face folder, or prune the "
+                                           f"program by magnitude with `sparsecc compile {model} --sparsity S`")
             kw: dict = dict(target=target, sparsity=sparsity, pattern=pattern, method=method,
                             block_shape=parse_block_shape(block_shape), progress=False)
             if data is not None:
@@ -566,7 +566,7 @@ def bench(model: str = _MODEL, target: str = typer.Option("x86", "--target", hel
             t = prog.add_task(f"loading {model}", total=None)
             m, args, _ = load_model(model, seq=seq)
             prog.update(t, description="pruning (the torch reference)")
-            pruned = _prune_for_cli(m, sparsity, pattern, block_shape)
+            pruned = _torch_reference(m, sparsity, pattern, block_shape)
             prog.update(t, description=f"compiling for {target}")
             cm = _compile(m, args, target=target, sparsity=sparsity, pattern=pattern,
                           block_shape=block_shape, channel_sparsity=None, measure=measure)

@@ -122,22 +122,29 @@ class InProcessRunner(PyRunner):
         self.on_result = on_result
 
     def run(self, runner_inputs):
-        out = []
-        for ri in runner_inputs:
+        def seconds(ri):
             lib = _ARTIFACTS.pop(str(ri.artifact_path), None)
             if lib is None:
-                res = RunnerResult(None, f"no built artifact {ri.artifact_path}")
-            else:
-                try:
-                    fn = lib["main"]
-                    self.meas.burst_ms(fn)  # warm-up
-                    res = RunnerResult([min(self.meas.burst_ms(fn) for _ in range(self.repeat)) / 1e3], None)
-                except Exception as e:  # noqa: BLE001 - a failing candidate is a failed trial
-                    res = RunnerResult(None, f"run failed: {e}")
-            if self.on_result is not None:
-                self.on_result()
-            out.append(_DoneFuture(res))
-        return out
+                raise LookupError(f"no built artifact {ri.artifact_path}")
+            fn = lib["main"]
+            self.meas.burst_ms(fn)  # warm-up
+            return min(self.meas.burst_ms(fn) for _ in range(self.repeat)) / 1e3
+
+        return _timed(runner_inputs, seconds, self.on_result)
+
+
+def _timed(runner_inputs, seconds, on_result) -> list:
+    """Done futures of ``seconds(runner_input)`` for each input; a candidate that raises is a failed trial."""
+    out = []
+    for ri in runner_inputs:
+        try:
+            res = RunnerResult([seconds(ri)], None)
+        except Exception as e:  # noqa: BLE001 - a failing candidate is a failed trial
+            res = RunnerResult(None, f"run failed: {e}")
+        if on_result is not None:
+            on_result()
+        out.append(_DoneFuture(res))
+    return out
 
 
 # -- a remote device (TVM RPC) ---------------------------------------------------------
@@ -224,16 +231,7 @@ class RemoteRunner(PyRunner):
         self.on_result = on_result
 
     def run(self, runner_inputs):
-        out = []
-        for ri in runner_inputs:
-            try:
-                res = RunnerResult([self.bench.time_ms(str(ri.artifact_path)) / 1e3], None)
-            except Exception as e:  # noqa: BLE001 - a failing candidate is a failed trial
-                res = RunnerResult(None, f"remote run failed: {e}")
-            if self.on_result is not None:
-                self.on_result()
-            out.append(_DoneFuture(res))
-        return out
+        return _timed(runner_inputs, lambda ri: self.bench.time_ms(str(ri.artifact_path)) / 1e3, self.on_result)
 
 
 # -- timing ---------------------------------------------------------------------------

@@ -143,15 +143,17 @@ class RemoteSession:
     def module(self, lib_path):
         """The remote module of a local shared library (uploaded and loaded once per content)."""
         path = Path(lib_path)
-        data = path.read_bytes()
-        name = f"{path.stem}-{hashlib.sha256(data).hexdigest()[:16]}.so"
-        if name not in self._modules:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_mtime_ns, st.st_size)  # a file timed again is not read and hashed again
+        if key not in self._modules:
+            data = path.read_bytes()
+            name = f"{path.stem}-{hashlib.sha256(data).hexdigest()[:16]}.so"
             try:
                 self.sess.upload(bytearray(data), name)
-                self._modules[name] = self.sess.load_module(name)
+                self._modules[key] = self.sess.load_module(name)
             except Exception as e:  # noqa: BLE001
                 raise RPCError(f"uploading {path} to {self.device.describe()} failed: {e}") from e
-        return self._modules[name]
+        return self._modules[key]
 
     def tensors(self, arrays) -> list:
         """Copies of numpy ``arrays`` on the device."""
