@@ -320,9 +320,12 @@ class ArmTarget(Target):
         return "aarch64"
 
     def kernel_params(self, family: str, regime: str, **shape):
-        """NEON tiles: ``"linear"`` (:func:`arm_params`), ``"nm"`` (:func:`nm_params`); convs use the host's."""
+        """NEON tiles: ``"linear"`` (:func:`arm_params`), ``"nm"`` (:func:`nm_params`), ``"dense"``
+        (:func:`sparsecc.targets.x86.dense_params` for 32 registers of 4 floats); convs use the host's."""
         if family == "linear":
             return arm_params(tuple(shape["block"]), regime)
+        if family == "dense":
+            return x86.dense_params(shape["m"], shape["k"], 4, 32)
         if family == "nm":
             return nm_params(regime, self.device)
         return self.host.kernel_params(family, regime, **shape)

@@ -30,15 +30,18 @@ from sparsecc.errors import KernelBuildError, TargetError
 from sparsecc.targets.base import Target, apply_rules
 
 __all__ = [
+    "DenseParams",
     "GEMM_MIN_M",
     "X86Target",
     "REGIMES",
     "ScheduleParams",
     "build",
     "default_params",
+    "dense_params",
     "host_target",
     "num_threads",
     "regime_for",
+    "schedule_dense",
     "schedule_linear",
     "template_for",
 ]
@@ -258,6 +261,85 @@ def _is_row_template(func) -> bool:
     return str(_attrs(func).get("sparsecc.kind", "linear")) in ("linear", "conv_nhwc")
 
 
+@dataclass(frozen=True)
+class DenseParams:
+    """Tiles of the packed dense linear (:func:`schedule_dense`): an ``mr x nb`` register tile of ``Y``,
+    ``row_group`` tiles of rows per parallel task, the ``k`` loop unrolled ``k_unroll`` times."""
+
+    mr: int = 6
+    nb: int = 16
+    row_group: int = 8
+    k_unroll: int = 4
+
+
+def dense_params(m: int, k: int, lanes: int, registers: int) -> DenseParams:
+    """The micro-kernel rule of BLIS-style GEMMs for a vector file of ``registers`` registers of ``lanes`` floats.
+
+    A panel is two vectors wide (``nb = 2 * lanes``); the tile takes up to 6 rows (12 accumulators, which leaves
+    a register for each of the two panel vectors and the broadcast of X on AVX2's 16), also under TVM's
+    1024-byte stack limit for a register tile on AVX-512. Rows that 6 do not divide take 4 (8 accumulators,
+    still enough independent FMAs to hide their latency) rather than padding X; fewer than 4 rows are taken
+    as they are (a GEMV, bound by reading the weight). On a 2-core AVX2 Zen 3 (``python benchmarks/dense.py``,
+    MiniLM's three weight shapes at M = 128 and 1024, three runs) 6x16 (X padded to 6 rows) and 4x16 were within
+    14% of each other with neither ahead in every run, 2x16 was 5-72% slower than 4x16, and the packed GEMM took
+    0.54-1.35x torch's time (MKL); this VM's times vary by up to 1.5x between runs. So 4 rows are taken where
+    they divide M, sparing a copy of X per call.
+    """
+    nb = 2 * int(lanes)
+    mr_max = max(1, min(6, (int(registers) - 4) // 2, 1024 // (4 * nb)))
+    if m < 4:
+        mr = m
+    elif m % mr_max == 0:
+        mr = mr_max
+    else:
+        mr = 4 if m % 4 == 0 else mr_max
+    groups = max(1, -(-m // mr))
+    row_group = next(g for g in (8, 4, 2, 1) if groups % g == 0)
+    k_unroll = next(u for u in (4, 2, 1) if k % u == 0)
+    return DenseParams(mr=mr, nb=nb, row_group=row_group, k_unroll=k_unroll)
+
+
+def schedule_dense(m: int, n: int, k: int, *, bias: bool, activation=None, params: DenseParams,
+                   gelu_at_inf=None) -> tvm.s_tir.Schedule:
+    """The packed dense linear (:func:`sparsecc.codegen.dense.dense_linear`) scheduled as a register-tiled GEMM.
+
+    ``M`` must be a multiple of ``params.mr`` (callers pad X). Loops: ``(io, jo)`` fused and parallel (a task:
+    ``row_group * mr`` rows of one panel), then per ``mr x nb`` tile the whole ``k`` loop (unrolled
+    ``k_unroll`` times) around the unrolled rows and the vectorized panel columns, the tile accumulated in a
+    local buffer (registers) and written once with the bias and activation.
+    """
+    from sparsecc.codegen.dense import DENSE_BLOCKS, dense_linear
+
+    p = params
+    if m % p.mr:
+        raise KernelBuildError(f"dense linear: M = {m} is not a multiple of the row tile {p.mr}")
+    func = dense_linear(m, n, k, p.nb, bias=bias, activation=activation, gelu_at_inf=gelu_at_inf)
+    sch = tvm.s_tir.Schedule(func)
+    blk = sch.get_sblock(DENSE_BLOCKS["compute"])
+    i, j, r = sch.get_loops(blk)
+    groups = m // p.mr
+    g = p.row_group if groups % p.row_group == 0 else 1
+    io, ib, ii = sch.split(i, [groups // g, g, p.mr])
+    jo, ji = sch.split(j, [None, p.nb])
+    ro, ri = sch.split(r, [None, p.k_unroll])
+    sch.reorder(io, jo, ib, ro, ri, ii, ji)
+    tile = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(tile, ib)
+    sch.reverse_compute_inline(sch.get_sblock(DENSE_BLOCKS["epilogue"]))
+    sch.parallel(sch.fuse(io, jo))  # before decompose_reduction: the init block breaks the parallel check
+    sch.vectorize(ji)
+    sch.unroll(ii)
+    sch.unroll(ri)
+    out = sch.get_loops(tile)
+    sch.vectorize(out[-1])
+    sch.unroll(out[-2])
+    init = sch.decompose_reduction(blk, ro)
+    li = sch.get_loops(init)
+    sch.vectorize(li[-1])
+    sch.unroll(li[-2])
+    return sch
+
+
 def schedule_linear(block, regime: str, *, bias: bool, activation=None, target=None,
                     params: ScheduleParams | None = None, k: int | None = None) -> tvm.s_tir.Schedule:
     """Template + the first applicable rule for ``(block, regime)``."""
@@ -306,11 +388,14 @@ class X86Target(Target):
         return f"{self.name}|{self.tvm_target()}|tvm {tvm.__version__}"
 
     def kernel_params(self, family: str, regime: str, **shape):
-        """Hand-picked tiles: ``"linear"`` (``block=``), ``"nm"``, ``"conv"`` (``block=``, ``layout=``), ``"xcsr"``."""
+        """Hand-picked tiles: ``"linear"`` (``block=``), ``"nm"``, ``"conv"`` (``block=``, ``layout=``), ``"xcsr"``,
+        ``"dense"`` (``m=``, ``k=``: :func:`dense_params`)."""
         from sparsecc.targets import x86_conv, x86_nm, x86_xcsr
 
         if family == "linear":
             return default_params(tuple(shape["block"]), regime)
+        if family == "dense":
+            return dense_params(shape["m"], shape["k"], *host_vector_file())
         if family == "nm":
             return x86_nm.default_nm_params(regime, target=self.tvm_target())
         if family == "conv":

@@ -1,0 +1,135 @@
+"""The export's dense-rest kernels against torch: the packed dense linear and the row softmax.
+
+Shapes cover the register tile's cases (M a multiple of 6, of 4 only, below 4, padded), N not a multiple of
+the panel width, and the IEEE cases of the fused epilogues and of the softmax (NaN, ±inf, masked rows).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsecc.codegen.dense import pack_weight, padded_n
+from sparsecc.codegen.softmax import softmax_rows
+from sparsecc.errors import KernelBuildError, UnsupportedOpError
+from sparsecc.targets import x86
+
+_ACT = {None: lambda y: y, "relu": torch.relu, "gelu": torch.nn.functional.gelu}
+
+
+def _run_dense(x, w, b, activation, params):
+    m, k = x.shape
+    n = w.shape[0]
+    mp = -(-m // params.mr) * params.mr
+    sch = x86.schedule_dense(mp, n, k, bias=b is not None, activation=activation, params=params)
+    lib = x86.build(sch)
+    npad = padded_n(n, params.nb)
+    xp = np.zeros((mp, k), np.float32)
+    xp[:m] = x.numpy()
+    args = [tvm.runtime.tensor(xp), tvm.runtime.tensor(pack_weight(w.numpy(), params.nb))]
+    if b is not None:
+        bp = np.zeros(npad, np.float32)
+        bp[:n] = b.numpy()
+        args.append(tvm.runtime.tensor(bp))
+    y = tvm.runtime.tensor(np.zeros((mp, npad), np.float32))
+    lib(*args, y)
+    return torch.from_numpy(y.numpy()[:m, :n])
+
+
+def _host_params(m, k):
+    return x86.dense_params(m, k, *x86.host_vector_file())
+
+
+@pytest.mark.parametrize("m,n,k", [(12, 32, 16), (128, 384, 384), (8, 48, 40), (3, 16, 8), (1, 20, 7),
+                                   (10, 33, 13)])
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+def test_dense_linear_matches_torch(m, n, k, activation):
+    torch.manual_seed(m * 1000 + n + k)
+    x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+    y = _run_dense(x, w, b, activation, _host_params(m, k))
+    torch.testing.assert_close(y, _ACT[activation](torch.nn.functional.linear(x, w, b)), rtol=1e-4, atol=1e-4)
+
+
+def test_dense_linear_without_bias_and_with_the_other_isas_tiles():
+    torch.manual_seed(0)
+    x, w = torch.randn(24, 64), torch.randn(40, 64)
+    for lanes, regs in ((8, 16), (16, 32), (4, 32)):  # AVX2, AVX-512's (run with AVX2 vectors here), NEON's
+        p = x86.dense_params(24, 64, lanes, regs)
+        torch.testing.assert_close(_run_dense(x, w, None, None, p), x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_params_rule():
+    avx2 = x86.dense_params(128, 384, 8, 16)
+    assert (avx2.mr, avx2.nb, avx2.k_unroll) == (4, 16, 4)  # 128 is not a multiple of 6
+    assert x86.dense_params(96, 384, 8, 16).mr == 6
+    assert x86.dense_params(2, 7, 8, 16).mr == 2 and x86.dense_params(2, 7, 8, 16).k_unroll == 1
+    assert x86.dense_params(10, 8, 8, 16).mr == 6  # neither 6 nor 4 divides 10: padded to 12
+    avx512 = x86.dense_params(96, 64, 16, 32)
+    assert avx512.nb == 32 and avx512.mr * avx512.nb * 4 <= 1024  # the register tile stays on the stack
+    with pytest.raises(KernelBuildError, match="not a multiple of the row tile"):
+        x86.schedule_dense(10, 16, 8, bias=False, params=x86.DenseParams(mr=4))
+
+
+def test_dense_epilogue_keeps_nan_and_inf():
+    x = torch.zeros(6, 8)
+    x[0, 0], x[1, 0], x[2, 0] = float("nan"), float("inf"), float("-inf")
+    w = torch.ones(16, 8)
+    for act in (None, "relu", "gelu"):
+        y = _run_dense(x, w, torch.zeros(16), act, _host_params(6, 8))
+        ref = _ACT[act](torch.nn.functional.linear(x, w, torch.zeros(16)))
+        torch.testing.assert_close(y, ref, equal_nan=True)
+
+
+@settings(max_examples=12, deadline=None)
+@given(m=st.integers(1, 20), n=st.integers(1, 40), k=st.integers(1, 24), seed=st.integers(0, 2**16))
+def test_dense_linear_property(m, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    torch.testing.assert_close(_run_dense(x, w, b, None, _host_params(m, k)), torch.nn.functional.linear(x, w, b),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_pack_weight_layout():
+    w = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+    p = pack_weight(w, 4)
+    assert p.shape == (2, 3, 4)
+    assert p[1, 2, 0] == w[4, 2] and (p[1, :, 1:] == 0).all()
+
+
+def _run_softmax(x: np.ndarray, lanes: int) -> np.ndarray:
+    lib = x86.build(tvm.IRModule({"main": softmax_rows(*x.shape, lanes).with_attr("global_symbol", "main")}))
+    y = tvm.runtime.tensor(np.zeros_like(x))
+    lib["main"](tvm.runtime.tensor(x), y)
+    return y.numpy()
+
+
+@pytest.mark.parametrize("rows,length,lanes", [(1536, 128, 8), (3, 16, 16), (5, 8, 8), (7, 12, 4)])
+def test_softmax_matches_torch(rows, length, lanes):
+    rng = np.random.default_rng(rows)
+    x = (rng.standard_normal((rows, length)) * 8).astype(np.float32)
+    np.testing.assert_allclose(_run_softmax(x, lanes), torch.softmax(torch.from_numpy(x), -1).numpy(),
+                               rtol=2e-6, atol=1e-7)
+
+
+def test_softmax_ieee_cases_follow_torch():
+    x = np.random.default_rng(0).standard_normal((6, 16)).astype(np.float32)
+    x[0, :5] = -np.inf      # masked scores: exactly 0
+    x[1, 3] = np.nan        # NaN row
+    x[2, 9] = np.inf        # NaN row
+    x[3, :] = -np.inf       # fully masked: NaN, as torch
+    x[4, 2] = -1e30
+    x[5, 1] = 88.0          # above exp's float32 range before the max is subtracted
+    y, ref = _run_softmax(x, 8), torch.softmax(torch.from_numpy(x), -1).numpy()
+    assert (np.isnan(y) == np.isnan(ref)).all()
+    assert (y[0, :5] == 0).all()
+    ok = ~np.isnan(ref)
+    np.testing.assert_allclose(y[ok], ref[ok], rtol=2e-6, atol=1e-7)
+
+
+def test_softmax_refuses_a_ragged_row():
+    with pytest.raises(UnsupportedOpError, match="multiple of 8"):
+        softmax_rows(4, 12, 8)
