@@ -67,6 +67,7 @@ def test_cost_expressions_match_hand_counts():
 
 
 def test_entries_name_where_their_pieces_live():
+    sparsecc.runtime.register_kernels()
     text = describe("nm")
     assert "sparsecc.formats.nm.NMSparseMatrix" in text
     assert "module[x86, linear]: sparsecc.runtime.nm.cpu_nm_linear" in text
@@ -74,8 +75,9 @@ def test_entries_name_where_their_pieces_live():
     assert "module[x86, conv2d]: sparsecc.runtime.conv.cpu_conv" in describe("bsr")
     with pytest.raises(UnsupportedOpError, match="no conv2d kernel module for target 'cuda'"):
         BSR.module_factory("cuda", "conv2d")
+    assert "export[linear]: sparsecc.runtime.dense.export_dense_linear" in describe("dense")
     with pytest.raises(UnsupportedOpError, match="no export path"):
-        DENSE.exporter("linear")
+        DENSE.exporter("conv2d")
 
 
 @settings(max_examples=30, deadline=None)

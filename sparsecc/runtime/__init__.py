@@ -25,15 +25,15 @@ def register_kernels() -> None:
     if _REGISTERED:
         return
     _REGISTERED = True
-    from sparsecc.runtime import conv, cuda_kernels, kernels, nm, xcsr  # noqa: F401 - registration
+    from sparsecc.runtime import conv, cuda_kernels, dense, kernels, nm, xcsr  # noqa: F401 - registration
 
 
-def load(path):
+def load(path, threads=None):
     """Load a host artifact folder written by ``cm.export(path)``: :func:`sparsecc.runtime.deploy.load`
     (torch-free)."""
     from sparsecc.runtime.deploy import load as _load
 
-    return _load(path)
+    return _load(path, threads=threads)
 
 
 class _RuntimePackage(_types.ModuleType):

@@ -5,10 +5,13 @@
 * ``model.so``: a Relax VM executable (TVM 0.27). The sparse layers of the compiled graph
   (``SparseLinear``, ``SparseConv2d``) become ``relax.call_tir`` to their *scheduled* TensorIR kernels
   (the same templates and rules the host uses; for ARM built with NEON tile sizes for the aarch64 target), with
-  their sparse weights as constants; every other op (dense convs and linears, pooling, adds, norms) is
-  imported by ``tvm.relax.frontend.torch.from_exported_program``, legalized, and scheduled with dlight's CPU
-  rules plus :func:`_dense_rule` (reductions and matmuls tiled, parallel and vectorized; element-wise ops
-  parallel and vectorized).
+  their sparse weights as constants; the dense linears (``aten.linear`` on graph weights) become packed GEMMs
+  (:mod:`sparsecc.runtime.dense`) with their weights packed as constants; softmaxes over a static last axis
+  the vector-exp row kernel of :mod:`sparsecc.codegen.softmax` (:func:`_softmax_legalizer`); every other op
+  (dense convs, pooling, adds, norms, attention matmuls) is imported by
+  ``tvm.relax.frontend.torch.from_exported_program``, legalized, and scheduled with dlight's CPU rules plus
+  :func:`_dense_rule` (reductions and matmuls tiled, parallel and vectorized; element-wise ops parallel and
+  vectorized).
 * ``params.bin``: the remaining dense parameters, detached, in the tensor-file format of
   :mod:`sparsecc.targets.qemu` (the harness and :func:`load` read it).
 * ``manifest.json``: format version, target, input and output specs (static shapes: the example inputs';
@@ -50,6 +53,7 @@ from sparsecc.runtime.deploy import (  # noqa: F401 - re-exported: the loader li
     FILES, FORMAT_VERSION, OPENED, ExportedModule, _check_signature, _flatten_result, _sha256, load, read_manifest,
     tree_flatten, tree_unflatten)
 from sparsecc.runtime import register_kernels
+from sparsecc.runtime.dense import dense_linears_for_export
 
 register_kernels()  # the export converters of every format
 
@@ -155,7 +159,9 @@ def _kernel_kind(mod) -> str | None:
 
 
 def _export_view(gm: torch.fx.GraphModule):
-    """A copy of ``gm`` whose kernel modules are custom-op calls; returns (copy, {layer id: module})."""
+    """A copy of ``gm`` whose kernel modules, and ``aten.linear`` calls on graph weights
+    (:func:`sparsecc.runtime.dense.dense_linears_for_export`), are custom-op calls; returns
+    (copy, {layer id: module})."""
     import copy
 
     view = copy.copy(gm)  # shallow: shares parameters; submodules replaced on the copy only
@@ -180,8 +186,21 @@ def _export_view(gm: torch.fx.GraphModule):
             call = _LinearCall(lid) if kind in ("linear", "moe") else _ConvCall(lid)
         view.add_submodule(name, call)
         node.target = name
-    view.recompile()
-    return view, layers
+    for node, mod, last in dense_linears_for_export(view):  # the dense rest's linears: packed GEMMs
+        lid = next(_IDS)
+        layers[lid] = mod
+        name = f"sparsecc_export_{lid}"
+        view.add_submodule(name, _LinearCall(lid))
+        with view.graph.inserting_before(node):
+            call = view.graph.call_module(name, (node.args[0],))
+        last.replace_all_uses_with(call)
+        for dead in ([last, node] if last is not node else [node]):
+            view.graph.erase_node(dead)
+    for node in [n for n in view.graph.nodes if n.op == "get_attr" and not n.users]:
+        view.graph.erase_node(node)
+    # a GraphModule holds only what its graph reads: the replaced modules' and weights' tensors are not
+    # lifted into the exported program (nor into params.bin)
+    return torch.fx.GraphModule(view, view.graph), layers
 
 
 # -- converters: custom-op nodes -> relax.call_tir ------------------------------------------------------------
@@ -624,28 +643,44 @@ def dense_schedule_pass():
     return dl.ApplyDefaultSchedule(dl.cpu.GEMV(), _dense_rule(), dl.cpu.Reduction())
 
 
-def dense_linear_kernel(m: int, n: int, k: int, tvm_target):
-    """A dense linear ``Y = X W^T + b`` as the export schedules it (:func:`dense_schedule_pass`), for timing.
+def _softmax_legalizer(tvm_target):
+    """Legalization of ``relax.nn.softmax`` over a static last axis into :func:`sparsecc.codegen.softmax.softmax_rows`
+    (vector exp, rows in parallel); other softmaxes get TVM's own (``topi.nn.softmax``)."""
+    from tvm import relax, topi
 
-    Arguments of its ``main``: ``X: (M, K)``, ``W: (N, K)``, ``b: (N,)``, ``Y: (M, N)``, all float32.
-    """
-    import tvm
-    from tvm import te
+    from sparsecc.codegen.softmax import softmax_rows
+    from sparsecc.targets.x86 import target_vector_bits
 
-    x = te.placeholder((m, k), "float32", name="X")
-    w = te.placeholder((n, k), "float32", name="W")
-    b = te.placeholder((n,), "float32", name="b")
-    r = te.reduce_axis((0, k), name="r")
-    mm = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r), name="matmul")
-    y = te.compute((m, n), lambda i, j: mm[i, j] + b[j], name="Y")
-    mod = tvm.IRModule({"main": te.create_prim_func([x, w, b, y])})
-    with tvm_target:
-        return dense_schedule_pass()(mod)
+    lanes = target_vector_bits(tvm_target) // 32
+
+    def legalize(bb, call):
+        x = call.args[0]
+        try:
+            shape = [int(v) for v in x.ty.shape.values]
+        except (AttributeError, TypeError):  # a symbolic or unknown shape
+            shape = None
+        axis = int(call.attrs.axis)
+        if (shape is None or x.ty.dtype != "float32" or axis not in (-1, len(shape) - 1)
+                or shape[-1] % lanes or shape[-1] < lanes):
+            return bb.call_te(topi.nn.softmax, x, call.attrs.axis)
+        length = shape[-1]
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        name = f"sparsecc_softmax_r{rows}_l{length}"
+        gv = next((g for g in bb.get().get_global_vars() if g.name_hint == name), None)
+        if gv is None:
+            gv = bb.add_func(softmax_rows(rows, length, lanes), name)
+        x2 = bb.emit(relax.op.reshape(x, (rows, length)))
+        y = bb.emit(relax.call_tir(gv, [x2], relax.TensorType((rows, length), "float32")))
+        return relax.op.reshape(y, shape)
+
+    return legalize
 
 
-def _relax_pipeline(tvm_target, kernels: set):
-    """TVM's default CPU pipeline with the dense rest scheduled (dlight CPU rules, then :func:`_dense_rule`)
-    between legalization and lowering; the sparse kernels (``kernels``, already scheduled) are left alone."""
+def _relax_pipeline(tvm_target, kernels: set = frozenset(), vector_softmax: bool = True):
+    """TVM's default CPU pipeline with softmax legalized by :func:`_softmax_legalizer` (TVM's own with
+    ``vector_softmax=False``: ``benchmarks/dense.py`` compares the two) and the dense rest scheduled (dlight CPU
+    rules, then :func:`_dense_rule`) between legalization and lowering; the sparse kernels (``kernels``, already
+    scheduled) are left alone."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -661,7 +696,9 @@ def _relax_pipeline(tvm_target, kernels: set):
     def _pipeline(mod, _ctx):
         with tvm_target:
             seq = tvm.transform.Sequential(
-                cpu.library_dispatch_passes(tvm_target) + [_mark] + cpu.legalize_passes(tvm_target)
+                cpu.library_dispatch_passes(tvm_target) + [_mark]
+                + [relax.transform.LegalizeOps({"relax.nn.softmax": _softmax_legalizer(tvm_target)})] * vector_softmax
+                + cpu.legalize_passes(tvm_target)
                 + [dense_schedule_pass()]
                 + cpu.dataflow_lower_passes(tvm_target) + cpu.finalize_passes(tvm_target))
             return seq(mod)

@@ -27,7 +27,7 @@ from sparsecc.runtime.modules import make_linear
 from sparsecc.runtime.timing import measure_ms
 from sparsecc.tune.cost_model import CostModel, KernelCalibration, M
 
-CALIBRATION_VERSION = 2  # 2: minimum of the repeats, not the median
+CALIBRATION_VERSION = 3  # 2: minimum of the repeats, not the median; 3: remote dense = packed GEMM
 CAL_N = CAL_K = 768
 CAL_DENSITY = 0.2
 
@@ -152,7 +152,7 @@ def _remote_kernel(cand, target, m: int, n: int, k: int, density: float) -> tupl
     """``(aarch64 .so, numpy arguments, stored units)`` of one call of ``cand``'s kernel at ``M = m``."""
     import numpy as np
 
-    from sparsecc.runtime.export import dense_linear_kernel
+    from sparsecc.codegen.dense import pack_weight, padded_n
     from sparsecc.targets import arm, x86
 
     fmt = cand.entry
@@ -160,10 +160,16 @@ def _remote_kernel(cand, target, m: int, n: int, k: int, density: float) -> tupl
     rng = np.random.default_rng(0)
     b = rng.standard_normal(n, dtype=np.float32)
     tvm_target = target.deploy_tvm_target()
-    if cand.is_dense:
-        lib = arm.cross_built(dense_linear_kernel(m, n, k, tvm_target), f"dense_linear_m{m}_n{n}_k{k}", tvm_target)
-        x = rng.standard_normal((m, k), dtype=np.float32)
-        return lib, [x, w.numpy(), b, np.zeros((m, n), np.float32)], fmt.units_of(cand.to_storage(w))
+    if cand.is_dense:  # the packed GEMM an export runs dense linears on (sparsecc.runtime.dense)
+        p = target.kernel_params("dense", x86.regime_for(m), m=m, k=k)
+        mp, npad = -(-m // p.mr) * p.mr, padded_n(n, p.nb)
+        lib = arm.cross_built(x86.schedule_dense(mp, n, k, bias=True, params=p),
+                              f"dense_linear_m{mp}_n{npad}_k{k}_mr{p.mr}_nb{p.nb}", tvm_target)
+        x = rng.standard_normal((mp, k), dtype=np.float32)
+        bp = np.zeros(npad, np.float32)
+        bp[:n] = b
+        args = [x, pack_weight(w.numpy(), p.nb), bp, np.zeros((mp, npad), np.float32)]
+        return lib, args, fmt.units_of(cand.to_storage(w))
     storage = cand.to_storage(w)
     br, bc = storage.block
     regime = x86.regime_for(m)

@@ -318,3 +318,43 @@ def test_arm_routed_mlp_levels_under_qemu(toolchain, tmp_path):
     for level in (0, 1):
         y, _ = run_artifact_under_qemu(path, x, level=level)
         torch.testing.assert_close(y, cm(x, level=level), rtol=1e-4, atol=1e-4)
+
+
+class _Attention(nn.Module):
+    """A dense transformer-ish block: linears (one followed by GELU), a masked softmax, a layer norm."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d, bias=False)
+        self.up, self.down, self.norm = nn.Linear(d, 72), nn.Linear(72, d), nn.LayerNorm(d)
+
+    def forward(self, x, mask):
+        s = self.q(x) @ self.k(x).transpose(-1, -2) / 32 ** 0.5
+        p = torch.softmax(s.masked_fill(mask, float("-inf")), dim=-1)
+        h = self.norm(x + p @ self.v(x))
+        return h + self.down(torch.nn.functional.gelu(self.up(h)))
+
+
+def test_dense_rest_runs_on_packed_linears_and_the_vector_softmax(tmp_path):
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    x = torch.randn(2, 16, 32)
+    mask = torch.zeros(2, 16, 16, dtype=torch.bool)
+    mask[:, :, 11:] = True  # padded keys
+    cm = sparsecc.compile(model, (x, mask), sparsity=0.0, measure=False)
+    path = cm.export(tmp_path / "artifact")
+    manifest = json.loads((path / "manifest.json").read_text())
+    # the layer norm's weight and bias; the linears' weights are packed into the library, not also shipped raw
+    assert manifest["num_params"] == 2
+    lib = (path / "model.so").read_bytes()
+    assert b"sparsecc_dense_linear_m32_n80_k32_bias_gelu" in lib  # N = 72 padded to the panel, GELU fused
+    assert b"sparsecc_dense_linear_m32_n32_k32_none" in lib       # the linear without bias
+    assert b"sparsecc_softmax_r32_l16" in lib
+    lm = sparsecc.load(path)
+    x2 = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(x2, mask), model(x2, mask), rtol=1e-4, atol=2e-5)
+        x2[0, 3, 5] = float("nan")  # a NaN spreads through the scores as in torch
+        y, ref = lm(x2, mask), model(x2, mask)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    torch.testing.assert_close(y[~torch.isnan(ref)], ref[~torch.isnan(ref)], rtol=1e-4, atol=2e-5)
