@@ -41,14 +41,15 @@ _LAZY = {
 }
 
 
-def load(path):
+def load(path, threads=None):
     """Load a host artifact folder written by ``cm.export(path)`` (see :func:`sparsecc.runtime.deploy.load`).
 
-    Torch-free: needs the TVM runtime and numpy only.
+    Torch-free: needs the TVM runtime and numpy only. ``threads``: CPU threads (default: every CPU this process
+    may use, unless ``TVM_NUM_THREADS`` or ``OMP_NUM_THREADS`` is set).
     """
     from .runtime.deploy import load as _load
 
-    return _load(path)
+    return _load(path, threads=threads)
 
 
 def _tune_entry(*args, **kwargs):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -26,7 +27,8 @@ import numpy as np
 
 from sparsecc.errors import ArtifactError, InputDtypeError, InputShapeError, InvalidArgumentError
 
-__all__ = ["ExportedModule", "FORMAT_VERSION", "load", "main", "read_manifest", "tree_flatten", "tree_unflatten"]
+__all__ = ["ExportedModule", "FORMAT_VERSION", "load", "main", "read_manifest", "tree_flatten", "tree_unflatten",
+           "use_threads"]
 
 #: 2: ``output_tree`` is a JSON tree (1 held a torch pytree spec string); inputs may list ``fixed_dims``
 FORMAT_VERSION = 2
@@ -367,13 +369,40 @@ def _flatten_result(out) -> list:
     return res
 
 
-def load(path) -> ExportedModule:
+def use_threads(threads: int | None = None) -> int:
+    """Set the size of TVM's CPU thread pool for the artifacts of this process; returns it.
+
+    TVM sizes its pool, when it first starts, from ``TVM_NUM_THREADS``, else ``OMP_NUM_THREADS``, else *half*
+    the logical CPUs on x86 (it assumes two hyper-threads per core): on a 2-core VM without SMT an exported
+    model ran on one core (MiniLM's dense linears at 82 instead of 165 GFLOP/s). ``threads=None`` keeps an
+    explicit ``TVM_NUM_THREADS`` / ``OMP_NUM_THREADS`` and otherwise takes every CPU this process may run on
+    (``os.sched_getaffinity``). Only a pool not yet started takes a new size.
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``threads`` < 1.
+    """
+    if threads is not None:
+        if int(threads) < 1:
+            raise InvalidArgumentError(f"threads must be >= 1, got {threads}")
+        os.environ["TVM_NUM_THREADS"] = str(int(threads))
+    elif "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ["TVM_NUM_THREADS"] = str(max(1, cpus))
+    return int(os.environ.get("TVM_NUM_THREADS") or os.environ["OMP_NUM_THREADS"])
+
+
+def load(path, threads: int | None = None) -> ExportedModule:
     """Load a host artifact written by ``cm.export(path)`` (torch-free: TVM runtime and numpy).
 
     Parameters
     ----------
     path : str or Path
         The artifact folder (``model.so``, ``params.bin``, ``manifest.json``).
+    threads : int, optional
+        CPU threads of TVM's pool (:func:`use_threads`; default: every CPU this process may use, unless
+        ``TVM_NUM_THREADS`` or ``OMP_NUM_THREADS`` says otherwise).
 
     Returns
     -------
@@ -391,6 +420,7 @@ def load(path) -> ExportedModule:
     if arch != platform.machine():
         raise ArtifactError(f"{path} was built for {arch}, this host is {platform.machine()}; "
                             "run aarch64 artifacts with sparsecc.runtime.export.run_artifact_under_qemu")
+    use_threads(threads)
     return ExportedModule(path, manifest)
 
 
@@ -414,6 +444,8 @@ def main(argv=None) -> int:
     p.add_argument("--inputs", required=True, help=".npz file of the positional inputs, in order")
     p.add_argument("--out", required=True, help=".npz file to write the outputs to (out0, out1, ...)")
     p.add_argument("--level", type=int, default=None, help="activation-routing level (default: 0)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: every CPU this process may "
+                   "use, unless TVM_NUM_THREADS or OMP_NUM_THREADS is set)")
     a = p.parse_args(argv)
     try:
         try:
@@ -421,7 +453,7 @@ def main(argv=None) -> int:
                 xs = [f[k] for k in f.files]
         except (OSError, ValueError) as e:
             raise ArtifactError(f"--inputs {a.inputs} cannot be read as an .npz file: {e}") from e
-        mod = load(a.artifact)
+        mod = load(a.artifact, threads=a.threads)
         leaves, _ = tree_flatten(mod(*xs, level=a.level))
         np.savez(a.out, **{f"out{i}": t for i, t in enumerate(leaves)})
     except SparseccError as e:

@@ -49,9 +49,10 @@ _CHILD = _BLOCK + textwrap.dedent("""
         mod(np.zeros((x.shape[0] + 1,) + x.shape[1:], dtype=x.dtype))
     except sparsecc.InputShapeError as e:
         bad = str(e)
+    import tvm
     print(json.dumps({"diff": float(np.abs(y - ref).max()), "type": type(y).__name__,
                       "same_load": type(sparsecc.load(art)).__name__, "torch": "torch" in sys.modules,
-                      "bad_shape": bad}))
+                      "bad_shape": bad, "threads": tvm.runtime.num_threads()}))
 """)
 
 
@@ -92,12 +93,15 @@ def exported(request, tmp_path_factory):
 
 def test_child_without_torch_loads_and_matches(exported):
     cm, x, ref, tmp = exported
+    env = {k: v for k, v in _env().items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
     r = subprocess.run([sys.executable, "-c", _CHILD, str(tmp / "artifact"), str(tmp / "data.npz")],
-                       capture_output=True, text=True, env=_env(), timeout=300)
+                       capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["torch"] is False
     assert out["type"] == "ndarray" and out["same_load"] == "ExportedModule"
+    # TVM alone would take half the CPUs on x86 (it assumes hyper-threads); the loader takes them all
+    assert out["threads"] == len(os.sched_getaffinity(0))
     assert out["diff"] <= 1e-4
     assert "dim 0 was dynamic in the compiled module but is fixed in this artifact" in out["bad_shape"]
     manifest = json.loads((tmp / "artifact" / "manifest.json").read_text())
@@ -128,6 +132,20 @@ def test_entry_point_without_torch(exported):
     r = subprocess.run([sys.executable, "-c", runner, str(tmp / "missing"), "--inputs", str(tmp / "in.npz"),
                         "--out", str(tmp / "out2.npz")], capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 2 and "ArtifactError" in r.stderr and "manifest.json is missing" in r.stderr
+
+
+def test_use_threads_sets_the_pool_size_before_it_starts():
+    code = ("import sparsecc.runtime.deploy as d, tvm, sys\n"
+            "n = d.use_threads(int(sys.argv[1]))\n"
+            "print(n, tvm.runtime.num_threads())\n")
+    r = subprocess.run([sys.executable, "-c", code, "1"], capture_output=True, text=True, env=_env(), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["1", "1"]
+    from sparsecc.errors import InvalidArgumentError
+    from sparsecc.runtime.deploy import use_threads
+
+    with pytest.raises(InvalidArgumentError, match="threads must be >= 1"):
+        use_threads(0)
 
 
 def test_output_tree_round_trip():
