@@ -4,8 +4,9 @@ The model is pruned to ``--sparsity`` in ``--block`` blocks (magnitude, ``sparse
 measures speed, not fidelity), wrapped as ``(input_ids, attention_mask) -> last_hidden_state``
 (:class:`sparsecc.peers.Hidden`), compiled with ``sparsecc.compile`` at each batch, exported with
 ``cm.export`` (static shapes: the example's), loaded with ``sparsecc.runtime.load`` and timed in the same
-interleaved rounds (:func:`sparsecc.runtime.timing.interleaved_ms`) as torch dense (the unpruned model) and
-``cm``. The exported module is called with numpy inputs (the deployment path, no torch at run time).
+interleaved rounds (:func:`sparsecc.runtime.timing.interleaved_ms`, 20 ms pause before each call: torch's
+OpenMP workers spin after a call and would slow the exported module's own thread pool) as torch dense (the
+unpruned model) and ``cm``. The exported module is called with numpy inputs (the deployment path, no torch at run time).
 
 Printed per batch: median latency (ms) of each, ratios to torch dense, and the max abs difference of the
 exported module's output to ``cm``'s.
@@ -62,7 +63,7 @@ def main():
             with torch.no_grad():
                 diff = float(np.abs(em(*xn) - cm(*x).numpy()).max())
             ms = interleaved_ms({"torch dense": lambda: dense(*x), "cm": lambda: cm(*x),
-                                 "exported": lambda: em(*xn)}, runs=args.runs)
+                                 "exported": lambda: em(*xn)}, runs=args.runs, pause_s=0.02)
         rows.append((b, ms, diff))
         print(f"batch {b}, seq {SEQ}: compile {t1 - t0:.1f} s, export {t2 - t1:.1f} s")
         for name, v in ms.items():

@@ -39,12 +39,17 @@ def measure_ms(fn: Callable[..., Any], *args: Any, repeat: int = 30, warmup: int
 
 
 def interleaved_ms(fns: dict, *args: Any, runs: int = 30, warmup: int = 1,
-                   clock: Callable[[], float] = time.perf_counter, **kwargs: Any) -> dict:
+                   clock: Callable[[], float] = time.perf_counter, pause_s: float = 0.0, **kwargs: Any) -> dict:
     """Median ms of each ``fn(*args, **kwargs)``, calls interleaved so all see the same machine noise.
 
     The way to compare latencies on a shared machine: one run of every function per round,
     ``runs`` rounds, medians; ratios of the results are taken within the same run. Calls run
     under ``torch.no_grad``. ``clock=time.process_time`` measures this process's CPU time.
+
+    ``pause_s``: seconds slept before each timed call, for functions that run on different thread pools.
+    torch's OpenMP workers spin-wait after each call, and a function on TVM's own pool (an exported artifact)
+    timed right after a torch one shares the cores with them: an exported MiniLM took 32.6 ms alone, about
+    63 ms right after a torch matmul, 35 ms after a 10 ms pause (2-core VM).
 
     Returns
     -------
@@ -59,6 +64,8 @@ def interleaved_ms(fns: dict, *args: Any, runs: int = 30, warmup: int = 1,
         times: dict = {k: [] for k in fns}
         for _ in range(runs):
             for k, fn in fns.items():
+                if pause_s > 0:
+                    time.sleep(pause_s)
                 t0 = clock()
                 fn(*args, **kwargs)
                 times[k].append((clock() - t0) * 1e3)
