@@ -66,21 +66,22 @@ def cnn_cm():
 
 # ------------------------------------------------------------------------------------------------ the browser
 def _chromium_ready() -> bool:
-    return os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)
+    return os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER) and shutil.which("dot") is not None
 
 
 def _install_chromium() -> str:
-    """Install Debian's chromium and chromedriver when missing (root only); '' when ready, else why not."""
+    """Install Debian's chromium, chromedriver and Graphviz (the page's graph) when missing (root only); '' when
+    ready, else why not."""
     if _chromium_ready():
         return ""
     if not shutil.which("apt-get") or os.geteuid() != 0:
-        return f"{CHROMIUM} / {CHROMEDRIVER} missing and apt-get cannot run here (not root or no apt-get)"
+        return f"{CHROMIUM} / {CHROMEDRIVER} / dot missing and apt-get cannot run here (not root or no apt-get)"
     try:
         subprocess.run(["apt-get", "update"], check=True, capture_output=True, timeout=300)
-        subprocess.run(["apt-get", "install", "-y", "chromium", "chromium-driver"], check=True,
+        subprocess.run(["apt-get", "install", "-y", "chromium", "chromium-driver", "graphviz"], check=True,
                        capture_output=True, timeout=600, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     except (subprocess.SubprocessError, OSError) as e:
-        return f"apt-get install chromium chromium-driver failed: {e}"
+        return f"apt-get install chromium chromium-driver graphviz failed: {e}"
     return "" if _chromium_ready() else "chromium installed but its binaries are not where Debian puts them"
 
 
