@@ -18,6 +18,10 @@ Unscheduled loop structure (static shapes: an export knows them)::
 
 Arguments of the built function, in order: ``X (M, K)``, ``Wp (Np / nb, K, nb)``, ``b (Np,)`` (only when
 ``bias=True``), ``Y (M, Np)``; ``Np`` is ``N`` rounded up to ``nb`` (the padded outputs are zero weights).
+
+A dense 1x1 convolution in NCHW (:func:`dense_conv1x1`) is the same GEMM with the operands' roles swapped: per
+image ``Y (C_out, HW) = W (C_out, C_in) @ X (C_in, HW)``; a row of ``X`` is already ``HW`` contiguous floats, so
+the activation is the panel operand as it comes (no packing, no layout change) and the weight is broadcast.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from tvm import te
 from sparsecc.codegen.linear import _activation
 from sparsecc.errors import UnsupportedOpError
 
-__all__ = ["DENSE_BLOCKS", "dense_linear", "pack_weight", "padded_n"]
+__all__ = ["DENSE_BLOCKS", "dense_conv1x1", "dense_linear", "pack_weight", "padded_n"]
 
 #: Names of the TensorIR blocks of :func:`dense_linear` (the schedule looks them up).
 DENSE_BLOCKS = {"compute": "matmul", "epilogue": "epilogue"}
@@ -99,9 +103,53 @@ def dense_linear(m: int, n: int, k: int, nb: int, *, bias: bool = False, activat
     else:
         y = te.compute((m, npad), lambda i, j: act(c[i, j]), name=DENSE_BLOCKS["epilogue"])
         args = [x, w, y]
+    return _prim_func(args, "dense_linear", nb)
+
+
+def _prim_func(args, kind: str, nb: int) -> tvm.tirx.PrimFunc:
     func = te.create_prim_func(args)
     # op_pattern 8 (kOpaque): Relax's FuseOps would otherwise fuse the scheduled kernel with the layout glue
-    for key, value in (("tir.noalias", True), ("sparsecc.kind", "dense_linear"), ("sparsecc.nb", nb),
-                       ("op_pattern", 8)):
+    for key, value in (("tir.noalias", True), ("sparsecc.kind", kind), ("sparsecc.nb", nb), ("op_pattern", 8)):
         func = func.with_attr(key, value)
     return func
+
+
+def dense_conv1x1(batch: int, c_out: int, c_in: int, hw: int, nb: int, *, bias: bool = False,
+                  activation: str | None = None, gelu_at_inf=None) -> tvm.tirx.PrimFunc:
+    """Unscheduled dense 1x1 convolution (stride 1, no padding) in NCHW, for static shapes.
+
+    ``Y[b, i, j] = act(sum_r W[i, r] * X[b, r, j] + bias[i])`` with the image's pixels flattened (``j``).
+
+    Parameters
+    ----------
+    batch, c_out, c_in, hw : int
+        ``X: (batch, C_in, HW)``, ``W: (C_out, C_in)``, ``Y: (batch, C_out, HW)``; ``HW`` a multiple of ``nb``
+        (callers pad the pixels).
+    nb : int
+        Pixels per panel (the vector width of the schedule's tile).
+    bias, activation, gelu_at_inf
+        As for :func:`dense_linear`; the bias is per output channel.
+
+    Raises
+    ------
+    UnsupportedOpError
+        A non-positive shape, ``HW`` not a multiple of ``nb``, or an unknown activation.
+    """
+    batch, c_out, c_in, hw, nb = int(batch), int(c_out), int(c_in), int(hw), int(nb)
+    if min(batch, c_out, c_in, hw, nb) < 1 or hw % nb:
+        raise UnsupportedOpError(f"dense 1x1 conv needs positive shapes and HW a multiple of the panel width, "
+                                 f"got batch, C_out, C_in, HW, nb = {(batch, c_out, c_in, hw, nb)}")
+    act = _activation(activation, gelu_at_inf)
+    x = te.placeholder((batch, c_in, hw), "float32", name="X")
+    w = te.placeholder((c_out, c_in), "float32", name="W")
+    r = te.reduce_axis((0, c_in), name="r")
+    c = te.compute((batch, c_out, hw), lambda n, i, j: te.sum(w[i, r] * x[n, r, j], axis=r),
+                   name=DENSE_BLOCKS["compute"])
+    if bias:
+        b = te.placeholder((c_out,), "float32", name="b")
+        y = te.compute((batch, c_out, hw), lambda n, i, j: act(c[n, i, j] + b[i]), name=DENSE_BLOCKS["epilogue"])
+        args = [x, w, b, y]
+    else:
+        y = te.compute((batch, c_out, hw), lambda n, i, j: act(c[n, i, j]), name=DENSE_BLOCKS["epilogue"])
+        args = [x, w, y]
+    return _prim_func(args, "dense_conv1x1", nb)

@@ -42,6 +42,7 @@ __all__ = [
     "num_threads",
     "regime_for",
     "schedule_dense",
+    "schedule_dense_conv1x1",
     "schedule_linear",
     "template_for",
 ]
@@ -308,25 +309,45 @@ def schedule_dense(m: int, n: int, k: int, *, bias: bool, activation=None, param
     ``k_unroll`` times) around the unrolled rows and the vectorized panel columns, the tile accumulated in a
     local buffer (registers) and written once with the bias and activation.
     """
-    from sparsecc.codegen.dense import DENSE_BLOCKS, dense_linear
+    from sparsecc.codegen.dense import dense_linear
 
-    p = params
-    if m % p.mr:
-        raise KernelBuildError(f"dense linear: M = {m} is not a multiple of the row tile {p.mr}")
-    func = dense_linear(m, n, k, p.nb, bias=bias, activation=activation, gelu_at_inf=gelu_at_inf)
+    if m % params.mr:
+        raise KernelBuildError(f"dense linear: M = {m} is not a multiple of the row tile {params.mr}")
+    return _schedule_gemm(dense_linear(m, n, k, params.nb, bias=bias, activation=activation,
+                                       gelu_at_inf=gelu_at_inf), m, params)
+
+
+def schedule_dense_conv1x1(batch: int, c_out: int, c_in: int, hw: int, *, bias: bool, activation=None,
+                           params: DenseParams, gelu_at_inf=None) -> tvm.s_tir.Schedule:
+    """The dense 1x1 NCHW convolution (:func:`sparsecc.codegen.dense.dense_conv1x1`) scheduled as
+    :func:`schedule_dense` schedules its GEMM, output channels as the rows (``C_out`` a multiple of
+    ``params.mr``: callers pad the weight) and ``params.nb`` pixels as the panel; images and tiles in parallel."""
+    from sparsecc.codegen.dense import dense_conv1x1
+
+    if c_out % params.mr:
+        raise KernelBuildError(f"dense 1x1 conv: C_out = {c_out} is not a multiple of the row tile {params.mr}")
+    return _schedule_gemm(dense_conv1x1(batch, c_out, c_in, hw, params.nb, bias=bias, activation=activation,
+                                        gelu_at_inf=gelu_at_inf), c_out, params)
+
+
+def _schedule_gemm(func, m: int, p: DenseParams) -> tvm.s_tir.Schedule:
+    """The register-tiled schedule of :func:`schedule_dense` on a template with blocks ``DENSE_BLOCKS`` whose
+    compute loops are ``(batch..., i, j, k)``: ``i`` the ``m`` rows, ``j`` the panel columns."""
+    from sparsecc.codegen.dense import DENSE_BLOCKS
+
     sch = tvm.s_tir.Schedule(func)
     blk = sch.get_sblock(DENSE_BLOCKS["compute"])
-    i, j, r = sch.get_loops(blk)
+    *outer, i, j, r = sch.get_loops(blk)
     groups = m // p.mr
     g = p.row_group if groups % p.row_group == 0 else 1
     io, ib, ii = sch.split(i, [groups // g, g, p.mr])
     jo, ji = sch.split(j, [None, p.nb])
     ro, ri = sch.split(r, [None, p.k_unroll])
-    sch.reorder(io, jo, ib, ro, ri, ii, ji)
+    sch.reorder(*outer, io, jo, ib, ro, ri, ii, ji)
     tile = sch.cache_write(blk, 0, "local")
     sch.reverse_compute_at(tile, ib)
     sch.reverse_compute_inline(sch.get_sblock(DENSE_BLOCKS["epilogue"]))
-    sch.parallel(sch.fuse(io, jo))  # before decompose_reduction: the init block breaks the parallel check
+    sch.parallel(sch.fuse(*outer, io, jo))  # before decompose_reduction: the init block breaks the parallel check
     sch.vectorize(ji)
     sch.unroll(ii)
     sch.unroll(ri)

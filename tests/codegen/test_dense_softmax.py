@@ -1,4 +1,4 @@
-"""The export's dense-rest kernels against torch: the packed dense linear and the row softmax.
+"""The export's dense-rest kernels against torch: the packed dense linear, the dense 1x1 conv and the row softmax.
 
 Shapes cover the register tile's cases (M a multiple of 6, of 4 only, below 4, padded), N not a multiple of
 the panel width, and the IEEE cases of the fused epilogues and of the softmax (NaN, ±inf, masked rows).
@@ -98,6 +98,51 @@ def test_pack_weight_layout():
     p = pack_weight(w, 4)
     assert p.shape == (2, 3, 4)
     assert p[1, 2, 0] == w[4, 2] and (p[1, :, 1:] == 0).all()
+
+
+def _run_conv1x1(x, w, b, activation, params):
+    """The 1x1 conv kernel with the export's padding: C_out to the row tile, pixels to the panel width."""
+    n, c_in, h, wd = x.shape
+    c_out, hw = w.shape[0], h * wd
+    cop, hwp = -(-c_out // params.mr) * params.mr, padded_n(hw, params.nb)
+    lib = x86.build(x86.schedule_dense_conv1x1(n, cop, c_in, hwp, bias=b is not None, activation=activation,
+                                               params=params))
+    xp = np.zeros((n, c_in, hwp), np.float32)
+    xp[:, :, :hw] = x.reshape(n, c_in, hw).numpy()
+    wp = np.zeros((cop, c_in), np.float32)
+    wp[:c_out] = w.reshape(c_out, c_in).numpy()
+    args = [tvm.runtime.tensor(xp), tvm.runtime.tensor(wp)]
+    if b is not None:
+        bp = np.zeros(cop, np.float32)
+        bp[:c_out] = b.numpy()
+        args.append(tvm.runtime.tensor(bp))
+    y = tvm.runtime.tensor(np.zeros((n, cop, hwp), np.float32))
+    lib(*args, y)
+    return torch.from_numpy(y.numpy()[:, :c_out, :hw].reshape(n, c_out, h, wd))
+
+
+@pytest.mark.parametrize("n,c_out,c_in,h,w", [(1, 48, 288, 14, 14), (2, 20, 8, 7, 7), (1, 3, 5, 1, 1),
+                                             (3, 10, 13, 4, 6), (1, 96, 24, 8, 8)])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_dense_conv1x1_matches_torch(n, c_out, c_in, h, w, activation):
+    torch.manual_seed(n + c_out * 7 + c_in * 13 + h)
+    x, wt, b = torch.randn(n, c_in, h, w), torch.randn(c_out, c_in, 1, 1), torch.randn(c_out)
+    y = _run_conv1x1(x, wt, b, activation, _host_params(c_out, c_in))
+    torch.testing.assert_close(y, _ACT[activation](torch.nn.functional.conv2d(x, wt, b)), rtol=1e-4, atol=1e-4)
+
+
+def test_dense_conv1x1_without_bias_keeps_nan_and_inf():
+    x = torch.randn(2, 8, 3, 5)
+    x[0, 0, 0, 0], x[1, 2, 1, 1], x[1, 3, 2, 4] = float("nan"), float("inf"), float("-inf")
+    wt = torch.randn(12, 8, 1, 1)
+    for act in (None, "relu"):
+        y = _run_conv1x1(x, wt, None, act, _host_params(12, 8))
+        torch.testing.assert_close(y, _ACT[act](torch.nn.functional.conv2d(x, wt)), rtol=1e-4, atol=1e-4,
+                                   equal_nan=True)
+    with pytest.raises(UnsupportedOpError, match="multiple of the panel width"):
+        x86.schedule_dense_conv1x1(1, 12, 8, 15, bias=False, params=_host_params(12, 8))
+    with pytest.raises(KernelBuildError, match="not a multiple of the row tile"):
+        x86.schedule_dense_conv1x1(1, 10, 8, 16, bias=False, params=x86.DenseParams(mr=4))
 
 
 def _run_softmax(x: np.ndarray, lanes: int) -> np.ndarray:
