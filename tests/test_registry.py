@@ -76,8 +76,9 @@ def test_entries_name_where_their_pieces_live():
     with pytest.raises(UnsupportedOpError, match="no conv2d kernel module for target 'cuda'"):
         BSR.module_factory("cuda", "conv2d")
     assert "export[linear]: sparsecc.runtime.dense.export_dense_linear" in describe("dense")
+    assert "export[conv2d]: sparsecc.runtime.dense.export_dense_conv" in describe("dense")
     with pytest.raises(UnsupportedOpError, match="no export path"):
-        DENSE.exporter("conv2d")
+        NM.exporter("conv2d")
 
 
 @settings(max_examples=30, deadline=None)

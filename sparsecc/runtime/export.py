@@ -6,9 +6,10 @@
   (``SparseLinear``, ``SparseConv2d``) become ``relax.call_tir`` to their *scheduled* TensorIR kernels
   (the same templates and rules the host uses; for ARM built with NEON tile sizes for the aarch64 target), with
   their sparse weights as constants; the dense linears (``aten.linear`` on graph weights) become packed GEMMs
-  (:mod:`sparsecc.runtime.dense`) with their weights packed as constants; softmaxes over a static last axis
-  the vector-exp row kernel of :mod:`sparsecc.codegen.softmax` (:func:`_softmax_legalizer`); every other op
-  (dense convs, pooling, adds, norms, attention matmuls) is imported by
+  and the dense pointwise convs register-tiled NCHW GEMMs (:mod:`sparsecc.runtime.dense`) with their weights
+  as constants; softmaxes over a static last axis the vector-exp row kernel of :mod:`sparsecc.codegen.softmax`
+  (:func:`_softmax_legalizer`); every other op (other dense convs, pooling, adds, norms, attention matmuls) is
+  imported by
   ``tvm.relax.frontend.torch.from_exported_program``, legalized, and scheduled with dlight's CPU rules plus
   :func:`_dense_rule` (reductions and matmuls tiled, parallel and vectorized; element-wise ops parallel and
   vectorized).
@@ -53,7 +54,7 @@ from sparsecc.runtime.deploy import (  # noqa: F401 - re-exported: the loader li
     FILES, FORMAT_VERSION, OPENED, ExportedModule, _check_signature, _flatten_result, _sha256, load, read_manifest,
     tree_flatten, tree_unflatten)
 from sparsecc.runtime import register_kernels
-from sparsecc.runtime.dense import dense_linears_for_export
+from sparsecc.runtime.dense import dense_convs_for_export, dense_linears_for_export
 
 register_kernels()  # the export converters of every format
 
@@ -159,8 +160,9 @@ def _kernel_kind(mod) -> str | None:
 
 
 def _export_view(gm: torch.fx.GraphModule):
-    """A copy of ``gm`` whose kernel modules, and ``aten.linear`` calls on graph weights
-    (:func:`sparsecc.runtime.dense.dense_linears_for_export`), are custom-op calls; returns
+    """A copy of ``gm`` whose kernel modules, and ``aten.linear`` and pointwise ``aten.conv2d`` calls on graph
+    weights (:func:`sparsecc.runtime.dense.dense_linears_for_export`,
+    :func:`~sparsecc.runtime.dense.dense_convs_for_export`), are custom-op calls; returns
     (copy, {layer id: module})."""
     import copy
 
@@ -186,11 +188,13 @@ def _export_view(gm: torch.fx.GraphModule):
             call = _LinearCall(lid) if kind in ("linear", "moe") else _ConvCall(lid)
         view.add_submodule(name, call)
         node.target = name
-    for node, mod, last in dense_linears_for_export(view):  # the dense rest's linears: packed GEMMs
+    dense = [(f, _LinearCall) for f in dense_linears_for_export(view)]  # the dense rest's GEMMs
+    dense += [(f, _ConvCall) for f in dense_convs_for_export(view)]
+    for (node, mod, last), call_type in dense:
         lid = next(_IDS)
         layers[lid] = mod
         name = f"sparsecc_export_{lid}"
-        view.add_submodule(name, _LinearCall(lid))
+        view.add_submodule(name, call_type(lid))
         with view.graph.inserting_before(node):
             call = view.graph.call_module(name, (node.args[0],))
         last.replace_all_uses_with(call)
@@ -676,11 +680,27 @@ def _softmax_legalizer(tvm_target):
     return legalize
 
 
+def _ieee_clip(bb, call):
+    """Legalization of ``relax.clip`` (``hardtanh``, ``relu6``, ``clamp``) that keeps NaN as torch does: TVM's own
+    is ``max(min(x, hi), lo)``, which LLVM lowers to ``maxnum``/``minnum`` and which turns a NaN into a bound."""
+    from tvm import te, tirx
+
+    def clip(x, lo, hi):
+        def value(*i):
+            v = x(*i)
+            bounded = tirx.max(tirx.min(v, tirx.Cast(x.dtype, hi)), tirx.Cast(x.dtype, lo))
+            return tirx.Select(tirx.isnan(v), v, bounded) if str(x.dtype).startswith("float") else bounded
+
+        return te.compute(x.shape, value, name="clip")
+
+    return bb.call_te(clip, *call.args, primfunc_name_hint="tir_clip")
+
+
 def _relax_pipeline(tvm_target, kernels: set = frozenset(), vector_softmax: bool = True):
-    """TVM's default CPU pipeline with softmax legalized by :func:`_softmax_legalizer` (TVM's own with
-    ``vector_softmax=False``: ``benchmarks/dense.py`` compares the two) and the dense rest scheduled (dlight CPU
-    rules, then :func:`_dense_rule`) between legalization and lowering; the sparse kernels (``kernels``, already
-    scheduled) are left alone."""
+    """TVM's default CPU pipeline with clip legalized by :func:`_ieee_clip`, softmax by :func:`_softmax_legalizer`
+    (TVM's own with ``vector_softmax=False``: ``benchmarks/dense.py`` compares the two) and the dense rest
+    scheduled (dlight CPU rules, then :func:`_dense_rule`) between legalization and lowering; the sparse kernels
+    (``kernels``, already scheduled) are left alone."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -692,12 +712,16 @@ def _relax_pipeline(tvm_target, kernels: set = frozenset(), vector_softmax: bool
                 mod[gv] = func.with_attr("tirx.is_scheduled", True)
         return mod
 
+    legalize = {"relax.clip": _ieee_clip}  # one LegalizeOps: it legalizes every op it meets, with or without a map
+    if vector_softmax:
+        legalize["relax.nn.softmax"] = _softmax_legalizer(tvm_target)
+
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod, _ctx):
         with tvm_target:
             seq = tvm.transform.Sequential(
                 cpu.library_dispatch_passes(tvm_target) + [_mark]
-                + [relax.transform.LegalizeOps({"relax.nn.softmax": _softmax_legalizer(tvm_target)})] * vector_softmax
+                + [relax.transform.LegalizeOps(legalize)]
                 + cpu.legalize_passes(tvm_target)
                 + [dense_schedule_pass()]
                 + cpu.dataflow_lower_passes(tvm_target) + cpu.finalize_passes(tvm_target))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -358,3 +359,38 @@ def test_dense_rest_runs_on_packed_linears_and_the_vector_softmax(tmp_path):
         y, ref = lm(x2, mask), model(x2, mask)
     assert torch.equal(torch.isnan(y), torch.isnan(ref))
     torch.testing.assert_close(y[~torch.isnan(ref)], ref[~torch.isnan(ref)], rtol=1e-4, atol=2e-5)
+
+
+class _Pointwise(nn.Module):
+    """MobileNet-style: a 3x3 stem, a 1x1 expansion with ReLU, a depthwise 3x3, a 1x1 projection, a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.expand, self.dw = nn.Conv2d(12, 30, 1), nn.Conv2d(30, 30, 3, padding=1, groups=30)
+        self.project, self.bn = nn.Conv2d(30, 12, 1, bias=False), nn.BatchNorm2d(12)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return h + self.bn(self.project(torch.nn.functional.relu6(self.dw(torch.relu(self.expand(h))))))
+
+
+def test_dense_pointwise_convs_run_on_the_nchw_gemm(tmp_path):
+    torch.manual_seed(0)
+    model = _Pointwise().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    model.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 9, 7)  # 63 pixels: padded to the panel width
+    cm = sparsecc.compile(model, x, sparsity=0.0, measure=False)
+    path = cm.export(tmp_path / "artifact")
+    lib = (path / "model.so").read_bytes()
+    assert re.search(rb"sparsecc_dense_conv1x1_b2_co30_ci12_hw\d+_bias_relu", lib)  # the expansion, ReLU fused
+    assert re.search(rb"sparsecc_dense_conv1x1_b2_co12_ci30_hw\d+_bias_none", lib)  # the projection, BN folded
+
+    lm = sparsecc.load(path)
+    x2 = torch.randn(2, 3, 9, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(x2), model(x2), rtol=1e-4, atol=2e-5)
+        x2[1, 0, 4, 4] = float("nan")
+        y, ref = lm(x2), model(x2)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
