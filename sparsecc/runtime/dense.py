@@ -25,10 +25,10 @@ import torch
 
 from sparsecc.errors import UnsupportedOpError
 from sparsecc.formats import DENSE
-from sparsecc.runtime.ieee import torch_conv2d, torch_linear
+from sparsecc.runtime.ieee import torch_activation, torch_conv2d, torch_linear
 from sparsecc.targets import x86
 
-__all__ = ["DenseConv1x1", "DenseLinear", "dense_convs_for_export", "dense_linears_for_export", "export_dense_conv",
+__all__ = ["DenseConv1x1", "DenseDepthwiseConv2d", "DenseLinear", "dense_convs_for_export", "dense_linears_for_export", "export_dense_conv",
            "export_dense_linear"]
 
 _ACTIVATIONS = {torch.ops.aten.relu.default: "relu", torch.ops.aten.gelu.default: "gelu"}
@@ -66,7 +66,7 @@ class DenseConv1x1(torch.nn.Module):
     ----------
     weight : torch.Tensor, (C_out, C_in, 1, 1) float32
     bias : torch.Tensor, (C_out,) float32, or None
-    activation : None, "relu" or "gelu"
+    activation : None, "relu" or "relu6"
     """
 
     format = "dense"
@@ -85,6 +85,39 @@ class DenseConv1x1(torch.nn.Module):
         return torch_conv2d(x, self.weight, self.bias, 1, 0, self.activation)
 
 
+class DenseDepthwiseConv2d(torch.nn.Module):
+    """A dense depthwise ``act(conv2d(x, weight, bias, stride, padding, groups=C))`` (one filter per channel),
+    standing for its ``aten.conv2d`` call in an export.
+
+    Parameters
+    ----------
+    weight : torch.Tensor, (C, 1, kh, kw) float32
+    bias : torch.Tensor, (C,) float32, or None
+    stride : int
+        The same along both axes.
+    padding : (ph, pw)
+    activation : None, "relu" or "relu6"
+    """
+
+    format = "dense"
+    layer_kind = "conv2d"
+
+    def __init__(self, weight, bias, stride: int, padding, activation: str | None = None):
+        super().__init__()
+        self.weight = weight.detach()
+        self.bias = bias.detach() if bias is not None else None
+        self.activation = activation
+        self.c_out = int(weight.shape[0])
+        self.shape = (self.c_out, 1)
+        self.kernel_size = tuple(int(v) for v in weight.shape[2:])
+        self.stride, self.padding = (int(stride), int(stride)), tuple(int(v) for v in padding)
+
+    def forward(self, x):
+        with torch.no_grad():
+            y = torch.nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding, groups=self.c_out)
+        return torch_activation(y, self.activation)
+
+
 def _tensor_attr(gm, node):
     """The float32 tensor a ``get_attr`` node reads, or None."""
     if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
@@ -96,10 +129,22 @@ def _tensor_attr(gm, node):
     return t if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else None
 
 
-def _fused_activation(node):
+def _fused_activation(node, conv: bool = False):
     """``(activation, node whose result the fused call replaces)`` for a linear node: its only user when that is
-    a ReLU or an exact GELU, else ``(None, node)``."""
+    a ReLU or an exact GELU, else ``(None, node)``; for a conv node (``conv=True``) a ReLU or a ReLU6
+    (``hardtanh(0, 6)``)."""
     users = list(node.users)
+    if conv:
+        act = users[0] if len(users) == 1 and users[0].op == "call_function" else None
+        if act is None or not act.args or act.args[0] is not node:
+            return None, node
+        if act.target is torch.ops.aten.relu.default:
+            return "relu", act
+        if act.target is torch.ops.aten.relu6.default:
+            return "relu6", act
+        if act.target is torch.ops.aten.hardtanh.default and tuple(float(v) for v in act.args[1:3]) == (0.0, 6.0):
+            return "relu6", act
+        return None, node
     if len(users) == 1 and users[0].op == "call_function" and users[0].target in _ACTIVATIONS:
         act = users[0]
         approximate = act.kwargs.get("approximate", act.args[1] if len(act.args) > 1 else "none")
@@ -130,55 +175,72 @@ def dense_linears_for_export(gm: torch.fx.GraphModule) -> list:
     return found
 
 
-def _is_pointwise(node) -> bool:
-    """An ``aten.conv2d`` call with stride 1, no padding, dilation 1 and one group (the kernel checked apart)."""
+def _conv_geometry(node) -> dict:
+    """``stride``, ``padding``, ``dilation`` (pairs) and ``groups`` of an ``aten.conv2d`` call."""
     args = list(node.args) + [None] * (7 - len(node.args))
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     defaults = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
     val = {n: node.kwargs.get(n, a) for n, a in zip(names, args)}
     flat = {n: (val[n] if val[n] is not None else defaults[n]) for n in defaults}
-    as_pair = {n: (tuple(v) if isinstance(v, (list, tuple)) else (v, v)) for n, v in flat.items() if n != "groups"}
-    return (as_pair["stride"] == (1, 1) and as_pair["padding"] == (0, 0) and as_pair["dilation"] == (1, 1)
-            and flat["groups"] == 1)
+    geo = {n: (tuple(v) if isinstance(v, (list, tuple)) else (v, v)) for n, v in flat.items() if n != "groups"}
+    geo["groups"] = flat["groups"]
+    return geo
 
 
 def dense_convs_for_export(gm: torch.fx.GraphModule) -> list:
-    """The pointwise ``aten.conv2d`` calls of ``gm``'s graph on graph-held float32 weights ``(C_out, C_in, 1, 1)``
-    (stride 1, no padding, dilation 1, one group), each with its fused activation.
+    """The dense ``aten.conv2d`` calls of ``gm``'s graph on graph-held float32 weights that have a kernel here,
+    each with its fused activation (ReLU, ReLU6):
+
+    * pointwise: weight ``(C_out, C_in, 1, 1)``, stride 1, no padding, one group -> :class:`DenseConv1x1`;
+    * depthwise: weight ``(C, 1, kh, kw)`` with ``groups = C``, one stride for both axes ->
+      :class:`DenseDepthwiseConv2d`.
+
+    Dilated convs and other grouped or strided ones keep TVM's legalized conv.
 
     Returns
     -------
-    list of (node, DenseConv1x1, replaced node)
+    list of (node, module, replaced node)
         As :func:`dense_linears_for_export`.
     """
     found = []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not torch.ops.aten.conv2d.default or not _is_pointwise(node):
+        if node.op != "call_function" or node.target is not torch.ops.aten.conv2d.default:
             continue
         weight = _tensor_attr(gm, node.args[1])
         bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         bias = _tensor_attr(gm, bias_node) if bias_node is not None else None
-        if weight is None or weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1) or (
-                bias_node is not None and bias is None):
+        if weight is None or weight.dim() != 4 or (bias_node is not None and bias is None):
             continue
-        activation, last = _fused_activation(node)
-        found.append((node, DenseConv1x1(weight, bias, activation), last))
+        geo = _conv_geometry(node)
+        if geo["dilation"] != (1, 1):
+            continue
+        if geo["groups"] == 1 and tuple(weight.shape[2:]) == (1, 1) and geo["stride"] == (1, 1) and (
+                geo["padding"] == (0, 0)):
+            activation, last = _fused_activation(node, conv=True)
+            found.append((node, DenseConv1x1(weight, bias, activation), last))
+        elif (geo["groups"] == weight.shape[0] > 1 and weight.shape[1] == 1
+              and geo["stride"][0] == geo["stride"][1]):
+            activation, last = _fused_activation(node, conv=True)
+            found.append((node, DenseDepthwiseConv2d(weight, bias, geo["stride"][0], geo["padding"], activation),
+                          last))
     return found
 
 
 @DENSE.register_exporter("conv2d")
-def export_dense_conv(ctx, bb, x, res, mod: DenseConv1x1):
+def export_dense_conv(ctx, bb, x, res, mod):
     """Relax for one :class:`DenseConv1x1`: X (B, C_in, H, W) -> (B, C_in, HW) with the pixels padded to the
-    panel width, the 1x1 conv kernel on a weight whose rows are padded to the row tile, (B, C_out, H, W).
-
-    Tiles: the deploy target's ``kernel_params("dense", ...)`` with ``C_out`` as the rows.
+    panel width, the 1x1 conv kernel on a weight whose rows are padded to the row tile, (B, C_out, H, W);
+    tiles: the deploy target's ``kernel_params("dense", ...)`` with ``C_out`` as the rows. Or for one
+    :class:`DenseDepthwiseConv2d` (:func:`_export_depthwise`).
     """
     from tvm import relax
 
     from sparsecc.codegen.dense import padded_n
 
     if res is not None:
-        raise UnsupportedOpError("a dense 1x1 conv of an export takes no residual")
+        raise UnsupportedOpError("a dense conv of an export takes no residual")
+    if isinstance(mod, DenseDepthwiseConv2d):
+        return _export_depthwise(ctx, bb, x, mod)
     c_out, c_in = mod.shape
     n, c, h, w = (int(v) for v in x.ty.shape.values)
     hw = h * w
@@ -203,6 +265,43 @@ def export_dense_conv(ctx, bb, x, res, mod: DenseConv1x1):
     if cop != c_out or hwp != hw:
         y = bb.emit(relax.op.strided_slice(y, axes=[1, 2], begin=[0, 0], end=[c_out, hw]))
     return bb.emit(relax.op.reshape(y, (n, c_out, h, w)))
+
+
+def _export_depthwise(ctx, bb, x, mod: DenseDepthwiseConv2d):
+    """X (B, C, H, W) zero-padded (the conv's border, plus what whole vectors of output columns read), the
+    depthwise kernel, its output sliced to (B, C, OH, OW)."""
+    import tvm
+    from tvm import relax
+
+    from sparsecc.codegen.dense import zero_pad_nchw
+    from sparsecc.targets.x86 import target_vector_bits
+
+    n, c, h, w = (int(v) for v in x.ty.shape.values)
+    (kh, kw), s, (ph, pw) = mod.kernel_size, mod.stride[0], mod.padding
+    oh, ow = (h + 2 * ph - kh) // s + 1, (w + 2 * pw - kw) // s + 1
+    lanes = target_vector_bits(ctx.tvm_target) // 32
+    owp, _ = x86.depthwise_tile(ow, lanes)
+    bottom = max((oh - 1) * s + kh - h - ph, 0)
+    right = max((owp - 1) * s + kw - w - pw, 0)
+    hp, wp = h + ph + bottom, w + pw + right
+    has_bias = mod.bias is not None
+    name = (f"sparsecc_depthwise_conv_b{n}_c{c}_{hp}x{wp}_k{kh}x{kw}_s{s}_o{oh}x{owp}{'_bias' if has_bias else ''}"
+            f"_{mod.activation or 'none'}")
+    sch = x86.schedule_depthwise(n, c, hp, wp, (kh, kw), s, (oh, owp), bias=has_bias, activation=mod.activation,
+                                 lanes=lanes)
+    if ph or pw or bottom or right:
+        pad = tvm.IRModule({"main": zero_pad_nchw(n, c, h, w, (ph, bottom, pw, right))})
+        pad_gv = ctx.gvar(bb, f"sparsecc_zero_pad_b{n}_c{c}_{h}x{w}_p{ph}_{bottom}_{pw}_{right}", pad)
+        xp = bb.emit(relax.call_tir(pad_gv, [x], relax.TensorType((n, c, hp, wp), "float32")))
+    else:
+        xp = x
+    args = [xp, relax.const(mod.weight.reshape(c, kh, kw).cpu().numpy())]
+    if has_bias:
+        args.append(relax.const(mod.bias.cpu().numpy()))
+    y = bb.emit(relax.call_tir(ctx.gvar(bb, name, sch), args, relax.TensorType((n, c, oh, owp), "float32")))
+    if owp != ow:
+        y = bb.emit(relax.op.strided_slice(y, axes=[3], begin=[0], end=[ow]))
+    return y
 
 
 @DENSE.register_exporter("linear")

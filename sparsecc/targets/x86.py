@@ -43,6 +43,8 @@ __all__ = [
     "regime_for",
     "schedule_dense",
     "schedule_dense_conv1x1",
+    "schedule_depthwise",
+    "depthwise_tile",
     "schedule_linear",
     "template_for",
 ]
@@ -318,7 +320,7 @@ def schedule_dense(m: int, n: int, k: int, *, bias: bool, activation=None, param
 
 
 def schedule_dense_conv1x1(batch: int, c_out: int, c_in: int, hw: int, *, bias: bool, activation=None,
-                           params: DenseParams, gelu_at_inf=None) -> tvm.s_tir.Schedule:
+                           params: DenseParams) -> tvm.s_tir.Schedule:
     """The dense 1x1 NCHW convolution (:func:`sparsecc.codegen.dense.dense_conv1x1`) scheduled as
     :func:`schedule_dense` schedules its GEMM, output channels as the rows (``C_out`` a multiple of
     ``params.mr``: callers pad the weight) and ``params.nb`` pixels as the panel; images and tiles in parallel."""
@@ -326,8 +328,49 @@ def schedule_dense_conv1x1(batch: int, c_out: int, c_in: int, hw: int, *, bias: 
 
     if c_out % params.mr:
         raise KernelBuildError(f"dense 1x1 conv: C_out = {c_out} is not a multiple of the row tile {params.mr}")
-    return _schedule_gemm(dense_conv1x1(batch, c_out, c_in, hw, params.nb, bias=bias, activation=activation,
-                                        gelu_at_inf=gelu_at_inf), c_out, params)
+    return _schedule_gemm(dense_conv1x1(batch, c_out, c_in, hw, params.nb, bias=bias, activation=activation),
+                          c_out, params)
+
+
+def depthwise_tile(ow: int, lanes: int) -> tuple[int, int]:
+    """``(OW padded, vectors per tile)`` of :func:`schedule_depthwise`: the output row padded to whole vectors,
+    up to 4 of them accumulated at once (independent FMA chains over the taps)."""
+    vectors = -(-int(ow) // int(lanes))
+    per_tile = next(v for v in (4, 3, 2, 1) if vectors % v == 0)
+    return vectors * int(lanes), per_tile
+
+
+def schedule_depthwise(batch: int, channels: int, hp: int, wp: int, kernel, stride: int, out_hw, *, bias: bool,
+                       activation=None, lanes: int) -> tvm.s_tir.Schedule:
+    """The depthwise conv (:func:`sparsecc.codegen.dense.dense_depthwise_conv`): (image, channel, output row)
+    in parallel; per row, tiles of :func:`depthwise_tile` vectors of output columns kept in registers over the
+    unrolled taps, with the bias and activation applied as the tile is written. ``out_hw[1]`` must be a whole
+    number of tiles (callers pad the output row with :func:`depthwise_tile`)."""
+    from sparsecc.codegen.dense import DENSE_BLOCKS, dense_depthwise_conv
+
+    ow = int(out_hw[1])
+    _, per_tile = depthwise_tile(ow, lanes)
+    if ow % (per_tile * lanes):
+        raise KernelBuildError(f"depthwise conv: OW = {ow} is not a whole number of {per_tile} x {lanes} tiles")
+    func = dense_depthwise_conv(batch, channels, hp, wp, kernel, stride, out_hw, bias=bias, activation=activation)
+    sch = tvm.s_tir.Schedule(func)
+    blk = sch.get_sblock(DENSE_BLOCKS["compute"])
+    n, ch, i, j, r, q = sch.get_loops(blk)
+    jo, jv, ji = sch.split(j, [None, per_tile, lanes])
+    sch.reorder(n, ch, i, jo, r, q, jv, ji)
+    tile = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(tile, jo)
+    sch.reverse_compute_inline(sch.get_sblock(DENSE_BLOCKS["epilogue"]))
+    sch.parallel(sch.fuse(n, ch, i))
+    sch.vectorize(ji)
+    sch.unroll(jv)
+    sch.unroll(q)
+    sch.unroll(r)
+    out = sch.get_loops(tile)
+    sch.vectorize(out[-1])
+    init = sch.decompose_reduction(blk, r)
+    sch.vectorize(sch.get_loops(init)[-1])
+    return sch
 
 
 def _schedule_gemm(func, m: int, p: DenseParams) -> tvm.s_tir.Schedule:

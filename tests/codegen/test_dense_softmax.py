@@ -13,7 +13,7 @@ import tvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsecc.codegen.dense import pack_weight, padded_n
+from sparsecc.codegen.dense import pack_weight, padded_n, zero_pad_nchw
 from sparsecc.codegen.softmax import softmax_rows
 from sparsecc.errors import KernelBuildError, UnsupportedOpError
 from sparsecc.targets import x86
@@ -143,6 +143,56 @@ def test_dense_conv1x1_without_bias_keeps_nan_and_inf():
         x86.schedule_dense_conv1x1(1, 12, 8, 15, bias=False, params=_host_params(12, 8))
     with pytest.raises(KernelBuildError, match="not a multiple of the row tile"):
         x86.schedule_dense_conv1x1(1, 10, 8, 16, bias=False, params=x86.DenseParams(mr=4))
+
+
+def _run_depthwise(x, w, b, stride, padding, activation):
+    """The depthwise kernel with the export's glue: the scheduled zero pad, then the output row padded to tiles."""
+    n, c, h, wd = x.shape
+    (kh, kw), (ph, pw) = w.shape[2:], padding
+    oh, ow = (h + 2 * ph - kh) // stride + 1, (wd + 2 * pw - kw) // stride + 1
+    lanes = x86.host_vector_file()[0]
+    owp, _ = x86.depthwise_tile(ow, lanes)
+    bottom, right = max((oh - 1) * stride + kh - h - ph, 0), max((owp - 1) * stride + kw - wd - pw, 0)
+    hp, wp = h + ph + bottom, wd + pw + right
+    pad = x86.build(tvm.IRModule({"main": zero_pad_nchw(n, c, h, wd, (ph, bottom, pw, right))}))
+    xp = tvm.runtime.tensor(np.zeros((n, c, hp, wp), np.float32))
+    pad(tvm.runtime.tensor(x.numpy()), xp)
+    lib = x86.build(x86.schedule_depthwise(n, c, hp, wp, (kh, kw), stride, (oh, owp), bias=b is not None,
+                                           activation=activation, lanes=lanes))
+    args = [xp, tvm.runtime.tensor(w.reshape(c, kh, kw).numpy())] + ([tvm.runtime.tensor(b.numpy())] if b is not None
+                                                                      else [])
+    y = tvm.runtime.tensor(np.zeros((n, c, oh, owp), np.float32))
+    lib(*args, y)
+    return torch.from_numpy(y.numpy()[..., :ow])
+
+
+_CONV_ACT = {None: lambda y: y, "relu": torch.relu, "relu6": lambda y: torch.nn.functional.hardtanh(y, 0.0, 6.0)}
+
+
+@pytest.mark.parametrize("n,c,h,w,k,stride,padding", [(1, 16, 28, 28, 3, 1, (1, 1)), (1, 24, 29, 17, 3, 2, (1, 1)),
+                                                      (2, 5, 7, 7, 3, 2, (1, 1)), (1, 3, 9, 12, 5, 1, (2, 2)),
+                                                      (1, 8, 6, 5, 3, 1, (0, 0)), (1, 4, 1, 1, 3, 1, (1, 1))])
+@pytest.mark.parametrize("activation", [None, "relu6"])
+def test_depthwise_conv_matches_torch(n, c, h, w, k, stride, padding, activation):
+    torch.manual_seed(c * 31 + h + k)
+    x, wt, b = torch.randn(n, c, h, w), torch.randn(c, 1, k, k), torch.randn(c)
+    ref = _CONV_ACT[activation](torch.nn.functional.conv2d(x, wt, b, stride, padding, groups=c))
+    torch.testing.assert_close(_run_depthwise(x, wt, b, stride, padding, activation), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_conv_keeps_nan_and_inf_and_refuses_bad_geometry():
+    x = torch.randn(1, 3, 8, 8)
+    x[0, 0, 2, 2], x[0, 1, 5, 5], x[0, 2, 0, 0] = float("nan"), float("inf"), float("-inf")
+    wt = torch.randn(3, 1, 3, 3)
+    for act in (None, "relu", "relu6"):
+        ref = _CONV_ACT[act](torch.nn.functional.conv2d(x, wt, None, 1, 1, groups=3))
+        torch.testing.assert_close(_run_depthwise(x, wt, None, 1, (1, 1), act), ref, equal_nan=True)
+    with pytest.raises(UnsupportedOpError, match="cannot give"):
+        x86.schedule_depthwise(1, 3, 4, 4, (3, 3), 1, (4, 8), bias=False, lanes=8)
+    with pytest.raises(KernelBuildError, match="whole number"):
+        x86.schedule_depthwise(1, 3, 12, 12, (3, 3), 1, (10, 10), bias=False, lanes=8)
+    with pytest.raises(UnsupportedOpError, match="zero pad"):
+        zero_pad_nchw(1, 3, 4, 4, (1, -1, 0, 0))
 
 
 def _run_softmax(x: np.ndarray, lanes: int) -> np.ndarray:
