@@ -35,7 +35,7 @@ from sparsecc.codegen.linear import _activation
 from sparsecc.errors import UnsupportedOpError
 
 __all__ = ["DENSE_BLOCKS", "dense_conv1x1", "dense_depthwise_conv", "dense_linear", "pack_weight", "padded_n",
-           "zero_pad_nchw"]
+           "im2col_nchw", "zero_pad_nchw"]
 
 #: Names of the TensorIR blocks of :func:`dense_linear` (the schedule looks them up).
 DENSE_BLOCKS = {"compute": "matmul", "epilogue": "epilogue"}
@@ -210,8 +210,7 @@ def dense_depthwise_conv(batch: int, channels: int, hp: int, wp: int, kernel: tu
 
 def zero_pad_nchw(batch: int, channels: int, h: int, w: int, pads: tuple[int, int, int, int]) -> tvm.tirx.PrimFunc:
     """``Y (batch, C, top + H + bottom, left + W + right)``: ``X (batch, C, H, W)`` inside a zero border, scheduled
-    (one (image, channel) plane per task). TVM's legalized ``pad`` under the export's rules ran 14x slower (2.86
-    against 0.20 ms for MobileNetV2's (1, 96, 112, 112) input of its first strided depthwise conv).
+    (one (image, channel) plane per task): TVM's legalized ``pad`` under the export's rules ran as one serial loop.
 
     Parameters
     ----------
@@ -233,6 +232,49 @@ def zero_pad_nchw(batch: int, channels: int, h: int, w: int, pads: tuple[int, in
     sch = tvm.s_tir.Schedule(te.create_prim_func([x, y]))
     n, c, _, _ = sch.get_loops(sch.get_sblock("pad"))
     sch.parallel(sch.fuse(n, c))
+    func = sch.mod["main"]
+    for key, value in (("tir.noalias", True), ("op_pattern", 8), ("tirx.is_scheduled", True)):
+        func = func.with_attr(key, value)
+    return func
+
+
+def im2col_nchw(batch: int, channels: int, h: int, w: int, kernel, stride, padding, cols: int) -> tvm.tirx.PrimFunc:
+    """The im2col columns of an NCHW convolution, in the layout of :func:`dense_conv1x1`'s ``X``, scheduled.
+
+    ``Y[b, (c * kh + r) * kw + q, i * OW + j] = X[b, c, i * sh + r - ph, j * sw + q - pw]`` (0 outside the image
+    and for the padded columns ``>= OH * OW``), so that a convolution is ``W (C_out, C_in * kh * kw) @ Y[b]``
+    with ``W`` the weight reshaped as it is stored. One (image, row) per task.
+
+    Parameters
+    ----------
+    batch, channels, h, w : int
+        ``X: (batch, C, H, W)``.
+    kernel, stride, padding : (int, int)
+    cols : int
+        Columns of ``Y``: ``OH * OW`` or more (padded to the GEMM's panel width).
+
+    Raises
+    ------
+    UnsupportedOpError
+        A non-positive shape, an empty output, or fewer columns than ``OH * OW``.
+    """
+    (kh, kw), (sh, sw), (ph, pw) = ((int(a), int(b)) for a, b in (kernel, stride, padding))
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    if min(batch, channels, h, w, kh, kw, sh, sw, oh, ow) < 1 or min(ph, pw) < 0 or cols < oh * ow:
+        raise UnsupportedOpError(f"im2col: input {(batch, channels, h, w)}, kernel {(kh, kw)}, stride {(sh, sw)}, "
+                                 f"padding {(ph, pw)} and {cols} columns give no valid output")
+    x = te.placeholder((batch, channels, h, w), "float32", name="X")
+
+    def col(n, k, j):
+        c, r, q = k // (kh * kw), (k // kw) % kh, k % kw
+        ih, iw = (j // ow) * sh + r - ph, (j % ow) * sw + q - pw
+        inside = tvm.tirx.all(j < oh * ow, ih >= 0, ih < h, iw >= 0, iw < w)
+        return te.if_then_else(inside, x[n, c, ih, iw], tvm.tirx.const(0.0, "float32"))
+
+    y = te.compute((batch, channels * kh * kw, cols), col, name="im2col")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([x, y]))
+    n, k, _ = sch.get_loops(sch.get_sblock("im2col"))
+    sch.parallel(sch.fuse(n, k))
     func = sch.mod["main"]
     for key, value in (("tir.noalias", True), ("op_pattern", 8), ("tirx.is_scheduled", True)):
         func = func.with_attr(key, value)

@@ -9,11 +9,13 @@ once at export time, with a following ReLU or GELU fused into its epilogue.
 
 :func:`dense_linears_for_export` finds the calls and swaps them for :class:`DenseLinear` modules (the export
 turns those into custom-op calls, as it does the sparse kernel modules); :func:`export_dense_linear` is the
-converter of the "dense" format. Likewise a dense 1x1 convolution (stride 1, no padding, no groups: the
-expansion and projection layers of MobileNet-style blocks) becomes :class:`DenseConv1x1`
-(:func:`dense_convs_for_export`) and one :func:`sparsecc.codegen.dense.dense_conv1x1` kernel in NCHW
-(:func:`export_dense_conv`): TVM's legalized ``conv2d`` with the default schedules ran MobileNetV2's at a few
-GFLOP/s.
+converter of the "dense" format. Likewise a dense convolution with one group becomes :class:`DenseConv2d`
+(:func:`dense_convs_for_export`) and one :func:`sparsecc.codegen.dense.dense_conv1x1` GEMM kernel in NCHW
+(:func:`export_dense_conv`), on X itself for a 1x1 kernel with stride 1 and no padding (the expansion and
+projection layers of MobileNet-style blocks), else on its im2col columns; and a depthwise convolution :class:`DenseDepthwiseConv2d` and one
+:func:`sparsecc.codegen.dense.dense_depthwise_conv` kernel behind a scheduled zero pad: TVM's legalized
+``conv2d`` and ``pad`` under dlight's default rules made most of an exported MobileNetV2's time
+(``benchmarks/structured.py`` times the artifacts).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from sparsecc.formats import DENSE
 from sparsecc.runtime.ieee import torch_activation, torch_conv2d, torch_linear
 from sparsecc.targets import x86
 
-__all__ = ["DenseConv1x1", "DenseDepthwiseConv2d", "DenseLinear", "dense_convs_for_export", "dense_linears_for_export", "export_dense_conv",
+__all__ = ["DenseConv2d", "DenseDepthwiseConv2d", "DenseLinear", "dense_convs_for_export", "dense_linears_for_export", "export_dense_conv",
            "export_dense_linear"]
 
 _ACTIVATIONS = {torch.ops.aten.relu.default: "relu", torch.ops.aten.gelu.default: "gelu"}
@@ -58,31 +60,39 @@ class DenseLinear(torch.nn.Module):
         return torch_linear(x, self.weight, self.bias, self.activation)
 
 
-class DenseConv1x1(torch.nn.Module):
-    """A dense ``act(conv2d(x, weight, bias))`` with a 1x1 kernel, stride 1 and no padding, standing for its
-    ``aten.conv2d`` call in an export.
+class DenseConv2d(torch.nn.Module):
+    """A dense ``act(conv2d(x, weight, bias, stride, padding))`` with one group, standing for its ``aten.conv2d``
+    call in an export.
 
     Parameters
     ----------
-    weight : torch.Tensor, (C_out, C_in, 1, 1) float32
+    weight : torch.Tensor, (C_out, C_in, kh, kw) float32
     bias : torch.Tensor, (C_out,) float32, or None
+    stride, padding : (int, int)
     activation : None, "relu" or "relu6"
     """
 
     format = "dense"
     layer_kind = "conv2d"
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride=(1, 1), padding=(0, 0),
+                 activation: str | None = None):
         super().__init__()
         self.weight = weight.detach()
         self.bias = bias.detach() if bias is not None else None
         self.activation = activation
-        self.shape = tuple(weight.shape[:2])
-        self.c_out = self.shape[0]
-        self.kernel_size, self.stride, self.padding = (1, 1), (1, 1), (0, 0)
+        self.c_out = int(weight.shape[0])
+        self.shape = (self.c_out, int(np.prod(weight.shape[1:])))  # the GEMM's (C_out, C_in * kh * kw)
+        self.kernel_size = tuple(int(v) for v in weight.shape[2:])
+        self.stride, self.padding = tuple(int(v) for v in stride), tuple(int(v) for v in padding)
+
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1 kernel, stride 1, no padding: X is the GEMM's operand as it is (no im2col)."""
+        return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
 
     def forward(self, x):
-        return torch_conv2d(x, self.weight, self.bias, 1, 0, self.activation)
+        return torch_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.activation)
 
 
 class DenseDepthwiseConv2d(torch.nn.Module):
@@ -191,11 +201,11 @@ def dense_convs_for_export(gm: torch.fx.GraphModule) -> list:
     """The dense ``aten.conv2d`` calls of ``gm``'s graph on graph-held float32 weights that have a kernel here,
     each with its fused activation (ReLU, ReLU6):
 
-    * pointwise: weight ``(C_out, C_in, 1, 1)``, stride 1, no padding, one group -> :class:`DenseConv1x1`;
+    * one group: :class:`DenseConv2d` (the GEMM on X itself when pointwise, else on its im2col columns);
     * depthwise: weight ``(C, 1, kh, kw)`` with ``groups = C``, one stride for both axes ->
       :class:`DenseDepthwiseConv2d`.
 
-    Dilated convs and other grouped or strided ones keep TVM's legalized conv.
+    Dilated convs and other grouped ones keep TVM's legalized conv.
 
     Returns
     -------
@@ -214,10 +224,9 @@ def dense_convs_for_export(gm: torch.fx.GraphModule) -> list:
         geo = _conv_geometry(node)
         if geo["dilation"] != (1, 1):
             continue
-        if geo["groups"] == 1 and tuple(weight.shape[2:]) == (1, 1) and geo["stride"] == (1, 1) and (
-                geo["padding"] == (0, 0)):
+        if geo["groups"] == 1:
             activation, last = _fused_activation(node, conv=True)
-            found.append((node, DenseConv1x1(weight, bias, activation), last))
+            found.append((node, DenseConv2d(weight, bias, geo["stride"], geo["padding"], activation), last))
         elif (geo["groups"] == weight.shape[0] > 1 and weight.shape[1] == 1
               and geo["stride"][0] == geo["stride"][1]):
             activation, last = _fused_activation(node, conv=True)
@@ -228,10 +237,11 @@ def dense_convs_for_export(gm: torch.fx.GraphModule) -> list:
 
 @DENSE.register_exporter("conv2d")
 def export_dense_conv(ctx, bb, x, res, mod):
-    """Relax for one :class:`DenseConv1x1`: X (B, C_in, H, W) -> (B, C_in, HW) with the pixels padded to the
-    panel width, the 1x1 conv kernel on a weight whose rows are padded to the row tile, (B, C_out, H, W);
-    tiles: the deploy target's ``kernel_params("dense", ...)`` with ``C_out`` as the rows. Or for one
-    :class:`DenseDepthwiseConv2d` (:func:`_export_depthwise`).
+    """Relax for one :class:`DenseConv2d`: X (B, C_in, H, W) -> (B, C_in, HW) with the pixels padded to the
+    panel width when pointwise, else its im2col columns (B, C_in * kh * kw, OH * OW padded)
+    (:func:`sparsecc.codegen.dense.im2col_nchw`); the NCHW GEMM kernel on a weight whose rows are padded to the
+    row tile; (B, C_out, OH, OW). Tiles: the deploy target's ``kernel_params("dense", ...)`` with ``C_out`` as
+    the rows. Or for one :class:`DenseDepthwiseConv2d` (:func:`_export_depthwise`).
     """
     from tvm import relax
 
@@ -241,9 +251,15 @@ def export_dense_conv(ctx, bb, x, res, mod):
         raise UnsupportedOpError("a dense conv of an export takes no residual")
     if isinstance(mod, DenseDepthwiseConv2d):
         return _export_depthwise(ctx, bb, x, mod)
-    c_out, c_in = mod.shape
+    import tvm
+
+    from sparsecc.codegen.dense import im2col_nchw
+
+    c_out, c_in = mod.shape  # c_in: the GEMM's reduction, C_in * kh * kw
     n, c, h, w = (int(v) for v in x.ty.shape.values)
-    hw = h * w
+    (kh, kw), (sh, sw), (ph, pw) = mod.kernel_size, mod.stride, mod.padding
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    hw = oh * ow
     p = ctx.target.kernel_params("dense", x86.regime_for(c_out), m=c_out, k=c_in)
     cop = -(-c_out // p.mr) * p.mr
     hwp = padded_n(hw, p.nb)
@@ -251,9 +267,14 @@ def export_dense_conv(ctx, bb, x, res, mod):
     name = (f"sparsecc_dense_conv1x1_b{n}_co{cop}_ci{c_in}_hw{hwp}{'_bias' if has_bias else ''}"
             f"_{mod.activation or 'none'}_mr{p.mr}_nb{p.nb}")
     sch = x86.schedule_dense_conv1x1(n, cop, c_in, hwp, bias=has_bias, activation=mod.activation, params=p)
-    x3 = bb.emit(relax.op.reshape(x, (n, c, hw)))
-    if hwp != hw:
-        x3 = bb.emit(relax.op.nn.pad(x3, [0, 0, 0, 0, 0, hwp - hw]))
+    if mod.pointwise:
+        x3 = bb.emit(relax.op.reshape(x, (n, c, hw)))
+        if hwp != hw:
+            x3 = bb.emit(relax.op.nn.pad(x3, [0, 0, 0, 0, 0, hwp - hw]))
+    else:
+        cols = tvm.IRModule({"main": im2col_nchw(n, c, h, w, mod.kernel_size, mod.stride, mod.padding, hwp)})
+        gv = ctx.gvar(bb, f"sparsecc_im2col_b{n}_c{c}_{h}x{w}_k{kh}x{kw}_s{sh}x{sw}_p{ph}x{pw}_n{hwp}", cols)
+        x3 = bb.emit(relax.call_tir(gv, [x], relax.TensorType((n, c_in, hwp), "float32")))
     wt = np.zeros((cop, c_in), np.float32)
     wt[:c_out] = mod.weight.reshape(c_out, c_in).cpu().numpy()
     args = [x3, relax.const(wt)]
@@ -264,7 +285,7 @@ def export_dense_conv(ctx, bb, x, res, mod):
     y = bb.emit(relax.call_tir(ctx.gvar(bb, name, sch), args, relax.TensorType((n, cop, hwp), "float32")))
     if cop != c_out or hwp != hw:
         y = bb.emit(relax.op.strided_slice(y, axes=[1, 2], begin=[0, 0], end=[c_out, hw]))
-    return bb.emit(relax.op.reshape(y, (n, c_out, h, w)))
+    return bb.emit(relax.op.reshape(y, (n, c_out, oh, ow)))
 
 
 def _export_depthwise(ctx, bb, x, mod: DenseDepthwiseConv2d):

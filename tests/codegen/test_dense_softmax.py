@@ -13,7 +13,7 @@ import tvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsecc.codegen.dense import pack_weight, padded_n, zero_pad_nchw
+from sparsecc.codegen.dense import im2col_nchw, pack_weight, padded_n, zero_pad_nchw
 from sparsecc.codegen.softmax import softmax_rows
 from sparsecc.errors import KernelBuildError, UnsupportedOpError
 from sparsecc.targets import x86
@@ -129,6 +129,31 @@ def test_dense_conv1x1_matches_torch(n, c_out, c_in, h, w, activation):
     x, wt, b = torch.randn(n, c_in, h, w), torch.randn(c_out, c_in, 1, 1), torch.randn(c_out)
     y = _run_conv1x1(x, wt, b, activation, _host_params(c_out, c_in))
     torch.testing.assert_close(y, _ACT[activation](torch.nn.functional.conv2d(x, wt, b)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n,c_in,c_out,h,w,k,stride,padding", [(1, 3, 16, 15, 15, 7, (2, 2), (3, 3)),
+                                                            (2, 8, 12, 9, 7, 3, (1, 1), (1, 1)),
+                                                            (1, 6, 10, 8, 8, 1, (2, 2), (0, 0)),
+                                                            (1, 4, 8, 5, 6, 3, (2, 1), (0, 1))])
+def test_im2col_then_the_nchw_gemm_is_torchs_conv(n, c_in, c_out, h, w, k, stride, padding):
+    torch.manual_seed(c_in * 7 + h + k)
+    x, wt, b = torch.randn(n, c_in, h, w), torch.randn(c_out, c_in, k, k), torch.randn(c_out)
+    ref = torch.relu(torch.nn.functional.conv2d(x, wt, b, stride, padding))
+    oh, ow = ref.shape[2:]
+    p = _host_params(c_out, c_in * k * k)
+    cols = padded_n(oh * ow, p.nb)
+    lib = x86.build(tvm.IRModule({"main": im2col_nchw(n, c_in, h, w, (k, k), stride, padding, cols)}))
+    xc = tvm.runtime.tensor(np.zeros((n, c_in * k * k, cols), np.float32))
+    lib(tvm.runtime.tensor(x.numpy()), xc)
+    xn = xc.numpy()
+    assert (xn[:, :, oh * ow:] == 0).all()  # the padded columns
+    # the GEMM on the columns: the same kernel as a 1x1 conv over a (C_in * k * k, cols) "image"
+    y = _run_conv1x1(torch.from_numpy(xn).reshape(n, c_in * k * k, 1, cols), wt.reshape(c_out, -1, 1, 1), b,
+                     "relu", p)
+    torch.testing.assert_close(y.reshape(n, c_out, cols)[:, :, :oh * ow].reshape(ref.shape), ref, rtol=1e-4,
+                               atol=1e-4)
+    with pytest.raises(UnsupportedOpError, match="im2col"):
+        im2col_nchw(n, c_in, h, w, (k, k), stride, padding, oh * ow - 1)
 
 
 def test_dense_conv1x1_without_bias_keeps_nan_and_inf():

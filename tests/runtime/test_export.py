@@ -375,7 +375,7 @@ class _Pointwise(nn.Module):
         return h + self.bn(self.project(torch.nn.functional.relu6(self.dw(torch.relu(self.expand(h))))))
 
 
-def test_dense_pointwise_and_depthwise_convs_run_on_their_kernels(tmp_path):
+def test_dense_convs_run_on_the_nchw_gemm_and_the_depthwise_kernel(tmp_path):
     torch.manual_seed(0)
     model = _Pointwise().eval()
     model.bn.running_mean.uniform_(-1, 1)
@@ -387,6 +387,7 @@ def test_dense_pointwise_and_depthwise_convs_run_on_their_kernels(tmp_path):
     assert re.search(rb"sparsecc_dense_conv1x1_b2_co30_ci12_hw\d+_bias_relu", lib)  # the expansion, ReLU fused
     assert re.search(rb"sparsecc_dense_conv1x1_b2_co12_ci30_hw\d+_bias_none", lib)  # the projection, BN folded
     assert re.search(rb"sparsecc_depthwise_conv_b2_c30_\d+x\d+_k3x3_s1_o9x\d+_bias_relu6", lib)  # ReLU6 fused
+    assert b"sparsecc_im2col_b2_c3_9x7_k3x3_s1x1_p1x1" in lib  # the 3x3 stem: im2col, then the same GEMM
 
     lm = sparsecc.load(path)
     x2 = torch.randn(2, 3, 9, 7)
