@@ -5,8 +5,10 @@ Sections (``--only`` picks some):
 * ``cnn``: the ResNet-18-like CNN and the MobileNetV2-style network of the zoo (random weights), 50% of the
   units of every dependency group removed (``sparsecc.sparsify.structured.prune_channels``), batch 1, 224x224:
   latency of the smaller model against the dense one in three torch runtimes (eager NCHW; eager channels_last
-  with batch norm folded; frozen TorchScript), their MAC ratio (torch's FLOP counter) and parameter counts. The
-  output shape must be unchanged.
+  with batch norm folded; frozen TorchScript) and in sparsecc's torch-free artifact (``sparsecc.compile(...,
+  sparsity=0)``, ``cm.export``, ``sparsecc.runtime.load``: numpy in and out; timed in its own rounds, after the
+  torch ones, since the two thread pools slow each other), their MAC ratio (torch's FLOP counter) and
+  parameter counts. The output shape must be unchanged.
 * ``fashion``: the zoo's Fashion-MNIST CNN, 50% channels removed by ``sparsify(pattern="channel")`` and
   fine-tuned with the budget of ``benchmarks/accuracy.py`` (1 epoch of batch 128, Adam lr 5e-4; the last
   5000 training images held out); test accuracy against dense, and against dense fine-tuned for the same budget.
@@ -70,9 +72,11 @@ def macs(model, *args, **kwargs) -> float:
 def section_cnn(runs: int) -> dict:
     say("## CNNs: 50% of every group's channels removed, batch 1, 224x224 (ratio = small / dense latency, ms)")
     say("runtimes: torch eager NCHW; eager channels_last with batch norm folded (torch.fx fuse); TorchScript "
-        "frozen (torch.jit.optimize_for_inference)")
+        "frozen (torch.jit.optimize_for_inference); sparsecc's exported artifact (TVM, torch-free)")
     say(f"{'model':<12} {'params':>18} {'MACs':>6} | {'eager':>6} {'small':>6} {'ratio':>6} | {'cl+fold':>7} "
-        f"{'small':>6} {'ratio':>6} | {'script':>6} {'small':>6} {'ratio':>6}")
+        f"{'small':>6} {'ratio':>6} | {'script':>6} {'small':>6} {'ratio':>6} | {'export':>6} {'small':>6} "
+        f"{'ratio':>6}")
+    import tempfile
     from torch.fx.experimental.optimization import fuse
 
     out = {}
@@ -91,14 +95,24 @@ def section_cnn(runs: int) -> dict:
                 js = torch.jit.optimize_for_inference(torch.jit.trace(copy.deepcopy(m), x))
                 fns[key + "_script"] = (lambda m=js: m(x))
             ms = interleaved_ms(fns, runs=runs, warmup=3)
+            exported = {}
+            with tempfile.TemporaryDirectory() as tmp:
+                for key, m in (("dense", dense), ("small", small)):
+                    em = sparsecc.runtime.load(sparsecc.compile(m, (x,), sparsity=0.0).export(f"{tmp}/{key}"))
+                    diff = float((torch.from_numpy(em(x.numpy())) - m(x)).abs().max())
+                    assert diff < 1e-3, f"{name} {key}: the artifact is {diff} from torch"
+                    exported[key + "_export"] = (lambda em=em, xn=x.numpy(): em(xn))
+                ms.update(interleaved_ms(exported, runs=runs, warmup=3))
         mac_ratio = macs(small, x) / macs(dense, x)
-        ratios = {k: ms["small" + k] / ms["dense" + k] for k in ("", "_cl", "_script")}
+        ratios = {k: ms["small" + k] / ms["dense" + k] for k in ("", "_cl", "_script", "_export")}
         say(f"{name:<12} {params(dense):>8}->{params(small):>8} {mac_ratio:>6.3f} | {ms['dense']:>6.2f} "
             f"{ms['small']:>6.2f} {ratios['']:>5.2f}x | {ms['dense_cl']:>7.2f} {ms['small_cl']:>6.2f} "
-            f"{ratios['_cl']:>5.2f}x | {ms['dense_script']:>6.2f} {ms['small_script']:>6.2f} {ratios['_script']:>5.2f}x")
+            f"{ratios['_cl']:>5.2f}x | {ms['dense_script']:>6.2f} {ms['small_script']:>6.2f} {ratios['_script']:>5.2f}x"
+            f" | {ms['dense_export']:>6.2f} {ms['small_export']:>6.2f} {ratios['_export']:>5.2f}x")
         out[name] = {"params": [params(dense), params(small)], "mac_ratio": mac_ratio, "ms": ms,
                      "ratio_eager": ratios[""], "ratio_channels_last_folded": ratios["_cl"],
-                     "ratio_torchscript": ratios["_script"], "removed": res.summary()}
+                     "ratio_torchscript": ratios["_script"], "ratio_exported": ratios["_export"],
+                     "exported_small_vs_eager_dense": ms["small_export"] / ms["dense"], "removed": res.summary()}
     say()
     return out
 
