@@ -172,17 +172,23 @@ def dense_linears_for_export(gm: torch.fx.GraphModule) -> list:
         ``replaced node``: the linear node, or the activation after it that the module also computes.
     """
     found = []
+    for node, weight, bias in _weighted_calls(gm, torch.ops.aten.linear.default, 2):
+        activation, last = _fused_activation(node)
+        found.append((node, DenseLinear(weight, bias, activation), last))
+    return found
+
+
+def _weighted_calls(gm, target, weight_dims: int):
+    """``(node, weight, bias or None)`` for each call of ``target`` whose weight (``weight_dims`` dims) and bias
+    (when given) are graph-held float32 tensors."""
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
+        if node.op != "call_function" or node.target is not target:
             continue
         weight = _tensor_attr(gm, node.args[1])
         bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         bias = _tensor_attr(gm, bias_node) if bias_node is not None else None
-        if weight is None or weight.dim() != 2 or (bias_node is not None and bias is None):
-            continue
-        activation, last = _fused_activation(node)
-        found.append((node, DenseLinear(weight, bias, activation), last))
-    return found
+        if weight is not None and weight.dim() == weight_dims and (bias_node is None or bias is not None):
+            yield node, weight, bias
 
 
 def _conv_geometry(node) -> dict:
@@ -213,14 +219,7 @@ def dense_convs_for_export(gm: torch.fx.GraphModule) -> list:
         As :func:`dense_linears_for_export`.
     """
     found = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not torch.ops.aten.conv2d.default:
-            continue
-        weight = _tensor_attr(gm, node.args[1])
-        bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        bias = _tensor_attr(gm, bias_node) if bias_node is not None else None
-        if weight is None or weight.dim() != 4 or (bias_node is not None and bias is None):
-            continue
+    for node, weight, bias in _weighted_calls(gm, torch.ops.aten.conv2d.default, 4):
         geo = _conv_geometry(node)
         if geo["dilation"] != (1, 1):
             continue
