@@ -6,10 +6,10 @@
   (``SparseLinear``, ``SparseConv2d``) become ``relax.call_tir`` to their *scheduled* TensorIR kernels
   (the same templates and rules the host uses; for ARM built with NEON tile sizes for the aarch64 target), with
   their sparse weights as constants; the dense linears (``aten.linear`` on graph weights) become packed GEMMs
-  and the dense pointwise convs register-tiled NCHW GEMMs (:mod:`sparsecc.runtime.dense`) with their weights
-  as constants; softmaxes over a static last axis the vector-exp row kernel of :mod:`sparsecc.codegen.softmax`
-  (:func:`_softmax_legalizer`); every other op (other dense convs, pooling, adds, norms, attention matmuls) is
-  imported by
+  and the dense convs NCHW GEMMs (on im2col columns unless pointwise) or depthwise kernels
+  (:mod:`sparsecc.runtime.dense`) with their weights as constants; softmaxes over a static last axis the
+  vector-exp row kernel of :mod:`sparsecc.codegen.softmax` (:func:`_softmax_legalizer`); every other op
+  (dilated or other grouped convs, pooling, adds, norms, attention matmuls) is imported by
   ``tvm.relax.frontend.torch.from_exported_program``, legalized, and scheduled with dlight's CPU rules plus
   :func:`_dense_rule` (reductions and matmuls tiled, parallel and vectorized; element-wise ops parallel and
   vectorized).
@@ -160,7 +160,7 @@ def _kernel_kind(mod) -> str | None:
 
 
 def _export_view(gm: torch.fx.GraphModule):
-    """A copy of ``gm`` whose kernel modules, and ``aten.linear`` and pointwise ``aten.conv2d`` calls on graph
+    """A copy of ``gm`` whose kernel modules, and ``aten.linear`` and dense ``aten.conv2d`` calls on graph
     weights (:func:`sparsecc.runtime.dense.dense_linears_for_export`,
     :func:`~sparsecc.runtime.dense.dense_convs_for_export`), are custom-op calls; returns
     (copy, {layer id: module})."""
