@@ -374,9 +374,9 @@ def use_threads(threads: int | None = None) -> int:
 
     TVM sizes its pool, when it first starts, from ``TVM_NUM_THREADS``, else ``OMP_NUM_THREADS``, else *half*
     the logical CPUs on x86 (it assumes two hyper-threads per core): on a 2-core VM without SMT an exported
-    model ran on one core. ``threads=None`` keeps an
-    explicit ``TVM_NUM_THREADS`` / ``OMP_NUM_THREADS`` and otherwise takes every CPU this process may run on
-    (``os.sched_getaffinity``). Only a pool not yet started takes a new size.
+    model ran on one core. ``threads=None`` keeps an explicit ``TVM_NUM_THREADS`` / ``OMP_NUM_THREADS`` and
+    otherwise takes every CPU this process may run on (``os.sched_getaffinity``). Only a pool not yet started
+    takes a new size.
 
     Raises
     ------
