@@ -1,4 +1,5 @@
-"""Helpers every FX rewrite pass shares: fresh attribute names, dropping unused attributes, example rows."""
+"""Helpers every FX rewrite shares: fresh attribute names, dropping unused attributes, example rows, the
+activation a conv epilogue can fuse."""
 
 from __future__ import annotations
 
@@ -7,7 +8,26 @@ from typing import Iterable, Optional
 import torch
 import torch.fx as fx
 
-__all__ = ["delete_unused_attrs", "example_rows", "fresh_attr", "val_shape"]
+__all__ = ["conv_activation_of", "delete_unused_attrs", "example_rows", "fresh_attr", "val_shape"]
+
+_RELU = (torch.ops.aten.relu.default, torch.relu, torch.nn.functional.relu)
+_RELU6 = (torch.ops.aten.relu6.default,)
+_HARDTANH = (torch.ops.aten.hardtanh.default,)
+
+
+def conv_activation_of(node: fx.Node) -> Optional[str]:
+    """"relu" / "relu6" (``relu6`` or ``hardtanh(0, 6)``) when ``node`` applies one of them to its first
+    argument, else None: the activations a conv epilogue fuses (:data:`sparsecc.codegen.conv.CONV_ACTIVATIONS`)."""
+    if node.target in _RELU and len(node.args) == 1 and not node.kwargs.get("inplace"):
+        return "relu"
+    if node.target in _RELU6 and len(node.args) == 1:
+        return "relu6"
+    if node.target in _HARDTANH:
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+        if float(lo) == 0.0 and float(hi) == 6.0:
+            return "relu6"
+    return None
 
 
 def fresh_attr(gm: torch.nn.Module, base: str) -> str:

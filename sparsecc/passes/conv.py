@@ -25,7 +25,7 @@ import torch.fx as fx
 from ..formats import BLOCK_SHAPES, as_matrix, candidates, no_larger_than_dense
 from ..ir.annotations import annotate, get_annotation
 from ..ir.graph import SparseGraph
-from ..ir.rewrite import delete_unused_attrs, fresh_attr, val_shape
+from ..ir.rewrite import conv_activation_of, delete_unused_attrs, fresh_attr, val_shape
 from ..runtime.modules import make_conv
 from ..runtime.timing import measure_ms
 from .base import Pass, PassContext, PassResult
@@ -287,8 +287,6 @@ class ChooseConvFormat(Pass):
         return t_sparse, t_dense
 
 
-_RELU = (torch.ops.aten.relu.default, torch.relu, torch.nn.functional.relu)
-_HARDTANH = (torch.ops.aten.hardtanh.default,)
 _ADD = (torch.ops.aten.add.Tensor,)
 
 
@@ -297,18 +295,6 @@ def _single_user(node: fx.Node) -> Optional[fx.Node]:
         return None
     (user,) = node.users
     return user if user.op == "call_function" else None
-
-
-def _activation_of(node: fx.Node) -> Optional[str]:
-    """"relu" / "relu6" when ``node`` applies one of them to its first argument, else None."""
-    if node.target in _RELU and len(node.args) == 1 and not node.kwargs.get("inplace"):
-        return "relu"
-    if node.target in _HARDTANH:
-        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
-        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
-        if float(lo) == 0.0 and float(hi) == 6.0:
-            return "relu6"
-    return None
 
 
 def fusable_epilogue(node: fx.Node, out_shape: Optional[tuple]):
@@ -321,7 +307,7 @@ def fusable_epilogue(node: fx.Node, out_shape: Optional[tuple]):
     user = _single_user(node)
     if user is None:
         return [], None, None
-    act = _activation_of(user) if user.args and user.args[0] is node else None
+    act = conv_activation_of(user) if user.args and user.args[0] is node else None
     if act is not None:
         return [user], act, None
     if user.target in _ADD and len(user.args) == 2 and user.kwargs.get("alpha", 1) == 1:
@@ -330,7 +316,7 @@ def fusable_epilogue(node: fx.Node, out_shape: Optional[tuple]):
         if isinstance(other, fx.Node) and other is not node and out_shape is not None \
                 and val_shape(other) == out_shape:
             nxt = _single_user(user)
-            act2 = _activation_of(nxt) if nxt is not None and nxt.args and nxt.args[0] is user else None
+            act2 = conv_activation_of(nxt) if nxt is not None and nxt.args and nxt.args[0] is user else None
             if act2 is not None:
                 return [user, nxt], act2, other
             return [user], None, other
