@@ -1,5 +1,5 @@
-"""Dense linears and 1x1 convs of an export: the ``aten.linear`` and pointwise ``aten.conv2d`` calls a compiled
-graph leaves to torch, as register-tiled GEMMs.
+"""Dense linears and convs of an export: the ``aten.linear`` and ``aten.conv2d`` calls a compiled graph leaves to
+torch, as register-tiled GEMMs (and a depthwise kernel).
 
 In ``cm(x)`` a layer kept dense runs torch's own GEMM. An exported artifact has no torch: without this
 module TVM legalizes ``aten.linear`` into a ``matmul`` reading ``W.T``, which, with the weights as parameters of
@@ -27,6 +27,7 @@ import torch
 
 from sparsecc.errors import UnsupportedOpError
 from sparsecc.formats import DENSE
+from sparsecc.ir.rewrite import conv_activation_of
 from sparsecc.runtime.ieee import torch_activation, torch_conv2d, torch_linear
 from sparsecc.targets import x86
 
@@ -146,15 +147,8 @@ def _fused_activation(node, conv: bool = False):
     users = list(node.users)
     if conv:
         act = users[0] if len(users) == 1 and users[0].op == "call_function" else None
-        if act is None or not act.args or act.args[0] is not node:
-            return None, node
-        if act.target is torch.ops.aten.relu.default:
-            return "relu", act
-        if act.target is torch.ops.aten.relu6.default:
-            return "relu6", act
-        if act.target is torch.ops.aten.hardtanh.default and tuple(float(v) for v in act.args[1:3]) == (0.0, 6.0):
-            return "relu6", act
-        return None, node
+        name = conv_activation_of(act) if act is not None and act.args and act.args[0] is node else None
+        return (name, act) if name else (None, node)
     if len(users) == 1 and users[0].op == "call_function" and users[0].target in _ACTIVATIONS:
         act = users[0]
         approximate = act.kwargs.get("approximate", act.args[1] if len(act.args) > 1 else "none")
@@ -236,24 +230,21 @@ def dense_convs_for_export(gm: torch.fx.GraphModule) -> list:
 
 @DENSE.register_exporter("conv2d")
 def export_dense_conv(ctx, bb, x, res, mod):
-    """Relax for one :class:`DenseConv2d`: X (B, C_in, H, W) -> (B, C_in, HW) with the pixels padded to the
-    panel width when pointwise, else its im2col columns (B, C_in * kh * kw, OH * OW padded)
+    """Relax for one :class:`DenseConv2d`: X (B, C_in, H, W) -> (B, C_in, HW) when pointwise with whole panels of
+    pixels, else its im2col columns (B, C_in * kh * kw, OH * OW padded to the panel width)
     (:func:`sparsecc.codegen.dense.im2col_nchw`); the NCHW GEMM kernel on a weight whose rows are padded to the
     row tile; (B, C_out, OH, OW). Tiles: the deploy target's ``kernel_params("dense", ...)`` with ``C_out`` as
     the rows. Or for one :class:`DenseDepthwiseConv2d` (:func:`_export_depthwise`).
     """
+    import tvm
     from tvm import relax
 
-    from sparsecc.codegen.dense import padded_n
+    from sparsecc.codegen.dense import im2col_nchw, padded_n
 
     if res is not None:
         raise UnsupportedOpError("a dense conv of an export takes no residual")
     if isinstance(mod, DenseDepthwiseConv2d):
         return _export_depthwise(ctx, bb, x, mod)
-    import tvm
-
-    from sparsecc.codegen.dense import im2col_nchw
-
     c_out, c_in = mod.shape  # c_in: the GEMM's reduction, C_in * kh * kw
     n, c, h, w = (int(v) for v in x.ty.shape.values)
     (kh, kw), (sh, sw), (ph, pw) = mod.kernel_size, mod.stride, mod.padding
@@ -266,11 +257,9 @@ def export_dense_conv(ctx, bb, x, res, mod):
     name = (f"sparsecc_dense_conv1x1_b{n}_co{cop}_ci{c_in}_hw{hwp}{'_bias' if has_bias else ''}"
             f"_{mod.activation or 'none'}_mr{p.mr}_nb{p.nb}")
     sch = x86.schedule_dense_conv1x1(n, cop, c_in, hwp, bias=has_bias, activation=mod.activation, params=p)
-    if mod.pointwise:
+    if mod.pointwise and hwp == hw:
         x3 = bb.emit(relax.op.reshape(x, (n, c, hw)))
-        if hwp != hw:
-            x3 = bb.emit(relax.op.nn.pad(x3, [0, 0, 0, 0, 0, hwp - hw]))
-    else:
+    else:  # im2col also pads a pointwise conv's pixels to the panel width (TVM's own pad runs serially)
         cols = tvm.IRModule({"main": im2col_nchw(n, c, h, w, mod.kernel_size, mod.stride, mod.padding, hwp)})
         gv = ctx.gvar(bb, f"sparsecc_im2col_b{n}_c{c}_{h}x{w}_k{kh}x{kw}_s{sh}x{sw}_p{ph}x{pw}_n{hwp}", cols)
         x3 = bb.emit(relax.call_tir(gv, [x], relax.TensorType((n, c_in, hwp), "float32")))
