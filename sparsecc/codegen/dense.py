@@ -1,4 +1,6 @@
-"""TensorIR template for a dense ``Y = act(X @ W.T + b)`` with a packed weight (the dense linears of an export).
+"""TensorIR templates of an export's dense rest: ``Y = act(X @ W.T + b)`` on a packed weight (linears), the same
+GEMM in NCHW for convs (:func:`dense_conv1x1`, on im2col columns from :func:`im2col_nchw` unless pointwise), a
+depthwise conv (:func:`dense_depthwise_conv`) and the zero pad in front of it (:func:`zero_pad_nchw`).
 
 torch runs a dense linear with MKL's GEMM; TVM 0.27's wheel has no BLAS to hand one to, and its legalized
 ``matmul`` reads ``W.T``, which an export with the weights as parameters transposes on every call. This
@@ -34,8 +36,8 @@ from sparsecc.codegen.conv import conv_activation
 from sparsecc.codegen.linear import _activation
 from sparsecc.errors import UnsupportedOpError
 
-__all__ = ["DENSE_BLOCKS", "dense_conv1x1", "dense_depthwise_conv", "dense_linear", "pack_weight", "padded_n",
-           "im2col_nchw", "zero_pad_nchw"]
+__all__ = ["DENSE_BLOCKS", "dense_conv1x1", "dense_depthwise_conv", "dense_linear", "im2col_nchw", "pack_weight",
+           "padded_n", "zero_pad_nchw"]
 
 #: Names of the TensorIR blocks of :func:`dense_linear` (the schedule looks them up).
 DENSE_BLOCKS = {"compute": "matmul", "epilogue": "epilogue"}
@@ -98,14 +100,16 @@ def dense_linear(m: int, n: int, k: int, nb: int, *, bias: bool = False, activat
     r = te.reduce_axis((0, k), name="r")
     c = te.compute((m, npad), lambda i, j: te.sum(x[i, r] * w[j // nb, r, j % nb], axis=r),
                    name=DENSE_BLOCKS["compute"])
-    if bias:
-        b = te.placeholder((npad,), "float32", name="b")
-        y = te.compute((m, npad), lambda i, j: act(c[i, j] + b[j]), name=DENSE_BLOCKS["epilogue"])
-        args = [x, w, b, y]
-    else:
-        y = te.compute((m, npad), lambda i, j: act(c[i, j]), name=DENSE_BLOCKS["epilogue"])
-        args = [x, w, y]
-    return _prim_func(args, "dense_linear", nb)
+    return _prim_func([x, w, *_epilogue(c, act, npad if bias else None, 1)], "dense_linear", nb)
+
+
+def _epilogue(c, act, bias_len, bias_axis: int) -> list:
+    """``[b, Y]`` (or ``[Y]`` when ``bias_len`` is None) with ``Y = act(C + b)``, ``b`` indexed by ``C``'s axis
+    ``bias_axis``: the arguments that follow the inputs of a template."""
+    if bias_len is None:
+        return [te.compute(c.shape, lambda *i: act(c(*i)), name=DENSE_BLOCKS["epilogue"])]
+    b = te.placeholder((bias_len,), "float32", name="b")
+    return [b, te.compute(c.shape, lambda *i: act(c(*i) + b[i[bias_axis]]), name=DENSE_BLOCKS["epilogue"])]
 
 
 def _prim_func(args, kind: str, nb: int) -> tvm.tirx.PrimFunc:
@@ -149,14 +153,7 @@ def dense_conv1x1(batch: int, c_out: int, c_in: int, hw: int, nb: int, *, bias: 
     r = te.reduce_axis((0, c_in), name="r")
     c = te.compute((batch, c_out, hw), lambda n, i, j: te.sum(w[i, r] * x[n, r, j], axis=r),
                    name=DENSE_BLOCKS["compute"])
-    if bias:
-        b = te.placeholder((c_out,), "float32", name="b")
-        y = te.compute((batch, c_out, hw), lambda n, i, j: act(c[n, i, j] + b[i]), name=DENSE_BLOCKS["epilogue"])
-        args = [x, w, b, y]
-    else:
-        y = te.compute((batch, c_out, hw), lambda n, i, j: act(c[n, i, j]), name=DENSE_BLOCKS["epilogue"])
-        args = [x, w, y]
-    return _prim_func(args, "dense_conv1x1", nb)
+    return _prim_func([x, w, *_epilogue(c, act, c_out if bias else None, 1)], "dense_conv1x1", nb)
 
 
 def dense_depthwise_conv(batch: int, channels: int, hp: int, wp: int, kernel: tuple[int, int], stride: int,
@@ -198,14 +195,7 @@ def dense_depthwise_conv(batch: int, channels: int, hp: int, wp: int, kernel: tu
     c = te.compute((batch, channels, oh, ow),
                    lambda n, ch, i, j: te.sum(w[ch, r, q] * x[n, ch, i * stride + r, j * stride + q], axis=[r, q]),
                    name=DENSE_BLOCKS["compute"])
-    if bias:
-        b = te.placeholder((channels,), "float32", name="b")
-        y = te.compute(c.shape, lambda n, ch, i, j: act(c[n, ch, i, j] + b[ch]), name=DENSE_BLOCKS["epilogue"])
-        args = [x, w, b, y]
-    else:
-        y = te.compute(c.shape, lambda n, ch, i, j: act(c[n, ch, i, j]), name=DENSE_BLOCKS["epilogue"])
-        args = [x, w, y]
-    return _prim_func(args, "dense_depthwise_conv", 0)
+    return _prim_func([x, w, *_epilogue(c, act, channels if bias else None, 1)], "dense_depthwise_conv", 0)
 
 
 def zero_pad_nchw(batch: int, channels: int, h: int, w: int, pads: tuple[int, int, int, int]) -> tvm.tirx.PrimFunc:
@@ -229,13 +219,7 @@ def zero_pad_nchw(batch: int, channels: int, h: int, w: int, pads: tuple[int, in
                    lambda n, c, i, j: te.if_then_else(
                        tvm.tirx.all(i >= top, i < top + h, j >= left, j < left + w),
                        x[n, c, i - top, j - left], tvm.tirx.const(0.0, "float32")), name="pad")
-    sch = tvm.s_tir.Schedule(te.create_prim_func([x, y]))
-    n, c, _, _ = sch.get_loops(sch.get_sblock("pad"))
-    sch.parallel(sch.fuse(n, c))
-    func = sch.mod["main"]
-    for key, value in (("tir.noalias", True), ("op_pattern", 8), ("tirx.is_scheduled", True)):
-        func = func.with_attr(key, value)
-    return func
+    return _parallel_copy(x, y)
 
 
 def im2col_nchw(batch: int, channels: int, h: int, w: int, kernel, stride, padding, cols: int) -> tvm.tirx.PrimFunc:
@@ -271,10 +255,15 @@ def im2col_nchw(batch: int, channels: int, h: int, w: int, kernel, stride, paddi
         inside = tvm.tirx.all(j < oh * ow, ih >= 0, ih < h, iw >= 0, iw < w)
         return te.if_then_else(inside, x[n, c, ih, iw], tvm.tirx.const(0.0, "float32"))
 
-    y = te.compute((batch, channels * kh * kw, cols), col, name="im2col")
+    return _parallel_copy(x, te.compute((batch, channels * kh * kw, cols), col, name="im2col"))
+
+
+def _parallel_copy(x, y) -> tvm.tirx.PrimFunc:
+    """``y``'s compute (a gather from ``x``) with its two outer loops fused and parallel; marked scheduled and
+    opaque, so that the export's rules and FuseOps leave it as it is."""
     sch = tvm.s_tir.Schedule(te.create_prim_func([x, y]))
-    n, k, _ = sch.get_loops(sch.get_sblock("im2col"))
-    sch.parallel(sch.fuse(n, k))
+    outer = sch.get_loops(sch.get_sblock(y.op.name))[:2]
+    sch.parallel(sch.fuse(*outer))
     func = sch.mod["main"]
     for key, value in (("tir.noalias", True), ("op_pattern", 8), ("tirx.is_scheduled", True)):
         func = func.with_attr(key, value)
