@@ -21,10 +21,11 @@ from typing import Callable
 
 from ..errors import AccuracyBudgetError
 from .patterns import UNSTRUCTURED
-from .select import Option, plan_from_choice, select_under_budget
+from .select import Option, plan_from_choice, plan_from_keys, select_under_budget
 from .sensitivity import option_key
 
-__all__ = ["SEARCH_SPARSITIES", "penalized_options", "search_budget", "search_uniform_budget"]
+__all__ = ["SEARCH_SPARSITIES", "penalized_options", "plan_sparsity", "search_budget", "search_mixed_budget",
+           "search_uniform_budget"]
 
 #: Overall sparsities :func:`search_uniform_budget` bisects for a pattern of free density.
 SEARCH_SPARSITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -210,3 +211,82 @@ def search_uniform_budget(problem, budget: float, metric_dense: float, run: Call
             f"accuracy_budget={budget} was not met by any uniform plan; measured drops: "
             + ", ".join(f"{r_['pattern']} at sparsity {r_['sparsity']}: {r_['drop']:.4f}" for r_ in rounds))
     return best[1], best[2], rounds
+
+
+def plan_sparsity(problem, plan: dict) -> float:
+    """Fraction of all prunable weights that ``plan`` removes."""
+    sizes = {n: math.prod(problem.infos[n][1]) for n in problem.layers}
+    return 1.0 - sum(sizes[n] * (plan[n][1] if n in plan else 1.0) for n in sizes) / max(1, sum(sizes.values()))
+
+
+def search_mixed_budget(problem, errors: dict, start: tuple, budget: float, metric_dense: float, run: Callable,
+                        search_rounds: int = 3) -> tuple:
+    """Per-layer patterns and densities under the budget, from each layer's output error, started at a
+    uniform plan known to pass: the per-layer stage of layer-wise pruning's budget search.
+
+    Each layer's candidate ``(pattern, density)`` costs its relative output error pruned alone in the
+    dense model (``errors``, from :meth:`LayerwisePruning.error_table
+    <sparsecc.sparsify.layerwise.LayerwisePruning.error_table>`). The errors are rescaled so that the
+    error sum of the starting plan equals ``budget``; :func:`search_budget` then minimizes the predicted
+    latency under that error sum, measures the plan it picks, and doubles, halves or bisects the scale
+    for up to ``search_rounds`` measured rounds. At scale 1 the starting plan itself is feasible, so the
+    first plan is predicted at least as fast. The starting plan is kept unless a measured mixed plan
+    passes and is predicted faster.
+
+    Parameters
+    ----------
+    problem : SparsifyProblem
+        ``latency`` predicts each option, ``infos`` gives the weight sizes.
+    errors : dict name -> {candidate key: error}
+        Every candidate of every layer of ``problem``; the keys of ``start``'s plan among them.
+    start : (plan, outcome)
+        The passing uniform plan of :func:`search_uniform_budget` and its outcome.
+    budget, metric_dense, run, search_rounds
+        As in :func:`search_budget`.
+
+    Returns
+    -------
+    (plan, outcome, rounds)
+        ``rounds``: one dict per measured mixed plan, with ``pattern`` ``"per layer"``, its overall
+        ``sparsity``, ``drop``, ``pred_ms``, ``passed``, ``plan`` and ``patterns`` (layers per pattern).
+
+    Source: the error objective of OBC's non-uniform compression (Frantar & Alistarh, "Optimal Brain
+    Compression", NeurIPS 2022) solved as a multiple-choice knapsack (Sinha & Zoltners 1979) on the
+    predicted latency; the anchoring at a measured uniform plan is this package's own.
+    """
+    plan0, outcome0 = start
+    pred0 = predicted_ms(problem, plan0)
+    keys0 = {n: option_key(*v) for n, v in plan0.items()}
+    e0 = sum(errors[n][k] for n, k in keys0.items())
+    if not plan0 or e0 <= 0 or search_rounds < 1:
+        return plan0, outcome0, []
+    options = problem.options({n: {k: e * budget / e0 for k, e in row.items()} for n, row in errors.items()})
+    measured: list = []
+
+    def run_mixed(plan: dict):
+        if {n: option_key(*v) for n, v in plan.items()} == keys0:
+            outcome = outcome0  # the starting plan: already measured
+        else:
+            outcome = run(plan)
+            measured.append((plan, outcome))
+        return outcome
+
+    try:
+        plan, outcome, scaled = search_budget(options, budget, metric_dense, run_mixed, search_rounds)
+    except AccuracyBudgetError:
+        plan, outcome, scaled = plan0, outcome0, []
+    pred = predicted_ms(problem, plan)
+    rounds = []
+    for r in scaled:
+        if r["plan"] == keys0:
+            continue  # the starting plan, chosen again: measured by the uniform search
+        p = plan_from_keys(r["plan"])
+        counts: dict = {}
+        for v in r["plan"].values():
+            counts[v.split("@")[0]] = counts.get(v.split("@")[0], 0) + 1
+        rounds.append({"round": r["round"], "pattern": "per layer", "sparsity": round(plan_sparsity(problem, p), 6),
+                       "drop": r["drop"], "pred_ms": predicted_ms(problem, p), "passed": r["drop"] <= budget + 1e-12,
+                       "plan": r["plan"], "patterns": counts})
+    if pred >= pred0:
+        return plan0, outcome0, rounds
+    return plan, outcome, rounds

@@ -115,6 +115,18 @@ def select_for_sparsity(options: dict, sparsity: float, bins: int = 1000) -> dic
     return out
 
 
+def plan_from_keys(keys: dict) -> dict:
+    """The pruning plan ``{name: (Pattern, density)}`` of candidate keys ``{name: "<pattern>@<density>"}``
+    (see :func:`~sparsecc.sparsify.sensitivity.option_key`); ``"dense"`` layers left out."""
+    plan = {}
+    for n, k in keys.items():
+        if k == "dense":
+            continue
+        ptxt, dtxt = k.split("@")
+        plan[n] = (parse_pattern(ptxt.replace("block ", "")), float(dtxt))
+    return plan
+
+
 def plan_from_choice(choice: dict) -> dict:
     """The pruning plan of a per-layer choice: ``{name: (Pattern, density)}``, dense layers left out.
 
@@ -124,10 +136,4 @@ def plan_from_choice(choice: dict) -> dict:
         Keys ``"dense"`` or a candidate key ``"<pattern>@<density>"`` (see
         :func:`~sparsecc.sparsify.sensitivity.option_key`).
     """
-    plan = {}
-    for n, o in choice.items():
-        if o.key == "dense":
-            continue
-        ptxt, dtxt = o.key.split("@")
-        plan[n] = (parse_pattern(ptxt.replace("block ", "")), float(dtxt))
-    return plan
+    return plan_from_keys({n: o.key for n, o in choice.items()})
