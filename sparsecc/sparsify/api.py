@@ -323,7 +323,9 @@ def sparsify(model: nn.Module, example_inputs: Any, *, target="x86", sparsity: U
         Restrict pruning to these layer names.
     search_rounds : int
         Budget-only mode: rounds of select → prune → fine-tune → measure, each round scaling
-        the predicted budget by how much the measured drop left unused.
+        the predicted budget by how much the measured drop left unused. With layer-wise
+        pruning, the rounds of the per-layer search that follows the uniform one (patterns and
+        densities per layer from each layer's output error; 0 keeps the uniform plan).
     cache_dir : path, optional
         Where sensitivity tables are cached (default ``$SPARSECC_CACHE_DIR/sensitivity``).
     progress : bool

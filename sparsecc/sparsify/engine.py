@@ -15,21 +15,24 @@ step, as Torch-Pruning's ``MetaPruner`` composes ``Importance`` objects.
     outcome = run_plan(problem, plan, ...)              # calibrate, prune, fine-tune, measure
 
 or, without a sparsity, :func:`~sparsecc.sparsify.budget.search_budget` over
-the table's options, running :func:`run_plan` once per round.
+the table's options, running :func:`run_plan` once per round. Layer-wise pruning
+without a sparsity searches uniform plans first
+(:func:`~sparsecc.sparsify.budget.search_uniform_budget`), then per-layer plans from
+the layers' output errors (:func:`~sparsecc.sparsify.budget.search_mixed_budget`).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from ..errors import AccuracyBudgetError, InvalidSparsityError
-from .budget import search_budget, search_uniform_budget
-from .data import Batches, forward_loss
+from .budget import SEARCH_SPARSITIES, search_budget, search_mixed_budget, search_uniform_budget
+from .data import Batches, first_batches, forward_loss
 from .masks import attach_masks, prunable_layers, set_capture, set_mask, strip_masks
 from .patterns import UNSTRUCTURED, Pattern, as_matrix, from_matrix, mask_from_scores
 from .problem import SparsifyProblem
@@ -273,8 +276,11 @@ def run_sparsify(problem: SparsifyProblem, *, schedule, allocation, layerwise=No
     accuracy_budget : float, optional
         With ``problem.sparsity``: the largest allowed drop of the metric. Without:
         :func:`~sparsecc.sparsify.budget.search_budget` for the fastest plan within it, or, for
-        layer-wise pruning, :func:`~sparsecc.sparsify.budget.search_uniform_budget`.
+        layer-wise pruning, :func:`~sparsecc.sparsify.budget.search_uniform_budget` and then, with
+        ``search_rounds`` > 0, :func:`~sparsecc.sparsify.budget.search_mixed_budget` from its plan.
     search_rounds : int
+        Measured rounds of the budget search over per-layer choices (layer-wise pruning: after the
+        uniform search; 0 keeps the uniform plan).
     seed : int
 
     Raises
@@ -296,6 +302,14 @@ def run_sparsify(problem: SparsifyProblem, *, schedule, allocation, layerwise=No
 
     if searched_uniform:
         plan, outcome, rounds = search_uniform_budget(problem, accuracy_budget, problem.metric_dense, run)
+        if search_rounds > 0 and len(problem.layers) > 1:
+            grid = replace(problem, densities=tuple(sorted({round(1.0 - s, 6) for s in SEARCH_SPARSITIES}
+                                                          | set(problem.densities), reverse=True)))
+            calib = [b[0] for b in first_batches(problem.data, problem.example_inputs, problem.calib_batches)]
+            table = layerwise.error_table(problem.base, problem.layers, grid.candidates, calib, problem.new_score())
+            plan, outcome, mixed = search_mixed_budget(grid, table, (plan, outcome), accuracy_budget,
+                                                       problem.metric_dense, run, search_rounds)
+            rounds = rounds + [dict(r, round=len(rounds) + i) for i, r in enumerate(mixed)]
         return Sparsified(plan, outcome, table, rounds)
     if problem.sparsity is None:
         plan, outcome, rounds = search_budget(problem.options(table), accuracy_budget, problem.metric_dense, run,

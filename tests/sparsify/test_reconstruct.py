@@ -234,7 +234,7 @@ def test_layerwise_budget_search_returns_the_fastest_uniform_plan_within_the_bud
             return float(F.cosine_similarity(m(val), ref, dim=-1).mean())
 
     kw = dict(pattern="unstructured", method="sparsegpt", reconstruct=True, schedule="oneshot", data=data,
-              calib_batches=4, eval_fn=eval_fn, progress=False)
+              calib_batches=4, eval_fn=eval_fn, progress=False, search_rounds=0)
     res = sparsecc.sparsify(model, data[0][0], accuracy_budget=0.15, **kw)
     assert res.metric_dense - res.metric_sparse <= 0.15 + 1e-9
     runs = res.rounds
@@ -248,3 +248,51 @@ def test_layerwise_budget_search_returns_the_fastest_uniform_plan_within_the_bud
         assert r["passed"] == (r["drop"] <= 0.15 + 1e-12)
     with pytest.raises(AccuracyBudgetError, match="sparsity 0.3"):
         sparsecc.sparsify(model, data[0][0], accuracy_budget=0.0, **kw)
+
+
+class _Wide(nn.Module):
+    """fc1 sees rank-1 inputs (prunable almost freely with reconstruction), fc2 full-rank ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(256, 256), nn.Linear(256, 256)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x[:, :256])) + x[:, 256:])
+
+
+def test_layerwise_budget_search_mixes_layers_where_a_uniform_plan_wastes_the_budget():
+    torch.manual_seed(0)
+    model = _Wide()
+    g = torch.Generator().manual_seed(1)
+    basis = torch.randn(1, 256, generator=g)
+
+    def batch():
+        return torch.cat([torch.randn(128, 1, generator=g) @ basis, torch.randn(128, 256, generator=g)], 1)
+
+    data = [(batch(), torch.zeros(128, 256)) for _ in range(4)]
+    val = torch.cat([batch() for _ in range(2)])
+    with torch.no_grad():
+        ref = model(val)
+
+    def eval_fn(m):
+        with torch.no_grad():
+            return float(F.cosine_similarity(m(val), ref, dim=-1).mean())
+
+    kw = dict(pattern="unstructured", method="sparsegpt", reconstruct=True, schedule="oneshot", data=data,
+              calib_batches=4, eval_fn=eval_fn, progress=False)
+    uni = sparsecc.sparsify(model, data[0][0], accuracy_budget=0.02, search_rounds=0, **kw)
+    mixed = sparsecc.sparsify(model, data[0][0], accuracy_budget=0.02, **kw)
+    per_layer = [r for r in mixed.rounds if r["pattern"] == "per layer"]
+    assert per_layer and len(per_layer) <= 3
+    for r in mixed.rounds:
+        assert r["passed"] == (r["drop"] <= 0.02 + 1e-12)
+    assert mixed.metric_dense - mixed.metric_sparse <= 0.02 + 1e-12
+    assert mixed.metric_sparse == pytest.approx(eval_fn(mixed.model))
+    dens = {c.name: c.density for c in mixed.layers}
+    uni_dens = {c.name: c.density for c in uni.layers}
+    assert uni_dens["fc1"] == pytest.approx(uni_dens["fc2"], abs=0.01)
+    # the free layer goes sparser than any uniform plan passing the budget, the sensitive one no sparser
+    assert dens["fc1"] < uni_dens["fc1"] - 0.05
+    assert dens["fc2"] >= uni_dens["fc2"] - 0.01
+    assert mixed.est_speedup >= uni.est_speedup
