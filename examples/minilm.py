@@ -1,9 +1,10 @@
 """Main job: all-MiniLM-L6-v2 pruned as far as a fidelity budget allows, compiled for x86, fidelity and speed side by side.
 
 1. ``sparsecc.sparsify`` prunes the model one-shot with SparseGPT and least-squares reconstruction on
-   calibration quotes (Debian ``fortunes``, train split), choosing the pattern (unstructured, 2:4) and the
-   sparsity whose measured fidelity stays within ``--budget`` (mean cosine of the sentence embeddings to the
-   dense model's on validation quotes of the train split). The search runs once and is cached.
+   calibration quotes (Debian ``fortunes``, train split), searching the fastest plan whose measured fidelity
+   stays within ``--budget`` (mean cosine of the sentence embeddings to the dense model's on validation quotes
+   of the train split): first uniform plans of each pattern (unstructured, blocks, 2:4) over the sparsity,
+   then per-layer patterns and densities chosen from each layer's output error. It runs once and is cached.
 2. A short distillation (cached; ``--distill-steps``, 0 to skip) trains the pruned model's remaining weights
    towards the dense model's embeddings on train quotes, its zeros kept; the fidelity before it is printed too.
 3. ``sparsecc.compile`` compiles the pruned model (formats per layer by the cost model and measurement).
@@ -47,7 +48,7 @@ from sparsecc.sparsify.distill import distill_encoder
 
 SEQ = 128
 #: Bump when the search's recipe changes: the cached pruned weights are keyed by it.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 #: Bump when the distillation's recipe changes (its cache is keyed by it and by the pruned weights).
 DISTILL_VERSION = 1
 
@@ -121,7 +122,8 @@ def search(model, tok, args):
     res = sparsecc.sparsify(model, calib[0], target="x86", accuracy_budget=args.budget, pattern=args.pattern,
                             method="sparsegpt", reconstruct=True, schedule="oneshot", data=[(e, e) for e in calib],
                             calib_batches=args.calib, eval_fn=fidelity, progress=True)
-    summary = {"rounds": [{k: r[k] for k in ("pattern", "sparsity", "drop", "pred_ms", "passed")} for r in res.rounds],
+    summary = {"rounds": [{k: r[k] for k in ("pattern", "sparsity", "drop", "pred_ms", "passed", "patterns") if k in r}
+                          for r in res.rounds],
                "metric_dense": res.metric_dense, "metric_sparse": res.metric_sparse,
                "seconds": time.perf_counter() - t0}
     pruned = res.model
@@ -201,7 +203,9 @@ def main():
     print(f"\nbudget search (validation cosine to dense, drop allowed {args.budget}):")
     for r in summary["rounds"]:
         print(f"  {r['pattern']:>12} at sparsity {r['sparsity']:.2f}: cosine drop {r['drop']:.4f} -> "
-              f"{'within' if r['passed'] else 'over'} budget (predicted {r['pred_ms']:.1f} ms of linears)")
+              f"{'within' if r['passed'] else 'over'} budget (predicted {r['pred_ms']:.1f} ms of linears)"
+              + (" [" + ", ".join(f"{k}: {v} layers" for k, v in sorted(r["patterns"].items())) + "]"
+                 if "patterns" in r else ""))
 
     one_shot = pruned
     if args.distill_steps:
