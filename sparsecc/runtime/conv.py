@@ -12,6 +12,12 @@ Layout handling lives here, so the compiled graph stays NCHW as torch sees it:
   bases (see :mod:`sparsecc.codegen.conv`) are computed once per input shape.
 * ``layout="nchw"`` (1x1, stride 1, no padding): the sparse-times-dense NCHW
   kernel; contiguous NCHW in, contiguous NCHW out.
+* ``layout="direct"`` (any kernel size and padding, stride 1, CSR): the direct
+  NCHW kernel vectorized along the output pixels. The input is copied into a
+  zero-bordered ``(C_in, H_p, W_p)`` buffer (from any strides, so a
+  ``channels_last`` input costs nothing more); the output, computed on the
+  padded width, is returned as a strided NCHW view without its ``W_p - W_out``
+  extra columns. Offsets are computed once per input shape.
 """
 
 from __future__ import annotations
@@ -21,12 +27,12 @@ import torch
 
 from sparsecc.cache import KERNELS
 from sparsecc.errors import InputDtypeError, InputShapeError, UnsupportedOpError
-from sparsecc.formats import BSR, CSR, BlockSparseMatrix, as_matrix
+from sparsecc.formats import BSR, CSR, XCSR, BlockSparseMatrix, as_matrix
 from sparsecc.runtime.ieee import all_finite, torch_conv2d
 from sparsecc.runtime.kernels import ALIGN, aligned, aligned_empty, load_or_build, target_key
 from sparsecc.targets import x86, x86_conv
 
-__all__ = ["SparseConv2d", "conv_matrix", "cpu_conv", "export_conv", "get_conv_kernel"]
+__all__ = ["SparseConv2d", "conv_matrix", "cpu_conv", "cpu_direct_conv", "export_conv", "get_conv_kernel"]
 
 
 def get_conv_kernel(kind: str, block: tuple[int, int], bias: bool, activation=None, residual: bool = False,
@@ -120,16 +126,27 @@ class SparseConv2d(torch.nn.Module):
                 raise UnsupportedOpError(f"{name}: the NCHW kernel takes blocks (br, 1), got {(br, bc)}")
             if residual:
                 raise UnsupportedOpError(f"{name}: the NCHW kernel has no residual epilogue")
+        elif layout == "direct":
+            if self.stride != (1, 1):
+                raise UnsupportedOpError(f"{name}: the direct kernel runs stride-1 convs only, got stride {self.stride}")
+            if (br, bc) != (1, 1):
+                raise UnsupportedOpError(f"{name}: the direct kernel stores CSR (block (1, 1)), got {(br, bc)}")
         elif layout != "nhwc":
-            raise UnsupportedOpError(f"{name}: layout must be 'nhwc' or 'nchw', got {layout!r}")
+            raise UnsupportedOpError(f"{name}: layout must be 'nhwc', 'nchw' or 'direct', got {layout!r}")
         if bc > 1 and c_in % bc:
             raise UnsupportedOpError(f"{name}: block {(br, bc)} needs C_in % {bc} == 0 (C_in = {c_in})")
         mat = conv_matrix(weight.detach().to(torch.float32))
         m = BlockSparseMatrix.from_dense(mat, (br, bc))  # raises InvalidSparsityError if the block does not tile
         self.block = (br, bc)
         self.density = m.density
-        self.format = m.format
+        self.format = "xcsr" if layout == "direct" else m.format
         data, indices = m.data.detach().to(torch.float32), m.indices.to(torch.int64)
+        if layout == "direct" and data.shape[0]:
+            # within each row, nonzeros in (ci, dh, dw) order: the order of their offsets in the padded input
+            rows = torch.repeat_interleave(torch.arange(c_out), (m.indptr[1:] - m.indptr[:-1]).to(torch.int64))
+            dh, dw, ci = indices // (kw * c_in), indices % (kw * c_in) // c_in, indices % c_in
+            order = torch.argsort(rows * (c_in * kh * kw) + (ci * kh + dh) * kw + dw, stable=True)
+            data, indices = data[order], indices[order]
         if data.shape[0] == 0:  # nnzb == 0: indptr keeps the single dummy block unread
             data, indices = torch.zeros(1, br, bc), torch.zeros(1, dtype=torch.int64)
         self.register_buffer("data", aligned(data.contiguous()))
@@ -146,7 +163,7 @@ class SparseConv2d(torch.nn.Module):
             self.register_buffer("bias", aligned(bias.detach().to(torch.float32).reshape(c_out // br, br)))
         else:
             self.bias = None
-        self._params = x86_conv.default_conv_params(self.block, "nhwc" if layout == "nhwc" else "nchw1x1")
+        self._params = x86_conv.default_conv_params(self.block, self.kind)
         self._geom: dict[tuple, tuple] = {}  # (N, H, W) -> (off, pb, M, OH, OW)
         self._fn = None
 
@@ -166,17 +183,20 @@ class SparseConv2d(torch.nn.Module):
         return (n, self.c_out, _out_size(h, kh, sh, ph), _out_size(w, kw, sw, pw))
 
     # ------------------------------------------------------------------ kernels
+    @property
+    def kind(self) -> str:
+        """The kernel family of :mod:`sparsecc.targets.x86_conv` (``"nhwc"``, ``"nchw1x1"`` or ``"direct"``)."""
+        return {"nhwc": "nhwc", "nchw": "nchw1x1", "direct": "direct"}[self.layout]
+
     def _kernel(self):
         if self._fn is None:
-            kind = "nhwc" if self.layout == "nhwc" else "nchw1x1"
-            self._fn = get_conv_kernel(kind, self.block, self.bias is not None, self.activation, self.residual,
+            self._fn = get_conv_kernel(self.kind, self.block, self.bias is not None, self.activation, self.residual,
                                        self.target, self._params)
         return self._fn
 
     @property
     def kernel_name(self) -> str:
-        return x86_conv.conv_kernel_name("nhwc" if self.layout == "nhwc" else "nchw1x1", self.block, self.bias is not None,
-                                self.activation, self.residual)
+        return x86_conv.conv_kernel_name(self.kind, self.block, self.bias is not None, self.activation, self.residual)
 
     def _geometry(self, n: int, h: int, w: int):
         key = (n, h, w)
@@ -228,6 +248,8 @@ class SparseConv2d(torch.nn.Module):
                                 self.stride, self.padding, self.activation, residual if self.residual else None)
         if self.layout == "nchw":
             return self._forward_nchw(x)
+        if self.layout == "direct":
+            return self._forward_direct(x, residual)
         n, c, h, w = (int(v) for v in x.shape)
         off, pb, m, mp, oh, ow, hp, wp = self._geometry(n, h, w)
         if m == 0:
@@ -292,6 +314,64 @@ class SparseConv2d(torch.nn.Module):
             y = y[..., :hw]
         return y.reshape(n, self.c_out, h, w)
 
+    def direct_geometry(self, n: int, h: int, w: int):
+        """Offsets and sizes of the direct kernel for input ``(n, C_in, h, w)``:
+        ``(off (nnz,) int32, H_p, W_p, H_out, W_out, QP, L)`` (see :func:`~sparsecc.codegen.conv.csr_conv_direct_nchw`)."""
+        key = ("direct", n, h, w)
+        g = self._geom.get(key)
+        if g is not None:
+            return g
+        kh, kw = self.kernel_size
+        ph, pw = self.padding
+        hp, wp = h + 2 * ph, w + 2 * pw
+        oh, ow = hp - kh + 1, wp - kw + 1
+        ht = self._params.hw_tile
+        qp = -(-max(oh * wp, 1) // ht) * ht
+        c = self.c_in
+        length = c * hp * wp + qp + wp  # room for the last offset's reads past the image
+        if length >= 2 ** 31:
+            raise InputShapeError(f"{self.layer}: input {(n, c, h, w)} is too large for 32-bit offsets")
+        col = self._col
+        dh, dw, ci = col // (kw * c), col % (kw * c) // c, col % c
+        off = aligned(((ci * hp + dh) * wp + dw).to(torch.int32))
+        g = (off, hp, wp, oh, ow, qp, length)
+        self._geom[key] = g
+        return g
+
+    def _forward_direct(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        n, c, h, w = (int(v) for v in x.shape)
+        off, hp, wp, oh, ow, qp, length = self.direct_geometry(n, h, w)
+        if n * oh * ow == 0:
+            return x.new_empty((n, self.c_out, oh, ow))
+        ph, pw = self.padding
+        xp = aligned_empty((n, length))
+        img = xp[:, :c * hp * wp].view(n, c, hp, wp)
+        if ph or pw:  # zero only the border and the tail
+            img[:, :, :ph].zero_()
+            img[:, :, hp - ph:].zero_()
+            img[:, :, ph:hp - ph, :pw].zero_()
+            img[:, :, ph:hp - ph, wp - pw:].zero_()
+        xp[:, c * hp * wp:].zero_()
+        img[:, :, ph:ph + h, pw:pw + w].copy_(x)
+        args = [xp, self.data.view(-1), off, self.indptr]
+        if self.bias is not None:
+            args.append(self.bias.view(-1))
+        if self.residual:
+            if tuple(residual.shape) != (n, self.c_out, oh, ow):
+                raise InputShapeError(f"{self.layer}: residual must have shape {(n, self.c_out, oh, ow)}, "
+                                      f"got {tuple(residual.shape)}")
+            r = aligned_empty((n, self.c_out, qp))
+            r[:, :, oh * wp:].zero_()
+            rg = r[:, :, :oh * wp].view(n, self.c_out, oh, wp)
+            rg[..., ow:].zero_()
+            rg[..., :ow].copy_(residual)
+            args.append(r)
+        y = aligned_empty((n, self.c_out, qp))
+        args.append(y)
+        with torch.no_grad():
+            self._kernel()(*args)
+        return y[:, :, :oh * wp].view(n, self.c_out, oh, wp)[..., :ow]
+
     def extra_repr(self) -> str:
         return (f"{self.c_in}, {self.c_out}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, block={self.block}, layout={self.layout}, density={self.density:.3f}, "
@@ -310,8 +390,44 @@ def cpu_conv(weight: torch.Tensor, bias=None, activation=None, target=None, *, b
                         target=target.tvm_target(), name=name)
 
 
+@XCSR.register_module("x86", "conv2d")
+def cpu_direct_conv(weight: torch.Tensor, bias=None, activation=None, target=None, *, block=None, stride=1,
+                    padding=0, residual: bool = False, name: str = "conv") -> SparseConv2d:
+    """The direct NCHW :class:`SparseConv2d` (``layout="direct"``) of an unstructured ``weight`` (C_out, C_in, kh,
+    kw) holding the zeros, stride 1 (:func:`sparsecc.passes.conv.conv_candidates` offers it for those only)."""
+    return SparseConv2d(weight, bias, stride, padding, activation, (1, 1), layout="direct", residual=residual,
+                        target=target.tvm_target(), name=name)
+
+
+def _export_direct(ctx, bb, gv, x, res, mod: SparseConv2d):
+    from tvm import relax
+
+    n, c, h, w = (int(v) for v in x.ty.shape.values)
+    c_out = mod.c_out
+    off, hp, wp, oh, ow, qp, length = mod.direct_geometry(n, h, w)
+    ph, pw = mod.padding
+    xp = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, ph, ph, pw, pw])) if ph or pw else x
+    xf = bb.emit(relax.op.reshape(xp, (n, c * hp * wp)))
+    xf = bb.emit(relax.op.nn.pad(xf, [0, 0, 0, length - c * hp * wp]))
+    args = [xf, ctx.const(mod.data.view(-1)), ctx.const(off), ctx.const(mod.indptr)]
+    if mod.bias is not None:
+        args.append(ctx.const(mod.bias.view(-1)))
+    if mod.residual:  # (n, C_out, H_out, W_out) -> the output's padded-width layout
+        r = bb.emit(relax.op.nn.pad(res, [0, 0, 0, 0, 0, 0, 0, wp - ow])) if wp != ow else res
+        r = bb.emit(relax.op.reshape(r, (n, c_out, oh * wp)))
+        args.append(bb.emit(relax.op.nn.pad(r, [0, 0, 0, 0, 0, qp - oh * wp])) if qp != oh * wp else r)
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType((n, c_out, qp), "float32")))
+    if qp != oh * wp:
+        y = bb.emit(relax.op.strided_slice(y, axes=[2], begin=[0], end=[oh * wp]))
+    y = bb.emit(relax.op.reshape(y, (n, c_out, oh, wp)))
+    if wp != ow:
+        y = bb.emit(relax.op.strided_slice(y, axes=[3], begin=[0], end=[ow]))
+    return y
+
+
 @CSR.register_exporter("conv2d")
 @BSR.register_exporter("conv2d")
+@XCSR.register_exporter("conv2d")
 def export_conv(ctx, bb, x, res, mod: SparseConv2d):
     """Relax for one :class:`SparseConv2d` (NCHW in and out; NHWC and the zero border inside)."""
     from tvm import relax
@@ -319,13 +435,15 @@ def export_conv(ctx, bb, x, res, mod: SparseConv2d):
     n, c, h, w = (int(v) for v in x.ty.shape.values)
     _, c_out, oh, ow = mod.out_shape((n, c, h, w))
     br = mod.block[0]
-    kind = "nhwc" if mod.layout == "nhwc" else "nchw1x1"
+    kind = mod.kind
     params = mod._params
     sch = x86_conv.schedule_conv(kind, mod.block, bias=mod.bias is not None, activation=mod.activation,
                                  residual=mod.residual, target=ctx.tvm_target, params=params)
     name = "sparsecc_" + x86_conv.conv_kernel_name(kind, mod.block, mod.bias is not None, mod.activation,
                                                     mod.residual) + f"_{abs(hash(str(params))) % 10**8}"
     gv = ctx.gvar(bb, name, sch)
+    if kind == "direct":
+        return _export_direct(ctx, bb, gv, x, res, mod)
     if kind == "nchw1x1":
         hw = h * w
         ht = params.hw_tile

@@ -433,7 +433,7 @@ class X86Target(Target):
 
     name = "x86"
     kind = "x86"
-    layer_formats = {"linear": frozenset({"csr", "bsr", "nm", "xcsr"}), "conv2d": frozenset({"csr", "bsr"})}
+    layer_formats = {"linear": frozenset({"csr", "bsr", "nm", "xcsr"}), "conv2d": frozenset({"csr", "bsr", "xcsr"})}
     can_time_kernels = True
 
     def __init__(self):

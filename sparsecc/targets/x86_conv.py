@@ -4,8 +4,9 @@ The NHWC implicit-im2col template has the loop structure of the BSR linear
 template (blocks "row", "init", "compute", "epilogue", compute loops
 ``k, j, mi, ii``), so it reuses the linear rules of :mod:`sparsecc.targets.x86`
 (vectorize along ``br`` for ``(br, 1)`` blocks, along ``bc`` for row blocks,
-scalar FMAs over a pixel tile for CSR). The NCHW 1x1 template gets its own
-rule: vectorize along the pixel tile, unroll the block's output channels.
+scalar FMAs over a pixel tile for CSR). The NCHW 1x1 and the direct NCHW
+templates get their own rules: vectorize along the pixel tile (unrolling the
+1x1 block's output channels), parallelize the tiles.
 
 Rules return a ``tvm.s_tir.Schedule`` or None when they do not apply (dlight style).
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import tvm
 import tvm.s_tir
 
-from sparsecc.codegen.conv import bsr_conv1x1_nchw, bsr_conv_nhwc
+from sparsecc.codegen.conv import bsr_conv1x1_nchw, bsr_conv_nhwc, csr_conv_direct_nchw
 from sparsecc.errors import KernelBuildError
 from sparsecc.targets import x86
 from sparsecc.targets.base import apply_rules
@@ -25,8 +26,8 @@ from sparsecc.formats import block_candidate
 
 __all__ = ["CONV_RULES", "ConvParams", "conv_kernel_name", "default_conv_params", "schedule_conv"]
 
-#: Kernel families: the implicit-im2col NHWC conv and the 1x1 NCHW conv.
-KINDS = ("nhwc", "nchw1x1")
+#: Kernel families: the implicit-im2col NHWC conv, the 1x1 NCHW conv and the direct (stride-1, CSR) NCHW conv.
+KINDS = ("nhwc", "nchw1x1", "direct")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class ConvParams:
     m_tile : int
         Output pixels per register tile (NHWC).
     hw_tile : int
-        Pixels per vector tile (NCHW 1x1); the pixel count is padded to it.
+        Pixels per vector tile (NCHW 1x1, direct); the pixel count is padded to it.
     """
 
     m_tile: int = 8
@@ -59,6 +60,8 @@ def default_conv_params(block: tuple[int, int], kind: str) -> ConvParams:
         while mt > 1 and mt * br * bc * 4 > 1024:
             mt //= 2
         return ConvParams(m_tile=mt)
+    if kind == "direct":  # four vectors: independent FMA chains hide the FMA latency
+        return ConvParams(hw_tile=4 * (16 if x86.target_vector_bits() >= 512 else 8))
     return ConvParams(hw_tile=16 if x86.target_vector_bits() >= 512 else 8)
 
 
@@ -83,6 +86,17 @@ def rule_nchw1x1(func, target=None, params=ConvParams()):
     return sch
 
 
+def rule_direct(func, target=None, params=ConvParams()):
+    """Direct NCHW conv: vectorize the pixel tile, parallelize (n, pixel tile, output channel)."""
+    if str(func.attrs.get("sparsecc.kind", "")) != "conv_direct_nchw":
+        return None
+    sch = tvm.s_tir.Schedule(func, enable_check=False)
+    for blk in ("init", "compute", "epilogue"):
+        sch.vectorize(sch.get_loops(sch.get_sblock(blk))[-1])
+    sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("row"))))
+    return sch
+
+
 def schedule_conv(kind: str, block, *, bias: bool, activation=None, residual: bool = False, target=None,
                   params: ConvParams | None = None) -> tvm.s_tir.Schedule:
     """Template + the first applicable x86 rule for a conv kernel.
@@ -103,8 +117,13 @@ def schedule_conv(kind: str, block, *, bias: bool, activation=None, residual: bo
             raise KernelBuildError("the NCHW 1x1 conv kernel has no residual epilogue")
         func = bsr_conv1x1_nchw(block, bias=bias, activation=activation, hw_tile=params.hw_tile)
         return apply_rules(CONV_RULES, func, target, params)
+    if kind == "direct":
+        if block != (1, 1):
+            raise KernelBuildError(f"the direct conv kernel stores CSR (block (1, 1)), got {block}")
+        func = csr_conv_direct_nchw(bias=bias, activation=activation, residual=residual, hw_tile=params.hw_tile)
+        return apply_rules(CONV_RULES, func, target, params)
     raise KernelBuildError(f"unknown conv kernel kind {kind!r}; expected one of {KINDS}")
 
 
 #: The conv-only rules (the NHWC template is scheduled by the linear rules).
-CONV_RULES = (rule_nchw1x1,)
+CONV_RULES = (rule_nchw1x1, rule_direct)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsecc.codegen.conv import bsr_conv1x1_nchw, bsr_conv_nhwc
+from sparsecc.codegen.conv import bsr_conv1x1_nchw, bsr_conv_nhwc, csr_conv_direct_nchw
 from sparsecc.errors import InputDtypeError, InputShapeError, UnsupportedOpError
 from sparsecc.runtime.conv import SparseConv2d
 from sparsecc.sparsify.patterns import as_matrix, from_matrix
@@ -109,6 +109,52 @@ def test_nchw_1x1_kernel_matches_torch(block, act, bias, n, h, w, density):
     torch.testing.assert_close(y, reference(x, wt, b, 1, 0, act), atol=1e-4, rtol=1e-4)
 
 
+# (act, bias, residual, C_out, C_in, k, padding, N, H, W, density)
+DIRECT_CASES = [
+    ("relu", True, False, 7, 5, 3, 1, 2, 9, 7, 0.3),     # odd sizes, batch 2
+    (None, True, True, 16, 8, 3, 1, 1, 14, 14, 0.3),     # residual epilogue (ResNet's conv2)
+    ("relu6", False, False, 5, 3, 1, 0, 1, 6, 5, 0.5),   # 1x1
+    (None, False, True, 6, 4, 5, 2, 3, 11, 10, 0.2),     # 5x5, padding 2, residual without bias
+    ("relu", True, False, 8, 8, 3, 0, 1, 3, 3, 0.3),     # one output pixel
+    ("relu", True, False, 4, 3, 3, 1, 1, 4, 4, 0.0),     # density 0: act(bias)
+    ("relu", True, False, 4, 3, 3, 1, 1, 4, 4, 1.0),     # density 1
+    (None, True, False, 3, 2, 3, 3, 1, 2, 2, 0.5),       # padding larger than the input
+]
+
+
+@pytest.mark.parametrize("act,bias,residual,c_out,c_in,k,p,n,h,w,density", DIRECT_CASES)
+def test_direct_kernel_matches_torch(act, bias, residual, c_out, c_in, k, p, n, h, w, density):
+    wt = block_weight(c_out, c_in, k, (1, 1), density)
+    wt[0] = 0  # an empty output channel
+    wt[:, -1] = 0  # an empty input channel
+    b = torch.randn(c_out) if bias else None
+    mod = SparseConv2d(wt, b, 1, p, act, (1, 1), layout="direct", residual=residual)
+    assert mod.format == "xcsr" and mod.kernel_name.startswith("conv_direct_csr")
+    x = torch.randn(n, c_in, h, w)
+    ref0 = F.conv2d(x, wt, b, 1, p)
+    r = torch.randn_like(ref0) if residual else None
+    y = mod(x, r) if residual else mod(x)
+    torch.testing.assert_close(y, reference(x, wt, b, 1, p, act, r), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mod.dense_weight(), wt, atol=0, rtol=0)
+    xcl = x.contiguous(memory_format=torch.channels_last)  # any input strides
+    torch.testing.assert_close(mod(xcl, r) if residual else mod(xcl), y, atol=0, rtol=0)
+
+
+@settings(max_examples=12, deadline=None)
+@given(c_out=st.integers(1, 9), c_in=st.integers(1, 9), k=st.sampled_from([1, 3]), p=st.integers(0, 2),
+       n=st.integers(1, 2), h=st.integers(1, 9), w=st.integers(1, 40), density=st.floats(0.0, 1.0),
+       seed=st.integers(0, 1000))
+def test_direct_kernel_property(c_out, c_in, k, p, n, h, w, density, seed):
+    # the bias+relu direct kernel of the cases above: no new build
+    if h + 2 * p < k or w + 2 * p < k:
+        return
+    wt = block_weight(c_out, c_in, k, (1, 1), density, seed)
+    b = torch.randn(c_out)
+    x = torch.randn(n, c_in, h, w)
+    mod = SparseConv2d(wt, b, 1, p, "relu", (1, 1), layout="direct")
+    torch.testing.assert_close(mod(x), reference(x, wt, b, 1, p, "relu"), atol=1e-4, rtol=1e-4)
+
+
 @settings(max_examples=12, deadline=None)
 @given(c_out_blocks=st.integers(1, 3), c_in=st.integers(1, 9), k=st.sampled_from([1, 3]), s=st.integers(1, 2),
        p=st.integers(0, 1), n=st.integers(1, 2), h=st.integers(3, 9), w=st.integers(3, 9),
@@ -130,6 +176,10 @@ def test_errors_name_the_layer():
         SparseConv2d(wt, None, 1, 1, None, (16, 1), layout="nchw")
     with pytest.raises(UnsupportedOpError, match="gelu"):
         SparseConv2d(wt, None, 1, 1, "gelu", (16, 1))
+    with pytest.raises(UnsupportedOpError, match="layer9.*stride-1"):
+        SparseConv2d(wt, None, 2, 1, None, (1, 1), layout="direct", name="layer9")
+    with pytest.raises(UnsupportedOpError, match="CSR"):
+        SparseConv2d(wt, None, 1, 1, None, (16, 1), layout="direct")
     mod = SparseConv2d(wt, None, 1, 1, None, (16, 1), name="layer9")
     with pytest.raises(InputShapeError, match="layer9.*6"):
         mod(torch.randn(1, 5, 4, 4))
@@ -145,5 +195,8 @@ def test_templates_have_the_linear_block_structure():
         assert name in text
     assert "PB[vmo * 8 + vmi] + OFF[PTR[vio] + vk]" in text  # implicit im2col: base + offset
     assert len(bsr_conv1x1_nchw((4, 1), bias=False).params) == 5
+    direct = csr_conv_direct_nchw(bias=True, residual=True, hw_tile=32)
+    assert len(direct.params) == 7
+    assert "OFF[PTR[vco] + vk] + vqo * 32 + vqi" in direct.script()  # offset + pixel: contiguous along the tile
     with pytest.raises(UnsupportedOpError):
         bsr_conv1x1_nchw((1, 4))
