@@ -6,13 +6,15 @@ Prints, in one run (all times are medians of interleaved runs, ratios taken with
    ``channels_last``, torch with the same pruned weights, and sparsecc; the max abs difference
    between sparsecc and the pruned torch model relative to its output scale;
 2. every distinct conv layer: sparsecc kernel (NHWC, implicit im2col) / torch ``F.conv2d`` dense,
-   plus the NCHW 1x1 kernel for 1x1 layers;
+   plus the NCHW 1x1 kernel for 1x1 layers and, for unstructured weights (``--block 1x1``), the direct
+   NCHW kernel for stride-1 layers;
 3. with ``--im2col-study``: explicit im2col (``F.unfold`` + the BSR linear kernel) against the
    implicit-im2col conv kernel, the measurement behind the choice in ``sparsecc/codegen/conv.py``.
 
-Writes ``benchmarks/results/conv.{md,json}``.
+Writes ``benchmarks/results/conv.{md,json}`` (``--out`` to change).
 
     python benchmarks/conv.py --threads 2 --runs 20 --im2col-study
+    python benchmarks/conv.py --threads 2 --runs 20 --block 1x1 --sparsity 0.7 --out benchmarks/results/conv_unstructured
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=20, help="interleaved rounds per timing")
     p.add_argument("--sparsity", type=float, default=0.8)
-    p.add_argument("--block", default="16x1", help="pruning block of the (C_out, kh·kw·C_in) matrix")
+    p.add_argument("--block", default="16x1", help="pruning block of the (C_out, kh·kw·C_in) matrix; 1x1: unstructured")
     p.add_argument("--size", type=int, default=224, help="input height and width")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--im2col-study", action="store_true", help="also time explicit im2col + linear kernel")
@@ -94,8 +96,12 @@ def run(args) -> dict:
            "sparsity": args.sparsity, "block": list(block), "input": list(x.shape),
            "date": time.strftime("%Y-%m-%d %H:%M")}
 
+    unstructured = block == (1, 1)
     t0 = time.perf_counter()
-    cm = sparsecc.compile(model, x, sparsity=args.sparsity, pattern="block", block_shape=block)
+    if unstructured:
+        cm = sparsecc.compile(model, x, sparsity=args.sparsity, pattern="unstructured")
+    else:
+        cm = sparsecc.compile(model, x, sparsity=args.sparsity, pattern="block", block_shape=block)
     res["compile_s"] = time.perf_counter() - t0
     ref = sparsecc.prune(model, args.sparsity, block_shape=block).eval()
     with torch.no_grad():
@@ -113,8 +119,9 @@ def run(args) -> dict:
     res["speedup_vs_dense_channels_last"] = t["torch dense channels_last"] / t["sparsecc"]
     res["report"] = cm.report()
     print(cm.report())
-    print(f"\nResNet-18-like, {args.batch}x3x{args.size}x{args.size}, {args.sparsity:.0%} sparsity in "
-          f"{block[0]}x{block[1]} blocks, {args.threads} threads, medians of {args.runs} interleaved runs:")
+    where = "unstructured" if unstructured else f"in {block[0]}x{block[1]} blocks"
+    print(f"\nResNet-18-like, {args.batch}x3x{args.size}x{args.size}, {args.sparsity:.0%} sparsity {where}, "
+          f"{args.threads} threads, medians of {args.runs} interleaved runs:")
     for k, v in t.items():
         print(f"  {k:28s} {v:8.2f} ms   ({t['torch dense'] / v:.2f}x of torch dense)")
     print(f"  max |sparsecc - pruned torch| = {res['max_abs_diff']:.2e} (output scale {scale:.3f}, "
@@ -138,6 +145,9 @@ def run(args) -> dict:
             if m.kernel_size == (1, 1) and s == (1, 1) and block[1] == 1:
                 nchw = SparseConv2d(w_sparse, b, 1, 0, "relu", block, layout="nchw")
                 fns["nchw"] = lambda: nchw(xi)
+            if unstructured and s == (1, 1):
+                direct = SparseConv2d(w_sparse, b, 1, p, "relu", block, layout="direct")
+                fns["direct"] = lambda: direct(xi)
             if args.im2col_study and m.kernel_size != (1, 1):
                 im2col = _explicit_im2col(w_sparse, b, s, p, block)
                 fns["im2col"] = lambda: im2col(xi_cl)
@@ -148,8 +158,11 @@ def run(args) -> dict:
                 row["ratio_nchw"] = tt["nchw"] / tt["dense"]
             if "im2col" in tt:
                 row["ratio_im2col"] = tt["im2col"] / tt["dense"]
+            if "direct" in tt:
+                row["ratio_direct"] = tt["direct"] / tt["dense"]
             layers.append(row)
-            extra = "".join(f"  {k} {tt[k]:.3f} ({tt[k] / tt['dense']:.2f})" for k in ("nchw", "im2col") if k in tt)
+            extra = "".join(f"  {k} {tt[k]:.3f} ({tt[k] / tt['dense']:.2f})" for k in ("nchw", "direct", "im2col")
+                            if k in tt)
             print(f"  {name:24s} {'x'.join(map(str, w_dense.shape)):12s} s{s[0]} in {in_shape[2]:3d}: dense "
                   f"{tt['dense']:.3f} (cl {tt['dense_cl']:.3f})  nhwc {tt['nhwc']:.3f} ({row['ratio_nhwc']:.2f})"
                   + extra)
@@ -185,13 +198,15 @@ def _write(res: dict, out: Path) -> None:
         "# Sparse convolution: ResNet-18-like CNN",
         "",
         f"`python benchmarks/conv.py --threads {res['threads']} --runs {res['runs']} --clock {res['clock']}"
+        f" --block {res['block'][0]}x{res['block'][1]} --sparsity {res['sparsity']}"
         f"{' --im2col-study' if any('ratio_im2col' in r for r in res['layers']) else ''}` ({res['date']}, "
         f"{res['machine']}, {res['threads']} threads; medians of {res['runs']} interleaved runs on a shared, "
         f"noisy machine: compare ratios within this run only; 1-min load average at start "
         f"{res.get('load_average_1min', float('nan')):.1f} on {os.cpu_count()} cores).",
         "",
-        f"Input {tuple(res['input'])}, {res['sparsity']:.0%} sparsity in {res['block'][0]}x{res['block'][1]} blocks "
-        f"of every conv's (C_out, kh·kw·C_in) matrix; BN folded; compile {res['compile_s']:.1f} s.",
+        f"Input {tuple(res['input'])}, {res['sparsity']:.0%} sparsity "
+        + ("unstructured" if tuple(res['block']) == (1, 1) else f"in {res['block'][0]}x{res['block'][1]} blocks")
+        + f" in every conv's (C_out, kh·kw·C_in) matrix; BN folded; compile {res['compile_s']:.1f} s.",
         "",
         "| model | ms | torch dense / this |",
         "|---|---|---|",
@@ -203,14 +218,15 @@ def _write(res: dict, out: Path) -> None:
     if res["layers"]:
         lines += ["## Per conv layer (sparse kernel ms / torch `F.conv2d` dense ms, same run)", "",
                   "| layer | weight | stride | input | dense ms | dense channels_last ms | NHWC sparse ms | ratio | "
-                  "NCHW 1x1 ratio | explicit im2col ratio |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "NCHW 1x1 ratio | direct NCHW ratio | explicit im2col ratio |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["layers"]:
             ms = r["ms"]
             lines.append(
                 f"| {r['layer']} | {'x'.join(map(str, r['weight']))} | {r['stride']} | "
                 f"{'x'.join(map(str, r['input']))} | {ms['dense']:.3f} | {ms['dense_cl']:.3f} | {ms['nhwc']:.3f} | "
                 f"{r['ratio_nhwc']:.2f} | {r.get('ratio_nchw', float('nan')):.2f} | "
+                f"{r.get('ratio_direct', float('nan')):.2f} | "
                 f"{r.get('ratio_im2col', float('nan')):.2f} |")
     lines += ["", "## Compile report", "", "```", res["report"], "```", ""]
     out.with_suffix(".md").write_text("\n".join(lines))

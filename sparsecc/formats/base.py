@@ -187,6 +187,12 @@ class Format:
         """Bytes moved by one call (weights once, X and Y once), a sympy expression in :data:`M`."""
         raise NotImplementedError
 
+    def conv_bytes(self, params: tuple, n: int, k: int, stored: int, taps: int) -> sympy.Expr:
+        """Bytes of one call as a conv ``(C_out = N, kh·kw·C_in = K)`` with ``taps = kh·kw``, :data:`M` the
+        output pixels. Default :meth:`bytes` (the implicit-im2col kernels are priced as their GEMM); a
+        kernel that reads the input image once per call, not its im2col matrix, overrides it."""
+        return self.bytes(params, n, k, stored)
+
     def weight_bytes(self, params: tuple, n: int, k: int, stored: int) -> int:
         """Bytes of the stored weight (values and indices): :meth:`bytes` without the activations (M = 0)."""
         return int(self.bytes(params, n, k, stored).subs(M, 0))

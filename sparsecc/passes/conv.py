@@ -266,7 +266,7 @@ class ChooseConvFormat(Pass):
             m, n, k = conv_gemm_dims(site, tuple(w.shape))
             cands = no_larger_than_dense(conv_candidates(self.pattern, tuple(w.shape), ann.density, allowed, site.stride), (n, k),
                                          ann.nnz, ann.fill_ratio)
-            est = cost.estimates(cands, (n, k), m, ann.nnz, ann.fill_ratio)
+            est = cost.estimates(cands, (n, k), m, ann.nnz, ann.fill_ratio, taps=w.shape[2] * w.shape[3])
             x_shape = val_shape(site.input)
             measure = None
             if self.measure and x_shape is not None:

@@ -74,8 +74,11 @@ class CostModel:
     def has(self, cand: Candidate) -> bool:
         return cand.key in self.kernels
 
-    def latency_expr(self, cand: Candidate, n: int, k: int, stored: int = 0) -> sympy.Expr:
+    def latency_expr(self, cand: Candidate, n: int, k: int, stored: int = 0, taps: int | None = None) -> sympy.Expr:
         """Latency in ms of a call on W: (N, K) holding ``stored`` units, as a sympy expression in :data:`M`.
+
+        ``taps``: the weight is a conv's ``(C_out, kh·kw·C_in)`` with ``kh·kw = taps`` and :data:`M` its output
+        pixels (bytes from :meth:`~sparsecc.formats.base.Format.conv_bytes`).
 
         Raises
         ------
@@ -85,25 +88,26 @@ class CostModel:
         c = self.kernels[cand.key]
         fmt = cand.entry
         fl = fmt.flops(cand.params, n, k, stored)
-        by = fmt.bytes(cand.params, n, k, stored)
+        by = fmt.bytes(cand.params, n, k, stored) if taps is None else fmt.conv_bytes(cand.params, n, k, stored, taps)
         mem = by / (c.gbps * 1e6)
         gemv = c.overhead_ms + sympy.Max(fl / (c.gflops_gemv * 1e6), mem)
         gemm = c.overhead_ms + sympy.Max(fl / (c.gflops_gemm * 1e6), mem)
         return sympy.Piecewise((gemv, M < GEMM_MIN_M), (gemm, True))
 
-    def estimate_ms(self, cand: Candidate, n: int, k: int, m: int, stored: int = 0) -> float:
-        """Estimated latency in ms at ``M = m``."""
-        return float(self.latency_expr(cand, n, k, stored).subs(M, m))
+    def estimate_ms(self, cand: Candidate, n: int, k: int, m: int, stored: int = 0, taps: int | None = None) -> float:
+        """Estimated latency in ms at ``M = m`` (``taps``: see :meth:`latency_expr`)."""
+        return float(self.latency_expr(cand, n, k, stored, taps).subs(M, m))
 
-    def estimate_weight_ms(self, cand: Candidate, shape: tuple, m: int, nnz: int, fill_ratio=None) -> float:
+    def estimate_weight_ms(self, cand: Candidate, shape: tuple, m: int, nnz: int, fill_ratio=None,
+                           taps: int | None = None) -> float:
         """Estimated latency in ms at ``M = m`` of a weight (N, K) with ``nnz`` nonzeros stored as ``cand``."""
         n, k = shape
         stored = cand.entry.stored(cand.params, (n, k), nnz, fill_ratio or {})
-        return self.estimate_ms(cand, n, k, m, stored)
+        return self.estimate_ms(cand, n, k, m, stored, taps)
 
-    def estimates(self, cands, shape: tuple, m: int, nnz: int, fill_ratio=None) -> dict:
-        """``{candidate key: ms}`` at ``M = m`` for every calibrated candidate in ``cands``."""
-        return {c.key: self.estimate_weight_ms(c, shape, m, nnz, fill_ratio) for c in cands if self.has(c)}
+    def estimates(self, cands, shape: tuple, m: int, nnz: int, fill_ratio=None, taps: int | None = None) -> dict:
+        """``{candidate key: ms}`` at ``M = m`` for every calibrated candidate in ``cands`` (``taps``: convs)."""
+        return {c.key: self.estimate_weight_ms(c, shape, m, nnz, fill_ratio, taps) for c in cands if self.has(c)}
 
     def best_block(self, shapes, density: float, m: int, max_area: int = 16) -> tuple:
         """Block shape to prune to for ``pattern="block"``: the one with least estimated total latency.
