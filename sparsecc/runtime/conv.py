@@ -391,6 +391,7 @@ def cpu_conv(weight: torch.Tensor, bias=None, activation=None, target=None, *, b
 
 
 @XCSR.register_module("x86", "conv2d")
+@XCSR.register_module("arm", "conv2d")
 def cpu_direct_conv(weight: torch.Tensor, bias=None, activation=None, target=None, *, block=None, stride=1,
                     padding=0, residual: bool = False, name: str = "conv") -> SparseConv2d:
     """The direct NCHW :class:`SparseConv2d` (``layout="direct"``) of an unstructured ``weight`` (C_out, C_in, kh,

@@ -295,7 +295,7 @@ class ArmTarget(Target):
     """
 
     kind = "arm"
-    layer_formats = {"linear": frozenset({"csr", "bsr", "nm", "xcsr"}), "conv2d": frozenset({"csr", "bsr"})}
+    layer_formats = {"linear": frozenset({"csr", "bsr", "nm", "xcsr"}), "conv2d": frozenset({"csr", "bsr", "xcsr"})}
     can_time_kernels = False
 
     def __init__(self, device: str = "arm", rpc=None):

@@ -148,6 +148,21 @@ def toolchain():
         pytest.skip(f"aarch64 toolchain cannot be fetched here: {e}")
 
 
+def test_arm_unstructured_convs_on_the_direct_kernel_under_qemu(toolchain, tmp_path):
+    from sparsecc.runtime.export import run_artifact_under_qemu
+    from sparsecc.targets.arm import ArmTarget
+
+    class Target(_FastXCSR, ArmTarget):
+        pass
+
+    model = _small_resnet()
+    x = torch.randn(1, 3, 10, 10)
+    cm = sparsecc.compile(model, x, target=Target("arm"), sparsity=0.7, pattern="unstructured")
+    assert sum(a.format == "xcsr" for a in cm.layers if a.kind == "conv2d") >= 4
+    y, _ = run_artifact_under_qemu(cm.export(tmp_path / "c"), x)
+    torch.testing.assert_close(y, sparsecc.prune(model, 0.7)(x), rtol=1e-4, atol=1e-5)
+
+
 def test_arm_residual_cnn_at_80_percent_runs_under_qemu(toolchain, tmp_path):
     """The must-show at CI size: a residual CNN (3x3 and 1x1 convs, BN folded) at 80% sparsity, 32x32."""
     from sparsecc.runtime.export import run_artifact_under_qemu
