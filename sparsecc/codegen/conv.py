@@ -309,8 +309,7 @@ def bsr_conv1x1_nchw(block: tuple[int, int] = (1, 1), *, bias: bool = False, act
     return func
 
 
-def csr_conv_direct_nchw(*, bias: bool = False, activation: str | None = None, residual: bool = False,
-                         hw_tile: int = 32):
+def csr_conv_direct_nchw(*, activation: str | None = None, residual: bool = False, hw_tile: int = 32):
     """Unscheduled direct sparse convolution template, stride 1, NCHW (see the module docstring).
 
     Loop structure::
@@ -328,7 +327,7 @@ def csr_conv_direct_nchw(*, bias: bool = False, activation: str | None = None, r
 
     Arguments of the built function: ``X (NBATCH, L)`` (the zero-padded input ``(C_in, H_p, W_p)``
     flattened, then zero-extended so that ``off + QP ≤ L`` for every offset), ``data (nnz,)``, ``off
-    (nnz,) int32``, ``indptr (C_out + 1,) int32``, ``bias (C_out,)`` (with ``bias=True``), ``R
+    (nnz,) int32``, ``indptr (C_out + 1,) int32``, ``bias (C_out,)`` (zeros for convs without one), ``R
     (NBATCH, C_out, QP)`` (with ``residual=True``, same layout as Y), ``Y (NBATCH, C_out, QP)`` with
     ``QP`` the output pixels on the padded width, ``H_out · W_p``, rounded up to ``hw_tile``.
 
@@ -343,12 +342,8 @@ def csr_conv_direct_nchw(*, bias: bool = False, activation: str | None = None, r
     act = conv_activation(activation)
 
     def epi_val(C, B, R, vn, vco, q, vqi):
-        v = C[vqi]
-        if B is not None:
-            v = v + B[vco]
-        if R is not None:
-            v = v + R[vn, vco, q]
-        return v
+        v = C[vqi] + B[vco]
+        return v if R is None else v + R[vn, vco, q]
 
     @T.macro
     def body(X, D, OFF, PTR, B, R, Y, NBATCH, L, NNZ, CO, QP):
@@ -374,9 +369,7 @@ def csr_conv_direct_nchw(*, bias: bool = False, activation: str | None = None, r
 
     attrs = {"global_symbol": "main", "tir.noalias": True, "sparsecc.block": [1, 1], "sparsecc.hw_tile": ht,
              "sparsecc.kind": "conv_direct_nchw"}
-
-    # one prim_func per argument list (TVMScript has no optional arguments)
-    if bias and residual:
+    if residual:
         @T.prim_func(s_tir=True)
         def func(x_h: T.handle, d_h: T.handle, off_h: T.handle, ptr_h: T.handle, b_h: T.handle, r_h: T.handle,
                  y_h: T.handle):
@@ -390,7 +383,7 @@ def csr_conv_direct_nchw(*, bias: bool = False, activation: str | None = None, r
             R = T.match_buffer(r_h, (NBATCH, CO, QP), "float32")
             Y = T.match_buffer(y_h, (NBATCH, CO, QP), "float32")
             body(X, D, OFF, PTR, B, R, Y, NBATCH, L, NNZ, CO, QP)
-    elif bias:
+    else:
         @T.prim_func(s_tir=True)
         def func(x_h: T.handle, d_h: T.handle, off_h: T.handle, ptr_h: T.handle, b_h: T.handle, y_h: T.handle):
             T.func_attr(attrs)
@@ -402,27 +395,4 @@ def csr_conv_direct_nchw(*, bias: bool = False, activation: str | None = None, r
             B = T.match_buffer(b_h, (CO,), "float32")
             Y = T.match_buffer(y_h, (NBATCH, CO, QP), "float32")
             body(X, D, OFF, PTR, B, None, Y, NBATCH, L, NNZ, CO, QP)
-    elif residual:
-        @T.prim_func(s_tir=True)
-        def func(x_h: T.handle, d_h: T.handle, off_h: T.handle, ptr_h: T.handle, r_h: T.handle, y_h: T.handle):
-            T.func_attr(attrs)
-            NBATCH, L, NNZ, CO, QP = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
-            X = T.match_buffer(x_h, (NBATCH, L), "float32")
-            D = T.match_buffer(d_h, (NNZ,), "float32")
-            OFF = T.match_buffer(off_h, (NNZ,), "int32")
-            PTR = T.match_buffer(ptr_h, (CO + 1,), "int32")
-            R = T.match_buffer(r_h, (NBATCH, CO, QP), "float32")
-            Y = T.match_buffer(y_h, (NBATCH, CO, QP), "float32")
-            body(X, D, OFF, PTR, None, R, Y, NBATCH, L, NNZ, CO, QP)
-    else:
-        @T.prim_func(s_tir=True)
-        def func(x_h: T.handle, d_h: T.handle, off_h: T.handle, ptr_h: T.handle, y_h: T.handle):
-            T.func_attr(attrs)
-            NBATCH, L, NNZ, CO, QP = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
-            X = T.match_buffer(x_h, (NBATCH, L), "float32")
-            D = T.match_buffer(d_h, (NNZ,), "float32")
-            OFF = T.match_buffer(off_h, (NNZ,), "int32")
-            PTR = T.match_buffer(ptr_h, (CO + 1,), "int32")
-            Y = T.match_buffer(y_h, (NBATCH, CO, QP), "float32")
-            body(X, D, OFF, PTR, None, None, Y, NBATCH, L, NNZ, CO, QP)
     return func

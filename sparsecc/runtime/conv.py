@@ -314,6 +314,10 @@ class SparseConv2d(torch.nn.Module):
             y = y[..., :hw]
         return y.reshape(n, self.c_out, h, w)
 
+    def direct_bias(self) -> torch.Tensor:
+        """``(C_out,)``: the bias, or zeros (the direct kernel always takes one)."""
+        return self.bias.view(-1) if self.bias is not None else aligned(torch.zeros(self.c_out))
+
     def direct_geometry(self, n: int, h: int, w: int):
         """Offsets and sizes of the direct kernel for input ``(n, C_in, h, w)``:
         ``(off (nnz,) int32, H_p, W_p, H_out, W_out, QP, L)`` (see :func:`~sparsecc.codegen.conv.csr_conv_direct_nchw`)."""
@@ -353,9 +357,7 @@ class SparseConv2d(torch.nn.Module):
             img[:, :, ph:hp - ph, wp - pw:].zero_()
         xp[:, c * hp * wp:].zero_()
         img[:, :, ph:ph + h, pw:pw + w].copy_(x)
-        args = [xp, self.data.view(-1), off, self.indptr]
-        if self.bias is not None:
-            args.append(self.bias.view(-1))
+        args = [xp, self.data.view(-1), off, self.indptr, self.direct_bias()]
         if self.residual:
             if tuple(residual.shape) != (n, self.c_out, oh, ow):
                 raise InputShapeError(f"{self.layer}: residual must have shape {(n, self.c_out, oh, ow)}, "
@@ -410,9 +412,7 @@ def _export_direct(ctx, bb, gv, x, res, mod: SparseConv2d):
     xp = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, ph, ph, pw, pw])) if ph or pw else x
     xf = bb.emit(relax.op.reshape(xp, (n, c * hp * wp)))
     xf = bb.emit(relax.op.nn.pad(xf, [0, 0, 0, length - c * hp * wp]))
-    args = [xf, ctx.const(mod.data.view(-1)), ctx.const(off), ctx.const(mod.indptr)]
-    if mod.bias is not None:
-        args.append(ctx.const(mod.bias.view(-1)))
+    args = [xf, ctx.const(mod.data.view(-1)), ctx.const(off), ctx.const(mod.indptr), ctx.const(mod.direct_bias())]
     if mod.residual:  # (n, C_out, H_out, W_out) -> the output's padded-width layout
         r = bb.emit(relax.op.nn.pad(res, [0, 0, 0, 0, 0, 0, 0, wp - ow])) if wp != ow else res
         r = bb.emit(relax.op.reshape(r, (n, c_out, oh * wp)))

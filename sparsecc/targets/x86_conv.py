@@ -120,7 +120,8 @@ def schedule_conv(kind: str, block, *, bias: bool, activation=None, residual: bo
     if kind == "direct":
         if block != (1, 1):
             raise KernelBuildError(f"the direct conv kernel stores CSR (block (1, 1)), got {block}")
-        func = csr_conv_direct_nchw(bias=bias, activation=activation, residual=residual, hw_tile=params.hw_tile)
+        # takes a bias always (zeros for convs without one): one build for both
+        func = csr_conv_direct_nchw(activation=activation, residual=residual, hw_tile=params.hw_tile)
         return apply_rules(CONV_RULES, func, target, params)
     raise KernelBuildError(f"unknown conv kernel kind {kind!r}; expected one of {KINDS}")
 

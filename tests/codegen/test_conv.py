@@ -195,8 +195,8 @@ def test_templates_have_the_linear_block_structure():
         assert name in text
     assert "PB[vmo * 8 + vmi] + OFF[PTR[vio] + vk]" in text  # implicit im2col: base + offset
     assert len(bsr_conv1x1_nchw((4, 1), bias=False).params) == 5
-    direct = csr_conv_direct_nchw(bias=True, residual=True, hw_tile=32)
-    assert len(direct.params) == 7
+    direct = csr_conv_direct_nchw(residual=True, hw_tile=32)
+    assert len(direct.params) == 7 and len(csr_conv_direct_nchw().params) == 6  # bias always (zeros without)
     assert "OFF[PTR[vco] + vk] + vqo * 32 + vqi" in direct.script()  # offset + pixel: contiguous along the tile
     with pytest.raises(UnsupportedOpError):
         bsr_conv1x1_nchw((1, 4))
