@@ -12,7 +12,7 @@ import importlib as _importlib
 import sys as _sys
 import types as _types
 
-from .errors import (AccuracyBudgetError, ArtifactError, CacheWarning, CaptureError, DataError, DatasetError,
+from .errors import (AccuracyBudgetError, ArtifactError, CacheWarning, CalibrationWarning, CaptureError, DataError, DatasetError,
                      FallbackWarning, MlirError, NotPicklableError,
                      InputDtypeError, InputShapeError, InvalidArgumentError, InvalidSparsityError, KernelBuildError,
                      PassError, PatternWarning, SparseccError, SparseccWarning, StructureError, TargetError,
@@ -25,7 +25,7 @@ __all__ = ["compile", "prune", "load", "tune", "sparsify", "SparsifyResult", "pr
            "AccuracyBudgetError", "ArtifactError", "CaptureError", "DataError", "DatasetError", "InputDtypeError",
            "InputShapeError", "InvalidArgumentError", "InvalidSparsityError", "KernelBuildError", "PassError",
            "TargetError", "TrainingError", "UnknownLayerError", "UnsupportedOpError", "SparseccWarning",
-           "CacheWarning", "PatternWarning", "TrainModeWarning", "FallbackWarning", "MlirError", "NotPicklableError",
+           "CacheWarning", "CalibrationWarning", "PatternWarning", "TrainModeWarning", "FallbackWarning", "MlirError", "NotPicklableError",
            "__version__"]
 
 #: public name -> (module, attribute) imported on first access

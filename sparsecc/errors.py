@@ -135,5 +135,10 @@ class RemoteFallbackWarning(SparseccWarning):
     roofline instead (the message says why)."""
 
 
+class CalibrationWarning(SparseccWarning):
+    """The cost model's calibration measured timings its kernels cannot take (a busy machine); it is used for
+    this process only and not cached (the message names the kernels)."""
+
+
 class PatternWarning(SparseccWarning):
     """The requested pattern could not be applied to some layers (e.g. a block shape that tiles none of them)."""

@@ -4,7 +4,11 @@ A short run (a few seconds, cached on disk per CPU, thread count and library
 versions) measures each kernel the target builds for linears (every calibration
 candidate of every registered format) on a BERT-sized 768x768 weight at density
 0.2 for M ∈ {1, 4, 128} plus a tiny call for the fixed overhead, and fits the
-constants of :class:`~sparsecc.tune.cost_model.KernelCalibration`.
+constants of :class:`~sparsecc.tune.cost_model.KernelCalibration`. A fit the
+timings cannot come from (:func:`implausible`: on a busy machine every parallel
+call waits for a scheduler time slice) is re-measured; one still implausible
+is used for the process, with a :class:`~sparsecc.errors.CalibrationWarning`,
+and never cached.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecc.cache import cache_root
+from sparsecc.errors import CalibrationWarning
 from sparsecc.fileio import CacheWarning, verified, write_verified
 from sparsecc.formats import all_formats
 from sparsecc.runtime.modules import make_linear
@@ -30,6 +35,8 @@ from sparsecc.tune.cost_model import CostModel, KernelCalibration, M
 CALIBRATION_VERSION = 3  # 2: minimum of the repeats, not the median; 3: remote dense = packed GEMM
 CAL_N = CAL_K = 768
 CAL_DENSITY = 0.2
+#: Measurements of one candidate before an implausible fit is kept (and the model not cached).
+MEASURE_TRIES = 3
 
 
 def _fit(t_tiny: float, t1: float, t4: float, t128: float, fl: Callable, by: Callable) -> KernelCalibration:
@@ -54,6 +61,24 @@ def _measure_candidate(make: Callable[[int, int], Callable], n: int, k: int) -> 
     xs = {m: torch.randn(m, k) for m in (1, 4, 128)}
     t_tiny = measure_ms(fn_tiny, torch.randn(1, 16), repeat=30, statistic="min")
     return (t_tiny,) + tuple(measure_ms(fn, xs[m], repeat=15, statistic="min") for m in (1, 4, 128))
+
+
+#: Bounds of a plausible fit: a 16x16 call above this many ms, or a throughput above these, means the
+#: timings were not the kernel's (a busy machine: a parallel call waits a scheduler time slice, ~4-8 ms).
+MAX_OVERHEAD_MS = 1.0
+MAX_GFLOPS = MAX_GBPS = 1e4
+
+
+def implausible(cal: KernelCalibration, times: tuple) -> str | None:
+    """Why a fit from ``times`` ``(tiny, M=1, M=4, M=128)`` (ms) cannot be the kernel's, or None."""
+    t_tiny, t1, t4, t128 = times
+    if t_tiny > MAX_OVERHEAD_MS:
+        return f"a 16x16 call took {t_tiny:.2f} ms"
+    if t_tiny >= min(t1, t4, t128):
+        return f"a 16x16 call took as long as a {CAL_N}x{CAL_K} one ({t_tiny:.3f} vs {min(t1, t4, t128):.3f} ms)"
+    if max(cal.gflops_gemv, cal.gflops_gemm) > MAX_GFLOPS or cal.gbps > MAX_GBPS:
+        return f"the fit gives {max(cal.gflops_gemv, cal.gflops_gemm):.0f} GFLOP/s and {cal.gbps:.0f} GB/s"
+    return None
 
 
 def calibration_candidates(target) -> list:
@@ -113,6 +138,7 @@ def calibrate(target, use_cache: bool = True, verbose: bool = False, candidates=
     if cached is not None:
         return cached
     t0 = time.perf_counter()
+    bad: list = []
     model = CostModel(source=f"measured {time.strftime('%Y-%m-%d')} on {target.describe()}, "
                              f"{torch.get_num_threads()} threads")
     n, k = CAL_N, CAL_K
@@ -126,13 +152,27 @@ def calibrate(target, use_cache: bool = True, verbose: bool = False, candidates=
                 return lambda x: F.linear(x, w, b)
             return make_linear(target, cand.to_storage(w), b)
 
-        times = _measure_candidate(make, n, k)
         w = fmt.calibration_weight(cand.params, n, k, CAL_DENSITY)
-        cal = model.kernels[cand.key] = _fit_candidate(cand, times, n, k, fmt.units_of(cand.to_storage(w)))
+        stored = fmt.units_of(cand.to_storage(w))
+        for _ in range(MEASURE_TRIES):  # re-measured while the timings are implausible
+            times = _measure_candidate(make, n, k)
+            cal = _fit_candidate(cand, times, n, k, stored)
+            why = implausible(cal, times)
+            if why is None:
+                break
+        model.kernels[cand.key] = cal
+        if why is not None:
+            bad.append(f"{cand.key} ({why})")
         if verbose:
             print(f"calibrated {cand.key}: {cal}")
     model.source += f" in {time.perf_counter() - t0:.1f} s"
-    if use_cache:
+    if bad:
+        model.source += ", implausible: " + ", ".join(bad)
+        warnings.warn(f"calibration on {target.describe()}: implausible timings after {MEASURE_TRIES} tries for "
+                      f"{'; '.join(bad)}; the machine looks busy. The model is used for this process only and not "
+                      f"cached (formats it picks may be slow; sparse layers are still timed against dense)",
+                      CalibrationWarning, stacklevel=2)
+    elif use_cache:
         _store(path, model)
     return model
 
