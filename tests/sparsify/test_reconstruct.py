@@ -181,21 +181,27 @@ def test_output_error_by_hand():
 class _TwoLayers(nn.Module):
     """fc1 sees inputs of rank 1 (one weight per row reproduces it); fc2 sees full-rank ones."""
 
-    def __init__(self):
+    def __init__(self, d_in=16, d_hidden=32, d_out=8):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 8)
+        self.d_in = d_in
+        self.fc1, self.fc2 = nn.Linear(d_in, d_hidden), nn.Linear(d_hidden, d_out)
 
     def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x[:, :16])) + x[:, 16:])
+        return self.fc2(torch.relu(self.fc1(x[:, :self.d_in])) + x[:, self.d_in:])
+
+
+def _rank1_inputs(count, rows, d_in, d_hidden, seed=1):
+    """``count`` inputs of :class:`_TwoLayers`: fc1's part of rank 1, the skip part full rank."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(1, d_in, generator=g)
+    return [torch.cat([torch.randn(rows, 1, generator=g) @ basis, torch.randn(rows, d_hidden, generator=g)], 1)
+            for _ in range(count)]
 
 
 def test_error_allocation_reaches_the_sparsity_with_less_output_error():
     torch.manual_seed(0)
     model = _TwoLayers()
-    g = torch.Generator().manual_seed(1)
-    basis = torch.randn(1, 16, generator=g)
-    data = [(torch.cat([torch.randn(64, 1, generator=g) @ basis, torch.randn(64, 32, generator=g)], 1),
-             torch.zeros(64, 8)) for _ in range(12)]
+    data = [(x, torch.zeros(64, 8)) for x in _rank1_inputs(12, 64, 16, 32)]
     kw = dict(sparsity=0.7, pattern="unstructured", schedule="oneshot", data=data[:8], calib_batches=8,
               method="sparsegpt", reconstruct=True, progress=False, densities=(0.1, 0.2, 0.3, 0.5, 0.7))
     uni = sparsecc.sparsify(model, data[0][0], **kw)
@@ -250,28 +256,12 @@ def test_layerwise_budget_search_returns_the_fastest_uniform_plan_within_the_bud
         sparsecc.sparsify(model, data[0][0], accuracy_budget=0.0, **kw)
 
 
-class _Wide(nn.Module):
-    """fc1 sees rank-1 inputs (prunable almost freely with reconstruction), fc2 full-rank ones."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(256, 256), nn.Linear(256, 256)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x[:, :256])) + x[:, 256:])
-
-
 def test_layerwise_budget_search_mixes_layers_where_a_uniform_plan_wastes_the_budget():
     torch.manual_seed(0)
-    model = _Wide()
-    g = torch.Generator().manual_seed(1)
-    basis = torch.randn(1, 256, generator=g)
-
-    def batch():
-        return torch.cat([torch.randn(128, 1, generator=g) @ basis, torch.randn(128, 256, generator=g)], 1)
-
-    data = [(batch(), torch.zeros(128, 256)) for _ in range(4)]
-    val = torch.cat([batch() for _ in range(2)])
+    model = _TwoLayers(256, 256, 256)
+    xs = _rank1_inputs(6, 128, 256, 256)
+    data = [(x, torch.zeros(128, 256)) for x in xs[:4]]
+    val = torch.cat(xs[4:])
     with torch.no_grad():
         ref = model(val)
 
