@@ -21,7 +21,7 @@ from typing import Callable
 
 from ..errors import AccuracyBudgetError
 from .patterns import UNSTRUCTURED
-from .select import Option, plan_from_choice, plan_from_keys, select_under_budget
+from .select import Option, plan_from_choice, select_under_budget
 from .sensitivity import option_key
 
 __all__ = ["SEARCH_SPARSITIES", "penalized_options", "plan_sparsity", "search_budget", "search_mixed_budget",
@@ -272,21 +272,19 @@ def search_mixed_budget(problem, errors: dict, start: tuple, budget: float, metr
         return outcome
 
     try:
-        plan, outcome, scaled = search_budget(options, budget, metric_dense, run_mixed, search_rounds)
-    except AccuracyBudgetError:
-        plan, outcome, scaled = plan0, outcome0, []
-    pred = predicted_ms(problem, plan)
+        plan, outcome, _ = search_budget(options, budget, metric_dense, run_mixed, search_rounds)
+    except AccuracyBudgetError:  # no mixed plan passed: the measured ones are still reported
+        plan, outcome = plan0, outcome0
     rounds = []
-    for r in scaled:
-        if r["plan"] == keys0:
-            continue  # the starting plan, chosen again: measured by the uniform search
-        p = plan_from_keys(r["plan"])
+    for i, (p, res) in enumerate(measured):
+        keys = {n: option_key(*v) for n, v in p.items()}
         counts: dict = {}
-        for v in r["plan"].values():
+        for v in keys.values():
             counts[v.split("@")[0]] = counts.get(v.split("@")[0], 0) + 1
-        rounds.append({"round": r["round"], "pattern": "per layer", "sparsity": round(plan_sparsity(problem, p), 6),
-                       "drop": r["drop"], "pred_ms": predicted_ms(problem, p), "passed": r["drop"] <= budget + 1e-12,
-                       "plan": r["plan"], "patterns": counts})
-    if pred >= pred0:
+        drop = metric_dense - res.metric
+        rounds.append({"round": i, "pattern": "per layer", "sparsity": round(plan_sparsity(problem, p), 6),
+                       "drop": drop, "pred_ms": predicted_ms(problem, p), "passed": drop <= budget + 1e-12,
+                       "plan": keys, "patterns": counts})
+    if predicted_ms(problem, plan) >= pred0:
         return plan0, outcome0, rounds
     return plan, outcome, rounds

@@ -110,3 +110,49 @@ def test_interrupted_sweep_keeps_finished_layers(tmp_path):
     assert list(saved["drop"]) == ["0"]
     assert torch.equal(layers["2"].weight, _model()[2].weight)  # restored after the interruption
     assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
+class _TwoLayerProblem:
+    """The part of a SparsifyProblem the budget searches read: two 4x4 layers, latency = density."""
+
+    layers = ["a", "b"]
+    infos = {"a": ("linear", (4, 4)), "b": ("linear", (4, 4))}
+
+    def latency(self, name, pattern, density):
+        return float(density)
+
+    def candidates(self, name):
+        return [(Pattern("unstructured"), 0.5), (Pattern("unstructured"), 0.25)]
+
+    from sparsecc.sparsify.problem import SparsifyProblem
+    options = SparsifyProblem.options
+
+
+@pytest.mark.parametrize("mixed_passes", [True, False])
+def test_mixed_search_reports_every_measured_plan_and_keeps_the_start_unless_one_passes(mixed_passes):
+    from types import SimpleNamespace
+
+    from sparsecc.sparsify.budget import search_mixed_budget
+
+    u = Pattern("unstructured")
+    problem = _TwoLayerProblem()
+    start = ({"a": (u, 0.5), "b": (u, 0.5)}, SimpleNamespace(metric=0.95))  # measured drop 0.05, pred 1.0 ms
+    # a gives up weights for free, b does not: the first mixed plan is a at 0.25, b at 0.5 (pred 0.75 ms)
+    errors = {"a": {option_key(u, 0.5): 0.1, option_key(u, 0.25): 0.1},
+              "b": {option_key(u, 0.5): 0.1, option_key(u, 0.25): 0.5}}
+    runs = []
+
+    def run(plan):
+        runs.append(plan)
+        return SimpleNamespace(metric=0.93 if mixed_passes else 0.80)
+
+    plan, outcome, rounds = search_mixed_budget(problem, errors, start, 0.1, 1.0, run, search_rounds=3)
+    assert runs and len(rounds) == len(runs)  # every measured plan is reported, the start plan never re-run
+    assert all(r["pattern"] == "per layer" and r["passed"] == mixed_passes for r in rounds)
+    assert rounds[0]["plan"] == {"a": option_key(u, 0.25), "b": option_key(u, 0.5)}
+    assert rounds[0]["pred_ms"] == pytest.approx(0.75) and rounds[0]["sparsity"] == pytest.approx(0.625)
+    assert rounds[0]["patterns"] == {"unstructured": 2}
+    if mixed_passes:
+        assert plan["a"][1] == 0.25 and outcome.metric == 0.93
+    else:
+        assert plan == start[0] and outcome is start[1]
