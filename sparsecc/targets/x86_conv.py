@@ -62,8 +62,8 @@ def default_conv_params(block: tuple[int, int], kind: str) -> ConvParams:
         return ConvParams(m_tile=mt)
     if kind == "direct":
         # 64 pixels (8 AVX2 vectors of accumulators): on the stride-1 3x3 ResNet-18 layers at density 0.3,
-        # batch 1, 2 threads (Zen 3), 0.74-0.83 of torch dense against 0.79-0.89 with 32 and 0.85-1.23 with 16;
-        # 128 was no faster, 96 (not a power of two) 3x slower
+        # batch 1, 2 threads (Zen 3), 0.44-0.83 of torch dense against 0.54-0.89 with 32 and 0.85-1.23 with 16;
+        # 128 was no faster, 96 (not a power of two) 3x slower (benchmarks/tiles.py direct)
         return ConvParams(hw_tile=64)
     return ConvParams(hw_tile=16 if x86.target_vector_bits() >= 512 else 8)
 
