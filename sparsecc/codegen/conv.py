@@ -19,8 +19,9 @@ Two templates:
 * :func:`bsr_conv1x1_nchw` -- 1x1 stride-1 convolution in NCHW: ``Y[n] = W · X[n]``
   with ``X[n]: (C_in, HW)``, a sparse-times-dense product vectorized along
   the pixels (``HW`` padded to the vector tile by the caller).
-* :func:`csr_conv_direct_nchw` -- any kernel size and padding, stride 1, an
-  unstructured (CSR) weight, NCHW, **vectorized along the output pixels** (the
+* :func:`csr_conv_direct_nchw` -- any kernel size and padding, stride 1 (a
+  strided conv is a stride-1 conv over the phase images of its input, see
+  :mod:`sparsecc.runtime.conv`), an unstructured (CSR) weight, NCHW, **vectorized along the output pixels** (the
   direct sparse convolution of Park et al., "Faster CNNs with Direct Sparse
   Convolutions and Guided Pruning", ICLR 2017, and the pixel-vector
   organisation of XNNPACK's sparse 1x1 conv, extended to KxK). The input is

@@ -188,8 +188,8 @@ class Format:
         raise NotImplementedError
 
     def conv_bytes(self, params: tuple, n: int, k: int, stored: int, taps: int) -> sympy.Expr:
-        """Bytes of one call as a conv ``(C_out = N, kh·kw·C_in = K)`` with ``taps = kh·kw``, :data:`M` the
-        output pixels. Default :meth:`bytes` (the implicit-im2col kernels are priced as their GEMM); a
+        """Bytes of one call as a conv ``(C_out = N, kh·kw·C_in = K)`` with ``taps = kh·kw / (s_h·s_w)`` (so that
+        the input has ``M·K / taps`` elements), :data:`M` the output pixels. Default :meth:`bytes` (the implicit-im2col kernels are priced as their GEMM); a
         kernel that reads the input image once per call, not its im2col matrix, overrides it."""
         return self.bytes(params, n, k, stored)
 

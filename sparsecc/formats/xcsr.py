@@ -126,8 +126,8 @@ class XCSRFormat(Format):
         return 6 * stored + 4 * (n + 1) + 12 * M * k + 4 * M * n
 
     def conv_bytes(self, params, n, k, stored, taps):
-        # the direct conv (stride 1): values + 32-bit offsets + row pointers; the input image (M·K/taps
-        # floats at stride 1) read, its zero-padded copy written and read; Y written
+        # the direct conv: values + 32-bit offsets + row pointers; the input image (M·K/taps floats) read,
+        # its zero-padded copy written and read; Y written
         return 8 * stored + 4 * (n + 1) + 12 * M * k / taps + 4 * M * n
 
     def calibration_weight(self, params, n, k, density, seed=0):

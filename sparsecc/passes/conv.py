@@ -188,14 +188,13 @@ class FoldBatchNorm(Pass):
         return PassResult(graph, folded > 0, {"folded": folded})
 
 
-def conv_candidates(pattern: str, weight_shape: tuple, density: float, allowed=None, stride=(1, 1)) -> list:
+def conv_candidates(pattern: str, weight_shape: tuple, density: float, allowed=None) -> list:
     """Candidates for a conv weight ``(C_out, C_in, kh, kw)``: those of its matrix ``(C_out, kh·kw·C_in)``
     whose blocks, when ``bc > 1``, divide ``C_in`` (the kernel reads a block's columns as consecutive channels).
-    The ``xcsr`` conv is the direct kernel, vectorized along output pixels: offered for stride-1 convs only.
     N:M has no conv kernel."""
     c_out, c_in, kh, kw = weight_shape
     out = candidates((c_out, c_in * kh * kw), pattern, density, column_group=c_in, allowed=allowed)
-    return [c for c in out if c.format != "nm" and (c.format != "xcsr" or tuple(stride) == (1, 1))]
+    return [c for c in out if c.format != "nm"]
 
 
 class DetectConvSparsity(Pass):
@@ -264,9 +263,10 @@ class ChooseConvFormat(Pass):
                 continue
             w = graph.tensor(site.weight).detach()
             m, n, k = conv_gemm_dims(site, tuple(w.shape))
-            cands = no_larger_than_dense(conv_candidates(self.pattern, tuple(w.shape), ann.density, allowed, site.stride), (n, k),
+            cands = no_larger_than_dense(conv_candidates(self.pattern, tuple(w.shape), ann.density, allowed), (n, k),
                                          ann.nnz, ann.fill_ratio)
-            est = cost.estimates(cands, (n, k), m, ann.nnz, ann.fill_ratio, taps=w.shape[2] * w.shape[3])
+            taps = w.shape[2] * w.shape[3] / (site.stride[0] * site.stride[1])  # K·M per input element
+            est = cost.estimates(cands, (n, k), m, ann.nnz, ann.fill_ratio, taps=taps)
             x_shape = val_shape(site.input)
             measure = None
             if self.measure and x_shape is not None:

@@ -12,11 +12,14 @@ Layout handling lives here, so the compiled graph stays NCHW as torch sees it:
   bases (see :mod:`sparsecc.codegen.conv`) are computed once per input shape.
 * ``layout="nchw"`` (1x1, stride 1, no padding): the sparse-times-dense NCHW
   kernel; contiguous NCHW in, contiguous NCHW out.
-* ``layout="direct"`` (any kernel size and padding, stride 1, CSR): the direct
+* ``layout="direct"`` (any kernel size, stride and padding, CSR): the direct
   NCHW kernel vectorized along the output pixels. The input is copied into a
   zero-bordered ``(C_in, H_p, W_p)`` buffer (from any strides, so a
-  ``channels_last`` input costs nothing more); the output, computed on the
-  padded width, is returned as a strided NCHW view without its ``W_p - W_out``
+  ``channels_last`` input costs nothing more), for stride ``s`` split into its
+  ``s_h · s_w`` phase images ``X[:, a::s_h, b::s_w]``: a stride-``s`` conv is a
+  stride-1 conv over them (tap ``(dh, dw)`` reads phase ``(dh % s_h, dw % s_w)``
+  at ``(dh // s_h, dw // s_w)``), so the same kernel runs it. The output,
+  computed on the phase width, is returned as a strided NCHW view without its
   extra columns. Offsets are computed once per input shape.
 """
 
@@ -81,8 +84,9 @@ class SparseConv2d(torch.nn.Module):
     block : (br, bc)
         BSR block of the matrix ``(C_out, kh·kw·C_in)``; (1, 1) = CSR.
         ``bc > 1`` needs ``C_in % bc == 0``.
-    layout : {"nhwc", "nchw"}
-        Kernel family (see the module docstring); "nchw" only for 1x1 stride 1 unpadded convs.
+    layout : {"nhwc", "nchw", "direct"}
+        Kernel family (see the module docstring); "nchw" only for 1x1 stride 1 unpadded convs, "direct"
+        only for CSR (block (1, 1)).
     residual : bool
         ``forward(x, r)`` adds ``r`` (the conv's output shape) before the activation.
     target : tvm.target.Target, optional
@@ -127,8 +131,6 @@ class SparseConv2d(torch.nn.Module):
             if residual:
                 raise UnsupportedOpError(f"{name}: the NCHW kernel has no residual epilogue")
         elif layout == "direct":
-            if self.stride != (1, 1):
-                raise UnsupportedOpError(f"{name}: the direct kernel runs stride-1 convs only, got stride {self.stride}")
             if (br, bc) != (1, 1):
                 raise UnsupportedOpError(f"{name}: the direct kernel stores CSR (block (1, 1)), got {(br, bc)}")
         elif layout != "nhwc":
@@ -319,52 +321,64 @@ class SparseConv2d(torch.nn.Module):
         return self.bias.view(-1) if self.bias is not None else aligned(torch.zeros(self.c_out))
 
     def direct_geometry(self, n: int, h: int, w: int):
-        """Offsets and sizes of the direct kernel for input ``(n, C_in, h, w)``:
-        ``(off (nnz,) int32, H_p, W_p, H_out, W_out, QP, L)`` (see :func:`~sparsecc.codegen.conv.csr_conv_direct_nchw`)."""
+        """Offsets and sizes of the direct kernel for input ``(n, C_in, h, w)``: ``(off (nnz,) int32, H_q, W_q,
+        H_out, W_out, QP, L)``, the input being ``stride_h · stride_w`` phase images ``(C_in, H_q, W_q)`` of the
+        zero-padded input (see :func:`~sparsecc.codegen.conv.csr_conv_direct_nchw`)."""
         key = ("direct", n, h, w)
         g = self._geom.get(key)
         if g is not None:
             return g
         kh, kw = self.kernel_size
-        ph, pw = self.padding
-        hp, wp = h + 2 * ph, w + 2 * pw
-        oh, ow = hp - kh + 1, wp - kw + 1
+        (ph, pw), (sh, sw) = self.padding, self.stride
+        hq, wq = -(-(h + 2 * ph) // sh), -(-(w + 2 * pw) // sw)
+        oh, ow = _out_size(h, kh, sh, ph), _out_size(w, kw, sw, pw)
         ht = self._params.hw_tile
-        qp = -(-max(oh * wp, 1) // ht) * ht
+        qp = -(-max(oh * wq, 1) // ht) * ht
         c = self.c_in
-        length = c * hp * wp + qp + wp  # room for the last offset's reads past the image
+        length = sh * sw * c * hq * wq + qp + wq  # room for the last offset's reads past the image
         if length >= 2 ** 31:
             raise InputShapeError(f"{self.layer}: input {(n, c, h, w)} is too large for 32-bit offsets")
         col = self._col
         dh, dw, ci = col // (kw * c), col % (kw * c) // c, col % c
-        off = aligned(((ci * hp + dh) * wp + dw).to(torch.int32))
-        g = (off, hp, wp, oh, ow, qp, length)
+        phase = (dh % sh) * sw + dw % sw
+        off = aligned((((phase * c + ci) * hq + dh // sh) * wq + dw // sw).to(torch.int32))
+        g = (off, hq, wq, oh, ow, qp, length)
         self._geom[key] = g
         return g
 
     def _forward_direct(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         n, c, h, w = (int(v) for v in x.shape)
-        off, hp, wp, oh, ow, qp, length = self.direct_geometry(n, h, w)
+        off, hq, wq, oh, ow, qp, length = self.direct_geometry(n, h, w)
         if n * oh * ow == 0:
             return x.new_empty((n, self.c_out, oh, ow))
-        ph, pw = self.padding
+        (ph, pw), (sh, sw) = self.padding, self.stride
         xp = aligned_empty((n, length))
-        img = xp[:, :c * hp * wp].view(n, c, hp, wp)
-        if ph or pw:  # zero only the border and the tail
-            img[:, :, :ph].zero_()
-            img[:, :, hp - ph:].zero_()
-            img[:, :, ph:hp - ph, :pw].zero_()
-            img[:, :, ph:hp - ph, wp - pw:].zero_()
-        xp[:, c * hp * wp:].zero_()
-        img[:, :, ph:ph + h, pw:pw + w].copy_(x)
+        img = xp[:, :sh * sw * c * hq * wq].view(n, sh, sw, c, hq, wq)
+        if (sh, sw) == (1, 1):  # one phase: zero only the border and the tail
+            if ph or pw:
+                img[..., :ph, :].zero_()
+                img[..., hq - ph:, :].zero_()
+                img[..., ph:hq - ph, :pw].zero_()
+                img[..., ph:hq - ph, wq - pw:].zero_()
+            xp[:, c * hq * wq:].zero_()
+        else:
+            xp.zero_()
+        for a in range(sh):  # padded row h + ph is row (h + ph) // sh of phase (h + ph) % sh
+            h0 = (a - ph) % sh
+            r0, nr = (h0 + ph) // sh, len(range(h0, h, sh))
+            for b in range(sw):
+                w0 = (b - pw) % sw
+                c0, nc = (w0 + pw) // sw, len(range(w0, w, sw))
+                if nr and nc:
+                    img[:, a, b, :, r0:r0 + nr, c0:c0 + nc].copy_(x[:, :, h0::sh, w0::sw])
         args = [xp, self.data.view(-1), off, self.indptr, self.direct_bias()]
         if self.residual:
             if tuple(residual.shape) != (n, self.c_out, oh, ow):
                 raise InputShapeError(f"{self.layer}: residual must have shape {(n, self.c_out, oh, ow)}, "
                                       f"got {tuple(residual.shape)}")
             r = aligned_empty((n, self.c_out, qp))
-            r[:, :, oh * wp:].zero_()
-            rg = r[:, :, :oh * wp].view(n, self.c_out, oh, wp)
+            r[:, :, oh * wq:].zero_()
+            rg = r[:, :, :oh * wq].view(n, self.c_out, oh, wq)
             rg[..., ow:].zero_()
             rg[..., :ow].copy_(residual)
             args.append(r)
@@ -372,7 +386,7 @@ class SparseConv2d(torch.nn.Module):
         args.append(y)
         with torch.no_grad():
             self._kernel()(*args)
-        return y[:, :, :oh * wp].view(n, self.c_out, oh, wp)[..., :ow]
+        return y[:, :, :oh * wq].view(n, self.c_out, oh, wq)[..., :ow]
 
     def extra_repr(self) -> str:
         return (f"{self.c_in}, {self.c_out}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -397,7 +411,7 @@ def cpu_conv(weight: torch.Tensor, bias=None, activation=None, target=None, *, b
 def cpu_direct_conv(weight: torch.Tensor, bias=None, activation=None, target=None, *, block=None, stride=1,
                     padding=0, residual: bool = False, name: str = "conv") -> SparseConv2d:
     """The direct NCHW :class:`SparseConv2d` (``layout="direct"``) of an unstructured ``weight`` (C_out, C_in, kh,
-    kw) holding the zeros, stride 1 (:func:`sparsecc.passes.conv.conv_candidates` offers it for those only)."""
+    kw) holding the zeros (any stride: strided convs run on the phase images of their input)."""
     return SparseConv2d(weight, bias, stride, padding, activation, (1, 1), layout="direct", residual=residual,
                         target=target.tvm_target(), name=name)
 
@@ -407,21 +421,25 @@ def _export_direct(ctx, bb, gv, x, res, mod: SparseConv2d):
 
     n, c, h, w = (int(v) for v in x.ty.shape.values)
     c_out = mod.c_out
-    off, hp, wp, oh, ow, qp, length = mod.direct_geometry(n, h, w)
-    ph, pw = mod.padding
-    xp = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, ph, ph, pw, pw])) if ph or pw else x
-    xf = bb.emit(relax.op.reshape(xp, (n, c * hp * wp)))
-    xf = bb.emit(relax.op.nn.pad(xf, [0, 0, 0, length - c * hp * wp]))
+    off, hq, wq, oh, ow, qp, length = mod.direct_geometry(n, h, w)
+    (ph, pw), (sh, sw) = mod.padding, mod.stride
+    eh, ew = hq * sh - h - 2 * ph, wq * sw - w - 2 * pw  # zero rows/columns completing the last phase row
+    xp = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, ph, ph + eh, pw, pw + ew])) if ph or pw or eh or ew else x
+    if (sh, sw) != (1, 1):  # (n, C, H_q·s_h, W_q·s_w) -> the phase images (n, s_h, s_w, C, H_q, W_q)
+        xp = bb.emit(relax.op.reshape(xp, (n, c, hq, sh, wq, sw)))
+        xp = bb.emit(relax.op.permute_dims(xp, [0, 3, 5, 1, 2, 4]))
+    xf = bb.emit(relax.op.reshape(xp, (n, sh * sw * c * hq * wq)))
+    xf = bb.emit(relax.op.nn.pad(xf, [0, 0, 0, length - sh * sw * c * hq * wq]))
     args = [xf, ctx.const(mod.data.view(-1)), ctx.const(off), ctx.const(mod.indptr), ctx.const(mod.direct_bias())]
-    if mod.residual:  # (n, C_out, H_out, W_out) -> the output's padded-width layout
-        r = bb.emit(relax.op.nn.pad(res, [0, 0, 0, 0, 0, 0, 0, wp - ow])) if wp != ow else res
-        r = bb.emit(relax.op.reshape(r, (n, c_out, oh * wp)))
-        args.append(bb.emit(relax.op.nn.pad(r, [0, 0, 0, 0, 0, qp - oh * wp])) if qp != oh * wp else r)
+    if mod.residual:  # (n, C_out, H_out, W_out) -> the output's layout on the phase width
+        r = bb.emit(relax.op.nn.pad(res, [0, 0, 0, 0, 0, 0, 0, wq - ow])) if wq != ow else res
+        r = bb.emit(relax.op.reshape(r, (n, c_out, oh * wq)))
+        args.append(bb.emit(relax.op.nn.pad(r, [0, 0, 0, 0, 0, qp - oh * wq])) if qp != oh * wq else r)
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType((n, c_out, qp), "float32")))
-    if qp != oh * wp:
-        y = bb.emit(relax.op.strided_slice(y, axes=[2], begin=[0], end=[oh * wp]))
-    y = bb.emit(relax.op.reshape(y, (n, c_out, oh, wp)))
-    if wp != ow:
+    if qp != oh * wq:
+        y = bb.emit(relax.op.strided_slice(y, axes=[2], begin=[0], end=[oh * wq]))
+    y = bb.emit(relax.op.reshape(y, (n, c_out, oh, wq)))
+    if wq != ow:
         y = bb.emit(relax.op.strided_slice(y, axes=[3], begin=[0], end=[ow]))
     return y
 

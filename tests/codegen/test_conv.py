@@ -120,39 +120,49 @@ DIRECT_CASES = [
     ("relu", True, False, 4, 3, 3, 1, 1, 4, 4, 1.0),     # density 1
     (None, True, False, 3, 2, 3, 3, 1, 2, 2, 0.5),       # padding larger than the input
 ]
+# strided: (act, bias, residual, C_out, C_in, k, stride, padding, N, H, W, density)
+DIRECT_STRIDED_CASES = [
+    ("relu", True, False, 8, 3, 7, 2, 3, 1, 17, 14, 0.4),   # 7x7 stem-like, odd H
+    ("relu", True, True, 8, 5, 3, 2, 1, 2, 9, 10, 0.3),     # 3x3 stride 2 with the residual join
+    (None, True, False, 8, 6, 1, 2, 0, 1, 7, 7, 0.5),       # 1x1 shortcut: one phase read
+    (None, False, False, 4, 3, 3, 3, 1, 1, 11, 8, 0.5),     # stride 3
+    ("relu6", True, False, 4, 3, 3, (2, 1), (1, 0), 1, 8, 6, 0.5),  # different strides and paddings per axis
+]
 
 
-@pytest.mark.parametrize("act,bias,residual,c_out,c_in,k,p,n,h,w,density", DIRECT_CASES)
-def test_direct_kernel_matches_torch(act, bias, residual, c_out, c_in, k, p, n, h, w, density):
+@pytest.mark.parametrize("act,bias,residual,c_out,c_in,k,s,p,n,h,w,density",
+                         [(a, b, r, co, ci, k, 1, p, n, h, w, d) for a, b, r, co, ci, k, p, n, h, w, d in DIRECT_CASES]
+                         + DIRECT_STRIDED_CASES)
+def test_direct_kernel_matches_torch(act, bias, residual, c_out, c_in, k, s, p, n, h, w, density):
     wt = block_weight(c_out, c_in, k, (1, 1), density)
     wt[0] = 0  # an empty output channel
     wt[:, -1] = 0  # an empty input channel
     b = torch.randn(c_out) if bias else None
-    mod = SparseConv2d(wt, b, 1, p, act, (1, 1), layout="direct", residual=residual)
+    mod = SparseConv2d(wt, b, s, p, act, (1, 1), layout="direct", residual=residual)
     assert mod.format == "xcsr" and mod.kernel_name.startswith("conv_direct_csr")
     x = torch.randn(n, c_in, h, w)
-    ref0 = F.conv2d(x, wt, b, 1, p)
+    ref0 = F.conv2d(x, wt, b, s, p)
     r = torch.randn_like(ref0) if residual else None
     y = mod(x, r) if residual else mod(x)
-    torch.testing.assert_close(y, reference(x, wt, b, 1, p, act, r), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y, reference(x, wt, b, s, p, act, r), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(mod.dense_weight(), wt, atol=0, rtol=0)
     xcl = x.contiguous(memory_format=torch.channels_last)  # any input strides
     torch.testing.assert_close(mod(xcl, r) if residual else mod(xcl), y, atol=0, rtol=0)
 
 
 @settings(max_examples=12, deadline=None)
-@given(c_out=st.integers(1, 9), c_in=st.integers(1, 9), k=st.sampled_from([1, 3]), p=st.integers(0, 2),
-       n=st.integers(1, 2), h=st.integers(1, 9), w=st.integers(1, 40), density=st.floats(0.0, 1.0),
-       seed=st.integers(0, 1000))
-def test_direct_kernel_property(c_out, c_in, k, p, n, h, w, density, seed):
+@given(c_out=st.integers(1, 9), c_in=st.integers(1, 9), k=st.sampled_from([1, 3, 5]), s=st.integers(1, 3),
+       p=st.integers(0, 2), n=st.integers(1, 2), h=st.integers(1, 9), w=st.integers(1, 40),
+       density=st.floats(0.0, 1.0), seed=st.integers(0, 1000))
+def test_direct_kernel_property(c_out, c_in, k, s, p, n, h, w, density, seed):
     # the bias+relu direct kernel of the cases above: no new build
     if h + 2 * p < k or w + 2 * p < k:
         return
     wt = block_weight(c_out, c_in, k, (1, 1), density, seed)
     b = torch.randn(c_out)
     x = torch.randn(n, c_in, h, w)
-    mod = SparseConv2d(wt, b, 1, p, "relu", (1, 1), layout="direct")
-    torch.testing.assert_close(mod(x), reference(x, wt, b, 1, p, "relu"), atol=1e-4, rtol=1e-4)
+    mod = SparseConv2d(wt, b, s, p, "relu", (1, 1), layout="direct")
+    torch.testing.assert_close(mod(x), reference(x, wt, b, s, p, "relu"), atol=1e-4, rtol=1e-4)
 
 
 @settings(max_examples=12, deadline=None)
@@ -176,8 +186,6 @@ def test_errors_name_the_layer():
         SparseConv2d(wt, None, 1, 1, None, (16, 1), layout="nchw")
     with pytest.raises(UnsupportedOpError, match="gelu"):
         SparseConv2d(wt, None, 1, 1, "gelu", (16, 1))
-    with pytest.raises(UnsupportedOpError, match="layer9.*stride-1"):
-        SparseConv2d(wt, None, 2, 1, None, (1, 1), layout="direct", name="layer9")
     with pytest.raises(UnsupportedOpError, match="CSR"):
         SparseConv2d(wt, None, 1, 1, None, (16, 1), layout="direct")
     mod = SparseConv2d(wt, None, 1, 1, None, (16, 1), name="layer9")
