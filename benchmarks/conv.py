@@ -6,8 +6,8 @@ Prints, in one run (all times are medians of interleaved runs, ratios taken with
    ``channels_last``, torch with the same pruned weights, and sparsecc; the max abs difference
    between sparsecc and the pruned torch model relative to its output scale;
 2. every distinct conv layer: sparsecc kernel (NHWC, implicit im2col) / torch ``F.conv2d`` dense,
-   plus the NCHW 1x1 kernel for 1x1 layers and, for unstructured weights (``--block 1x1``), the direct
-   NCHW kernel for stride-1 layers;
+   plus the NCHW 1x1 kernel for 1x1 stride-1 layers and, for unstructured weights (``--block 1x1``), the
+   direct NCHW kernel;
 3. with ``--im2col-study``: explicit im2col (``F.unfold`` + the BSR linear kernel) against the
    implicit-im2col conv kernel, the measurement behind the choice in ``sparsecc/codegen/conv.py``.
 
@@ -145,8 +145,8 @@ def run(args) -> dict:
             if m.kernel_size == (1, 1) and s == (1, 1) and block[1] == 1:
                 nchw = SparseConv2d(w_sparse, b, 1, 0, "relu", block, layout="nchw")
                 fns["nchw"] = lambda: nchw(xi)
-            if unstructured and s == (1, 1):
-                direct = SparseConv2d(w_sparse, b, 1, p, "relu", block, layout="direct")
+            if unstructured:
+                direct = SparseConv2d(w_sparse, b, s, p, "relu", block, layout="direct")
                 fns["direct"] = lambda: direct(xi)
             if args.im2col_study and m.kernel_size != (1, 1):
                 im2col = _explicit_im2col(w_sparse, b, s, p, block)
