@@ -224,6 +224,22 @@ def test_error_allocation_argument_errors():
                           schedule="oneshot", data=data, progress=False)
 
 
+#: sparsify arguments of the layer-wise budget searches below
+_BUDGET_SEARCH = dict(pattern="unstructured", method="sparsegpt", reconstruct=True, schedule="oneshot",
+                      calib_batches=4, progress=False)
+
+
+def _cosine_to(model, val):
+    """eval_fn: mean cosine of a model's outputs on ``val`` to ``model``'s."""
+    with torch.no_grad():
+        ref = model(val)
+
+    def eval_fn(m):
+        with torch.no_grad():
+            return float(F.cosine_similarity(m(val), ref, dim=-1).mean())
+    return eval_fn
+
+
 def test_layerwise_budget_search_returns_the_fastest_uniform_plan_within_the_budget():
     from sparsecc.errors import AccuracyBudgetError
 
@@ -231,16 +247,8 @@ def test_layerwise_budget_search_returns_the_fastest_uniform_plan_within_the_bud
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
     g = torch.Generator().manual_seed(2)
     data = [(torch.randn(32, 64, generator=g), torch.zeros(32, 64)) for _ in range(4)]
-    val = torch.randn(256, 64, generator=g)
-    with torch.no_grad():
-        ref = model(val)
-
-    def eval_fn(m):
-        with torch.no_grad():
-            return float(F.cosine_similarity(m(val), ref, dim=-1).mean())
-
-    kw = dict(pattern="unstructured", method="sparsegpt", reconstruct=True, schedule="oneshot", data=data,
-              calib_batches=4, eval_fn=eval_fn, progress=False, search_rounds=0)
+    eval_fn = _cosine_to(model, torch.randn(256, 64, generator=g))
+    kw = dict(_BUDGET_SEARCH, data=data, eval_fn=eval_fn, search_rounds=0)
     res = sparsecc.sparsify(model, data[0][0], accuracy_budget=0.15, **kw)
     assert res.metric_dense - res.metric_sparse <= 0.15 + 1e-9
     runs = res.rounds
@@ -275,16 +283,8 @@ def test_layerwise_budget_search_mixes_layers_where_a_uniform_plan_wastes_the_bu
     model = _TwoLayers(256, 256, 256)
     xs = _rank1_inputs(6, 128, 256, 256)
     data = [(x, torch.zeros(128, 256)) for x in xs[:4]]
-    val = torch.cat(xs[4:])
-    with torch.no_grad():
-        ref = model(val)
-
-    def eval_fn(m):
-        with torch.no_grad():
-            return float(F.cosine_similarity(m(val), ref, dim=-1).mean())
-
-    kw = dict(pattern="unstructured", method="sparsegpt", reconstruct=True, schedule="oneshot", data=data,
-              calib_batches=4, eval_fn=eval_fn, progress=False, target=_fixed_latency_target())
+    eval_fn = _cosine_to(model, torch.cat(xs[4:]))
+    kw = dict(_BUDGET_SEARCH, data=data, eval_fn=eval_fn, target=_fixed_latency_target())
     uni = sparsecc.sparsify(model, data[0][0], accuracy_budget=0.02, search_rounds=0, **kw)
     mixed = sparsecc.sparsify(model, data[0][0], accuracy_budget=0.02, **kw)
     per_layer = [r for r in mixed.rounds if r["pattern"] == "per layer"]
