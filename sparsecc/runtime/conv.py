@@ -320,10 +320,16 @@ class SparseConv2d(torch.nn.Module):
         """``(C_out,)``: the bias, or zeros (the direct kernel always takes one)."""
         return self.bias.view(-1) if self.bias is not None else aligned(torch.zeros(self.c_out))
 
+    def direct_phases(self) -> tuple:
+        """``(rows, cols)`` of phase images a strided conv reads: phase ``(a, b)`` for ``a < min(s_h, k_h)``,
+        ``b < min(s_w, k_w)`` (a 1x1 stride-2 conv reads one of four)."""
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        return min(sh, kh), min(sw, kw)
+
     def direct_geometry(self, n: int, h: int, w: int):
         """Offsets and sizes of the direct kernel for input ``(n, C_in, h, w)``: ``(off (nnz,) int32, H_q, W_q,
-        H_out, W_out, QP, L)``, the input being ``stride_h · stride_w`` phase images ``(C_in, H_q, W_q)`` of the
-        zero-padded input (see :func:`~sparsecc.codegen.conv.csr_conv_direct_nchw`)."""
+        H_out, W_out, QP, L)``, the input being the phase images ``(C_in, H_q, W_q)`` of the zero-padded input
+        that the taps read (:meth:`direct_phases`; see :func:`~sparsecc.codegen.conv.csr_conv_direct_nchw`)."""
         key = ("direct", n, h, w)
         g = self._geom.get(key)
         if g is not None:
@@ -335,12 +341,13 @@ class SparseConv2d(torch.nn.Module):
         ht = self._params.hw_tile
         qp = -(-max(oh * wq, 1) // ht) * ht
         c = self.c_in
-        length = sh * sw * c * hq * wq + qp + wq  # room for the last offset's reads past the image
+        fh, fw = self.direct_phases()
+        length = fh * fw * c * hq * wq + qp + wq  # room for the last offset's reads past the image
         if length >= 2 ** 31:
             raise InputShapeError(f"{self.layer}: input {(n, c, h, w)} is too large for 32-bit offsets")
         col = self._col
         dh, dw, ci = col // (kw * c), col % (kw * c) // c, col % c
-        phase = (dh % sh) * sw + dw % sw
+        phase = (dh % sh) * fw + dw % sw
         off = aligned((((phase * c + ci) * hq + dh // sh) * wq + dw // sw).to(torch.int32))
         g = (off, hq, wq, oh, ow, qp, length)
         self._geom[key] = g
@@ -352,8 +359,9 @@ class SparseConv2d(torch.nn.Module):
         if n * oh * ow == 0:
             return x.new_empty((n, self.c_out, oh, ow))
         (ph, pw), (sh, sw) = self.padding, self.stride
+        fh, fw = self.direct_phases()
         xp = aligned_empty((n, length))
-        img = xp[:, :sh * sw * c * hq * wq].view(n, sh, sw, c, hq, wq)
+        img = xp[:, :fh * fw * c * hq * wq].view(n, fh, fw, c, hq, wq)
         if (sh, sw) == (1, 1):  # one phase: zero only the border and the tail
             if ph or pw:
                 img[..., :ph, :].zero_()
@@ -363,10 +371,10 @@ class SparseConv2d(torch.nn.Module):
             xp[:, c * hq * wq:].zero_()
         else:
             xp.zero_()
-        for a in range(sh):  # padded row h + ph is row (h + ph) // sh of phase (h + ph) % sh
+        for a in range(fh):  # padded row h + ph is row (h + ph) // sh of phase (h + ph) % sh
             h0 = (a - ph) % sh
             r0, nr = (h0 + ph) // sh, len(range(h0, h, sh))
-            for b in range(sw):
+            for b in range(fw):
                 w0 = (b - pw) % sw
                 c0, nc = (w0 + pw) // sw, len(range(w0, w, sw))
                 if nr and nc:
@@ -425,11 +433,14 @@ def _export_direct(ctx, bb, gv, x, res, mod: SparseConv2d):
     (ph, pw), (sh, sw) = mod.padding, mod.stride
     eh, ew = hq * sh - h - 2 * ph, wq * sw - w - 2 * pw  # zero rows/columns completing the last phase row
     xp = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, ph, ph + eh, pw, pw + ew])) if ph or pw or eh or ew else x
-    if (sh, sw) != (1, 1):  # (n, C, H_q·s_h, W_q·s_w) -> the phase images (n, s_h, s_w, C, H_q, W_q)
+    fh, fw = mod.direct_phases()
+    if (sh, sw) != (1, 1):  # (n, C, H_q·s_h, W_q·s_w) -> the phase images it reads (n, fh, fw, C, H_q, W_q)
         xp = bb.emit(relax.op.reshape(xp, (n, c, hq, sh, wq, sw)))
         xp = bb.emit(relax.op.permute_dims(xp, [0, 3, 5, 1, 2, 4]))
-    xf = bb.emit(relax.op.reshape(xp, (n, sh * sw * c * hq * wq)))
-    xf = bb.emit(relax.op.nn.pad(xf, [0, 0, 0, length - sh * sw * c * hq * wq]))
+        if (fh, fw) != (sh, sw):
+            xp = bb.emit(relax.op.strided_slice(xp, axes=[1, 2], begin=[0, 0], end=[fh, fw]))
+    xf = bb.emit(relax.op.reshape(xp, (n, fh * fw * c * hq * wq)))
+    xf = bb.emit(relax.op.nn.pad(xf, [0, 0, 0, length - fh * fw * c * hq * wq]))
     args = [xf, ctx.const(mod.data.view(-1)), ctx.const(off), ctx.const(mod.indptr), ctx.const(mod.direct_bias())]
     if mod.residual:  # (n, C_out, H_out, W_out) -> the output's layout on the phase width
         r = bb.emit(relax.op.nn.pad(res, [0, 0, 0, 0, 0, 0, 0, wq - ow])) if wq != ow else res
