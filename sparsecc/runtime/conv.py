@@ -144,7 +144,7 @@ class SparseConv2d(torch.nn.Module):
         self.format = "xcsr" if layout == "direct" else m.format
         data, indices = m.data.detach().to(torch.float32), m.indices.to(torch.int64)
         if layout == "direct" and data.shape[0]:
-            # within each row, nonzeros in (ci, dh, dw) order: the order of their offsets in the padded input
+            # within each row, nonzeros in (ci, dh, dw) order: at stride 1 the order of their input offsets
             rows = torch.repeat_interleave(torch.arange(c_out), (m.indptr[1:] - m.indptr[:-1]).to(torch.int64))
             dh, dw, ci = indices // (kw * c_in), indices % (kw * c_in) // c_in, indices % c_in
             order = torch.argsort(rows * (c_in * kh * kw) + (ci * kh + dh) * kw + dw, stable=True)
@@ -317,8 +317,12 @@ class SparseConv2d(torch.nn.Module):
         return y.reshape(n, self.c_out, h, w)
 
     def direct_bias(self) -> torch.Tensor:
-        """``(C_out,)``: the bias, or zeros (the direct kernel always takes one)."""
-        return self.bias.view(-1) if self.bias is not None else aligned(torch.zeros(self.c_out))
+        """``(C_out,)``: the bias, or zeros (the direct kernel always takes one; made once)."""
+        if self.bias is not None:
+            return self.bias.view(-1)
+        if getattr(self, "_zero_bias", None) is None:
+            self._zero_bias = aligned(torch.zeros(self.c_out))
+        return self._zero_bias
 
     def direct_phases(self) -> tuple:
         """``(rows, cols)`` of phase images a strided conv reads: phase ``(a, b)`` for ``a < min(s_h, k_h)``,
