@@ -17,6 +17,7 @@ budget is this package's own.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Callable
 
 from ..errors import AccuracyBudgetError
@@ -277,14 +278,11 @@ def search_mixed_budget(problem, errors: dict, start: tuple, budget: float, metr
         plan, outcome = plan0, outcome0
     rounds = []
     for i, (p, res) in enumerate(measured):
-        keys = {n: option_key(*v) for n, v in p.items()}
-        counts: dict = {}
-        for v in keys.values():
-            counts[v.split("@")[0]] = counts.get(v.split("@")[0], 0) + 1
         drop = metric_dense - res.metric
         rounds.append({"round": i, "pattern": "per layer", "sparsity": round(plan_sparsity(problem, p), 6),
                        "drop": drop, "pred_ms": predicted_ms(problem, p), "passed": drop <= budget + 1e-12,
-                       "plan": keys, "patterns": counts})
+                       "plan": {n: option_key(*v) for n, v in p.items()},
+                       "patterns": dict(Counter(str(pattern) for pattern, _ in p.values()))})
     if predicted_ms(problem, plan) >= pred0:
         return plan0, outcome0, rounds
     return plan, outcome, rounds
