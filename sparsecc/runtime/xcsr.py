@@ -30,7 +30,7 @@ def get_xcsr_kernel(regime: str, activation: str | None, index_dtype: str, targe
     """The compiled kernel (packed function) for ``regime``; arguments as :mod:`sparsecc.codegen.xcsr` lists."""
     check_activation(activation)
     target = target or x86.host_target()
-    params = params or x86_xcsr.default_xcsr_params(regime)
+    params = params or x86_xcsr.default_xcsr_params(regime, l1d_bytes=x86.host_l1d_bytes())
     key = ("xcsr", regime, activation, index_dtype, target_key(target), params, panels_out)
 
     def make():
@@ -187,7 +187,8 @@ class XCSRLinear(torch.nn.Module):
         self.density = matrix.density
         self.activation = activation
         self.target = target or x86.host_target()
-        self.params = dict(params) if params else {r: x86_xcsr.default_xcsr_params(r) for r in ("gemv", "gemm")}
+        self.params = dict(params) if params else {r: x86_xcsr.default_xcsr_params(r, l1d_bytes=x86.host_l1d_bytes())
+                                                    for r in ("gemv", "gemm")}
         blocks = {p.k_block for p in self.params.values()}
         if len(blocks) != 1:
             raise InvalidSparsityError(f"both regimes must share k_block (one storage layout), got {sorted(blocks)}")

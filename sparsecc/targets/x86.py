@@ -38,6 +38,7 @@ __all__ = [
     "build",
     "default_params",
     "dense_params",
+    "host_l1d_bytes",
     "host_target",
     "num_threads",
     "regime_for",
@@ -124,6 +125,29 @@ class ScheduleParams:
     #: run the row loop on TVM's thread pool; False runs it serially (a small kernel, e.g. one token
     #: through a 384x384 layer, can take less time than waking the pool)
     parallel: bool = True
+
+
+@functools.lru_cache(maxsize=1)
+def host_l1d_bytes(default: int = 32 * 1024) -> int:
+    """Bytes of one core's level-1 data cache, from ``/sys/devices/system/cpu/cpu0/cache`` (Linux);
+    ``default`` where the kernel does not say (32 KiB, the size on every x86 core since Haswell and Zen 1
+    except Ice Lake and later Intel cores and Zen 5, 48 KiB)."""
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in sorted(os.listdir(root)):
+            path = os.path.join(root, entry)
+            with open(os.path.join(path, "level"), encoding="ascii") as f:
+                level = f.read().strip()
+            with open(os.path.join(path, "type"), encoding="ascii") as f:
+                kind = f.read().strip()
+            if level == "1" and kind in ("Data", "Unified"):
+                with open(os.path.join(path, "size"), encoding="ascii") as f:
+                    size = f.read().strip().upper()
+                scale = {"K": 1024, "M": 1024 * 1024}.get(size[-1:], 1)
+                return int(size.rstrip("KM")) * scale
+    except (OSError, ValueError):
+        pass
+    return default
 
 
 @functools.lru_cache(maxsize=1)
@@ -465,7 +489,7 @@ class X86Target(Target):
         if family == "conv":
             return x86_conv.default_conv_params(tuple(shape["block"]), shape.get("layout", "nhwc"))
         if family == "xcsr":
-            return x86_xcsr.default_xcsr_params(regime)
+            return x86_xcsr.default_xcsr_params(regime, l1d_bytes=host_l1d_bytes())
         return super().kernel_params(family, regime, **shape)
 
     def build(self, mod):

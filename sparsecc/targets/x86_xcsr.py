@@ -16,7 +16,7 @@ import tvm.s_tir
 from sparsecc.codegen.xcsr import xcsr_linear
 from sparsecc.targets.base import apply_rules
 
-__all__ = ["XCSR_RULES", "XCSRParams", "default_xcsr_params", "rule_xcsr", "schedule_xcsr", "xcsr_kernel_name"]
+__all__ = ["XCSR_RULES", "XCSRParams", "column_block", "default_xcsr_params", "rule_xcsr", "schedule_xcsr", "xcsr_kernel_name"]
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,26 @@ class XCSRParams:
     chains: int = 1
 
 
-def default_xcsr_params(regime: str) -> XCSRParams:
-    """Measured on the 2-core Zen 5 host, 2 threads, interleaved with torch dense (M = 128 and 1024, the six
+def column_block(m_tile: int, l1d_bytes: int) -> int:
+    """Columns per column block for an X panel of ``m_tile`` rows: the largest multiple of 32 whose block of the
+    panel (``k_block x m_tile`` float32) fills at most three quarters of an ``l1d_bytes`` L1 data cache, between
+    32 and 128 (the rest of L1 holds the row's values, indices and accumulators).
+
+    Measured with ``m_tile`` 64 on the six BERT/MiniLM shapes, M = 128 and 1024, densities 0.5/0.3/0.1, 2
+    threads, interleaved with torch dense: on a 32 KiB L1 (Zen 3) 96 columns (24 KiB) ran 0.81-1.08 of dense
+    at density 0.5 against 0.78-1.29 for 128 (32 KiB, the whole L1) and 0.84-1.29 for 64, and was the fastest
+    or within noise of it at 34 of the 36 points; on a 48 KiB L1 (Zen 5) 128 columns were fastest, 64 within
+    noise.
+    """
+    per_column = 4 * max(1, int(m_tile))
+    return max(32, min(128, (3 * int(l1d_bytes) // 4) // per_column // 32 * 32))
+
+
+def default_xcsr_params(regime: str, l1d_bytes: int | None = None) -> XCSRParams:
+    """Tiles of the unstructured kernel; ``k_block`` from :func:`column_block` for an ``l1d_bytes`` L1 data
+    cache (``None``: 128 columns, the Zen 5 choice).
+
+    Measured on the 2-core Zen 5 host, 2 threads, interleaved with torch dense (M = 128 and 1024, the six
     BERT/MiniLM shapes): ``m_tile`` 64 (4 vectors of AVX-512) was fastest at densities 0.1–0.5 (16: 1.5–1.9x
     slower, 32: 1.1–1.4x slower, 128: within 10%, slower on most shapes); ``row_group`` 16 (see the template);
     ``k_block`` 128 (against one block: 0.87 -> 0.74 of dense at 384x384, M = 128, density 0.5; 1.03 -> 0.72 at
@@ -62,11 +80,15 @@ def default_xcsr_params(regime: str) -> XCSRParams:
     slower: batch 1 1.56x against 1.66x, batch 8 1.67x against 1.89x of torch dense, with two chains 1.59x and
     1.75x. The kernel's loads are the limit: every nonzero is an index load and ``mt / lanes`` vector loads
     whose address depends on it; hand-written C of the same loop runs 3.3-3.6 cycles per nonzero (4 FMAs of
-    AVX-512) in L1, and 2.3 cycles with the same addresses as immediates (code specialised to the pattern)."""
+    AVX-512) in L1, and 2.3 cycles with the same addresses as immediates (code specialised to the pattern).
+    On Zen 3 (AVX2, 8 vectors per nonzero) the same C loop takes 2.1-2.5 ns per nonzero with the X block in L1,
+    2.1-2.3 ns with computed addresses and a constant weight, against 1.3 ns for 8 FMAs on registers: the
+    256-bit loads, not the FMAs or the index arithmetic, bound it at about 55-60% of the FMA peak."""
+    k_block = 128 if l1d_bytes is None else column_block(64, l1d_bytes)  # one storage layout for both regimes
     if regime == "gemv":  # 32 rows per tile: 12 tiles for 2 threads at N = 384 (128 rows: 3; 17.2 -> 13.2 us
         # at 384x384, density 0.3, kernel call alone; 3072x768 within noise)
-        return XCSRParams(m_tile=1, row_group=32, k_block=128)
-    return XCSRParams(m_tile=64, row_group=128, k_block=128)
+        return XCSRParams(m_tile=1, row_group=32, k_block=k_block)
+    return XCSRParams(m_tile=64, row_group=128, k_block=k_block)
 
 
 def rule_xcsr(func, target=None, params: XCSRParams = XCSRParams()):

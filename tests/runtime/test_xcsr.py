@@ -151,3 +151,30 @@ def test_compile_chains_the_feed_forward_projections(tmp_path):
     check_close(cm3(small), sparsecc.prune(model, 0.7)(small), atol=1e-4, rtol=1e-4)
     loaded = sparsecc.load(cm.export(tmp_path / "ffn"))  # exported layers run standalone
     check_close(loaded(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_column_block_fills_three_quarters_of_l1():
+    from sparsecc.targets.x86 import host_l1d_bytes
+    from sparsecc.targets.x86_xcsr import column_block, default_xcsr_params
+
+    assert column_block(64, 32 * 1024) == 96     # 24 KiB of a 32 KiB L1 (Zen 3)
+    assert column_block(64, 48 * 1024) == 128    # capped (Zen 5: 144 would fit)
+    assert column_block(64, 16 * 1024) == 32     # floor
+    assert column_block(32, 32 * 1024) == 128
+    l1 = host_l1d_bytes()
+    assert 4 * 1024 <= l1 <= 4 * 1024 * 1024
+    gemv, gemm = default_xcsr_params("gemv", l1), default_xcsr_params("gemm", l1)
+    assert gemv.k_block == gemm.k_block == column_block(64, l1)  # one storage layout for both regimes
+    assert default_xcsr_params("gemm").k_block == 128
+
+
+@pytest.mark.parametrize("k", [95, 96, 97, 191, 385])
+def test_96_column_blocks_match_torch(k):
+    # block boundaries not at a power of two, K just below, at and above a multiple of the block
+    w = _weight(48, k, 0.4, k)
+    b = torch.randn(48)
+    mod = XCSRLinear(RowSparseMatrix.from_dense(w), b, "gelu",
+                     params={"gemv": XCSRParams(1, 16, 96), "gemm": XCSRParams(64, 16, 96)})
+    for m in (1, 5, 64, 130):
+        x = torch.randn(m, k)
+        check_close(mod(x), F.gelu(F.linear(x, w, b)), atol=1e-4, rtol=1e-4)
