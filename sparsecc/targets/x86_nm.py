@@ -47,7 +47,7 @@ class NMScheduleParams:
 
 
 def default_nm_params(regime: str, m: int | None = None, target=None) -> NMScheduleParams:
-    """Hand-picked tiles (measured with ``benchmarks/kernels.py --section nm``).
+    """Hand-picked tiles (measured with ``benchmarks/kernel_speed.py --section nm``).
 
     ``m``: rows of X of the call, when known; in the gemm regime an M at or
     below one vector keeps ``m_tile`` at one vector of floats (16 with AVX-512).

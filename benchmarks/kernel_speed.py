@@ -27,7 +27,7 @@ Sections (``--section``, repeatable; default: all):
 Results go to ``benchmarks/results/kernels.{md,json}`` (``kernels_<section>`` when one section runs). The machine is
 shared and noisy: compare ratios within one run, not absolute times across runs.
 
-Run: ``python benchmarks/kernels.py [--section linear] [--threads 2] [--runs 30] [--quick]``
+Run: ``python benchmarks/kernel_speed.py [--section linear] [--threads 2] [--runs 30] [--quick]``
 """
 
 from __future__ import annotations
@@ -336,7 +336,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
     res = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": args.threads,
            "clock": args.clock, "note": args.note,
-           "runs": args.runs, "command": "python benchmarks/kernels.py " + " ".join(argv if argv else sys.argv[1:]),
+           "runs": args.runs, "command": "python benchmarks/kernel_speed.py " + " ".join(argv if argv else sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M"), "sections": {}}
     log = []
     for name in sections:
@@ -359,7 +359,7 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     out.with_suffix(".md").write_text(
-        f"# benchmarks/kernels.py ({res['date']}, {args.threads} threads, {args.runs} interleaved rounds)\n\n"
+        f"# benchmarks/kernel_speed.py ({res['date']}, {args.threads} threads, {args.runs} interleaved rounds)\n\n"
         f"`{res['command']}`; ratios = time / torch dense time in the same rounds (lower is better); "
         "shared noisy machine.\n" + (f"\n{args.note}\n" if args.note else "") + "".join(log))
     print(f"\nwrote {out.with_suffix('.md')} and .json in {res['seconds']} s")
