@@ -366,23 +366,23 @@ class SparseConv2d(torch.nn.Module):
         fh, fw = self.direct_phases()
         xp = aligned_empty((n, length))
         img = xp[:, :fh * fw * c * hq * wq].view(n, fh, fw, c, hq, wq)
-        if (sh, sw) == (1, 1):  # one phase: zero only the border and the tail
-            if ph or pw:
-                img[..., :ph, :].zero_()
-                img[..., hq - ph:, :].zero_()
-                img[..., ph:hq - ph, :pw].zero_()
-                img[..., ph:hq - ph, wq - pw:].zero_()
-            xp[:, c * hq * wq:].zero_()
-        else:
-            xp.zero_()
+        xp[:, fh * fw * c * hq * wq:].zero_()  # the tail the last pixel tile reads past the images
         for a in range(fh):  # padded row h + ph is row (h + ph) // sh of phase (h + ph) % sh
             h0 = (a - ph) % sh
             r0, nr = (h0 + ph) // sh, len(range(h0, h, sh))
             for b in range(fw):
                 w0 = (b - pw) % sw
                 c0, nc = (w0 + pw) // sw, len(range(w0, w, sw))
-                if nr and nc:
-                    img[:, a, b, :, r0:r0 + nr, c0:c0 + nc].copy_(x[:, :, h0::sh, w0::sw])
+                phase = img[:, a, b]
+                if not (nr and nc):
+                    phase.zero_()
+                    continue
+                # zero only what the copy leaves: the padding rows and columns around the phase's pixels
+                phase[..., :r0, :].zero_()
+                phase[..., r0 + nr:, :].zero_()
+                phase[..., r0:r0 + nr, :c0].zero_()
+                phase[..., r0:r0 + nr, c0 + nc:].zero_()
+                phase[..., r0:r0 + nr, c0:c0 + nc].copy_(x[:, :, h0::sh, w0::sw])
         args = [xp, self.data.view(-1), off, self.indptr, self.direct_bias()]
         if self.residual:
             if tuple(residual.shape) != (n, self.c_out, oh, ow):
