@@ -274,7 +274,7 @@ class XCSRLinear(torch.nn.Module):
             return y
         y = output_buffer(m, n)
         self._kernel(p)(*args, y)
-        return y.view(lead + (n,))
+        return y if len(lead) == 1 else y.view(lead + (n,))
 
     def dense_weight(self) -> torch.Tensor:
         """W: (N, K) dense, with its zeros, from the stored nonzeros."""
