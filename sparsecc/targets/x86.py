@@ -39,6 +39,7 @@ __all__ = [
     "default_params",
     "dense_params",
     "host_l1d_bytes",
+    "host_l2_bytes",
     "host_target",
     "num_threads",
     "regime_for",
@@ -128,26 +129,39 @@ class ScheduleParams:
 
 
 @functools.lru_cache(maxsize=1)
-def host_l1d_bytes(default: int = 32 * 1024) -> int:
-    """Bytes of one core's level-1 data cache, from ``/sys/devices/system/cpu/cpu0/cache`` (Linux);
-    ``default`` where the kernel does not say (32 KiB, the size on every x86 core since Haswell and Zen 1
-    except Ice Lake and later Intel cores and Zen 5, 48 KiB)."""
+def _sysfs_cache_bytes(level: str, kinds: tuple) -> int | None:
+    """Bytes of cpu0's cache of ``level`` and one of ``kinds`` from ``/sys/devices/system/cpu/cpu0/cache``
+    (Linux); None where the kernel does not say."""
     root = "/sys/devices/system/cpu/cpu0/cache"
     try:
         for entry in sorted(os.listdir(root)):
             path = os.path.join(root, entry)
             with open(os.path.join(path, "level"), encoding="ascii") as f:
-                level = f.read().strip()
+                found = f.read().strip()
             with open(os.path.join(path, "type"), encoding="ascii") as f:
                 kind = f.read().strip()
-            if level == "1" and kind in ("Data", "Unified"):
+            if found == level and kind in kinds:
                 with open(os.path.join(path, "size"), encoding="ascii") as f:
                     size = f.read().strip().upper()
                 scale = {"K": 1024, "M": 1024 * 1024}.get(size[-1:], 1)
                 return int(size.rstrip("KM")) * scale
     except (OSError, ValueError):
         pass
-    return default
+    return None
+
+
+def host_l1d_bytes(default: int = 32 * 1024) -> int:
+    """Bytes of one core's level-1 data cache (Linux sysfs); ``default`` where the kernel does not say (32 KiB,
+    the size on every x86 core since Haswell and Zen 1 except Ice Lake and later Intel cores and Zen 5, 48 KiB)."""
+    size = _sysfs_cache_bytes("1", ("Data", "Unified"))
+    return default if size is None else size
+
+
+def host_l2_bytes(default: int = 512 * 1024) -> int:
+    """Bytes of one core's level-2 cache (Linux sysfs); ``default`` where the kernel does not say (512 KiB,
+    Zen 2 and Zen 3; Zen 4 and Zen 5 have 1 MiB, recent Intel server cores 1-2 MiB)."""
+    size = _sysfs_cache_bytes("2", ("Unified", "Data"))
+    return default if size is None else size
 
 
 @functools.lru_cache(maxsize=1)
@@ -489,7 +503,7 @@ class X86Target(Target):
         if family == "conv":
             return x86_conv.default_conv_params(tuple(shape["block"]), shape.get("layout", "nhwc"))
         if family == "xcsr":
-            return x86_xcsr.default_xcsr_params(regime, l1d_bytes=host_l1d_bytes())
+            return x86_xcsr.default_xcsr_params(regime, l1d_bytes=host_l1d_bytes(), l2_bytes=host_l2_bytes())
         return super().kernel_params(family, regime, **shape)
 
     def build(self, mod):

@@ -41,24 +41,35 @@ class XCSRParams:
     chains: int = 1
 
 
-def column_block(m_tile: int, l1d_bytes: int) -> int:
-    """Columns per column block for an X panel of ``m_tile`` rows: the largest multiple of 32 whose block of the
-    panel (``k_block x m_tile`` float32) fills at most three quarters of an ``l1d_bytes`` L1 data cache, between
-    32 and 128 (the rest of L1 holds the row's values, indices and accumulators).
+def column_block(m_tile: int, l1d_bytes: int, l2_bytes: int | None = None) -> int:
+    """Columns per column block for an X panel of ``m_tile`` rows.
 
-    Measured with ``m_tile`` 64 on the six BERT/MiniLM shapes, M = 128 and 1024, densities 0.5/0.3/0.1, 2
-    threads, interleaved with torch dense: on a 32 KiB L1 (Zen 3) 96 columns (24 KiB) ran 0.81-1.08 of dense
-    at density 0.5 against 0.78-1.29 for 128 (32 KiB, the whole L1) and 0.84-1.29 for 64, and was the fastest
-    or within noise of it at 34 of the 36 points; on a 48 KiB L1 (Zen 5) 128 columns were fastest, 64 within
-    noise.
+    With an L2 of less than 1 MiB per core (or ``l2_bytes`` None): the largest multiple of 32 whose block of the
+    panel (``k_block x m_tile`` float32) fills at most three quarters of an ``l1d_bytes`` L1 data cache,
+    between 32 and 128 (the rest of L1 holds the row's values, indices and accumulators). With 1 MiB or more:
+    a 48 KiB block of the panel (192 columns of 64 rows), at least the L1 size above: each (row, block) pair
+    costs a reload and store of the row's accumulators and a mispredicted loop exit, so fewer, longer
+    blocks pay once an L2 this large serves the part of the block that does not stay in L1.
+
+    Measured with ``m_tile`` 64 on the six BERT/MiniLM shapes, M = 128 and 1024, 2 threads, interleaved with
+    torch dense: on Zen 3 (32 KiB L1, 512 KiB L2, AVX2) 96 columns (24 KiB) ran 0.81-1.08 of dense at density
+    0.5 against 0.78-1.29 for 128 (32 KiB, the whole L1) and 0.84-1.29 for 64, and was the fastest or within
+    noise of it at 34 of the 36 points; on Zen 4 (32 KiB L1, 1 MiB L2, AVX-512) the geometric mean over
+    densities 0.5 and 0.3 was 0.66 of dense for 96 columns, 0.62 for 128, 0.58 for 160 and 192, and over 0.5,
+    0.3 and 0.1: 0.45 for 160, 0.42 for 192, 0.44 for 256, 0.47 for 384 (at density 0.1 192-384 were within
+    noise; at 0.5, 256 and 384 were slower: 0.72-1.09). On Zen 5 (48 KiB L1, 1 MiB L2) 128 columns were
+    faster than 64; wider blocks were not measured there.
     """
     per_column = 4 * max(1, int(m_tile))
-    return max(32, min(128, (3 * int(l1d_bytes) // 4) // per_column // 32 * 32))
+    fit = max(32, min(128, (3 * int(l1d_bytes) // 4) // per_column // 32 * 32))
+    if l2_bytes is not None and int(l2_bytes) >= 1024 * 1024:
+        return max(fit, min(384, max(32, 48 * 1024 // per_column // 32 * 32)))
+    return fit
 
 
-def default_xcsr_params(regime: str, l1d_bytes: int | None = None) -> XCSRParams:
+def default_xcsr_params(regime: str, l1d_bytes: int | None = None, l2_bytes: int | None = None) -> XCSRParams:
     """Tiles of the unstructured kernel; ``k_block`` from :func:`column_block` for an ``l1d_bytes`` L1 data
-    cache (``None``: 128 columns, the Zen 5 choice).
+    cache and an ``l2_bytes`` L2 (``l1d_bytes`` None: 128 columns, the Zen 5 choice).
 
     Measured on the 2-core Zen 5 host, 2 threads, interleaved with torch dense (M = 128 and 1024, the six
     BERT/MiniLM shapes): ``m_tile`` 64 (4 vectors of AVX-512) was fastest at densities 0.1–0.5 (16: 1.5–1.9x
@@ -84,7 +95,7 @@ def default_xcsr_params(regime: str, l1d_bytes: int | None = None) -> XCSRParams
     On Zen 3 (AVX2, 8 vectors per nonzero) the same C loop takes 2.1-2.5 ns per nonzero with the X block in L1,
     2.1-2.3 ns with computed addresses and a constant weight, against 1.3 ns for 8 FMAs on registers: the
     256-bit loads, not the FMAs or the index arithmetic, bound it at about 55-60% of the FMA peak."""
-    k_block = 128 if l1d_bytes is None else column_block(64, l1d_bytes)  # one storage layout for both regimes
+    k_block = 128 if l1d_bytes is None else column_block(64, l1d_bytes, l2_bytes)  # one storage layout for both regimes
     if regime == "gemv":  # 32 rows per tile: 12 tiles for 2 threads at N = 384 (128 rows: 3; 17.2 -> 13.2 us
         # at 384x384, density 0.3, kernel call alone; 3072x768 within noise)
         return XCSRParams(m_tile=1, row_group=32, k_block=k_block)

@@ -154,18 +154,33 @@ def test_compile_chains_the_feed_forward_projections(tmp_path):
 
 
 def test_column_block_fills_three_quarters_of_l1():
-    from sparsecc.targets.x86 import host_l1d_bytes
+    from sparsecc.targets.x86 import host_l1d_bytes, host_l2_bytes
     from sparsecc.targets.x86_xcsr import column_block, default_xcsr_params
 
     assert column_block(64, 32 * 1024) == 96     # 24 KiB of a 32 KiB L1 (Zen 3)
+    assert column_block(64, 32 * 1024, 512 * 1024) == 96
     assert column_block(64, 48 * 1024) == 128    # capped (Zen 5: 144 would fit)
     assert column_block(64, 16 * 1024) == 32     # floor
     assert column_block(32, 32 * 1024) == 128
-    l1 = host_l1d_bytes()
-    assert 4 * 1024 <= l1 <= 4 * 1024 * 1024
-    gemv, gemm = default_xcsr_params("gemv", l1), default_xcsr_params("gemm", l1)
-    assert gemv.k_block == gemm.k_block == column_block(64, l1)  # one storage layout for both regimes
+    assert column_block(64, 32 * 1024, 1024 * 1024) == 192   # a 1 MiB L2 (Zen 4): 48 KiB of panel
+    assert column_block(64, 48 * 1024, 2048 * 1024) == 192
+    assert column_block(32, 32 * 1024, 1024 * 1024) == 384
+    assert column_block(1024, 32 * 1024, 1024 * 1024) == 32  # never below the floor
+    l1, l2 = host_l1d_bytes(), host_l2_bytes()
+    assert 4 * 1024 <= l1 <= 4 * 1024 * 1024 and l1 < l2
+    gemv, gemm = default_xcsr_params("gemv", l1, l2), default_xcsr_params("gemm", l1, l2)
+    assert gemv.k_block == gemm.k_block == column_block(64, l1, l2)  # one storage layout for both regimes
     assert default_xcsr_params("gemm").k_block == 128
+
+
+@pytest.mark.parametrize("k", [191, 192, 193, 385])
+def test_192_column_blocks_match_torch(k):
+    w = _weight(40, k, 0.3, k + 1)
+    mod = XCSRLinear(RowSparseMatrix.from_dense(w), None, None,
+                     params={"gemv": XCSRParams(1, 8, 192), "gemm": XCSRParams(64, 8, 192)})
+    for m in (1, 9, 64, 65):
+        x = torch.randn(m, k)
+        check_close(mod(x), F.linear(x, w), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("k", [95, 96, 97, 191, 385])
