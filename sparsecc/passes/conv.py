@@ -27,7 +27,7 @@ from ..ir.annotations import annotate, get_annotation
 from ..ir.graph import SparseGraph
 from ..ir.rewrite import conv_activation_of, delete_unused_attrs, fresh_attr, val_shape
 from ..runtime.modules import make_conv
-from ..runtime.timing import measure_ms
+from ..runtime.timing import interleaved_ms
 from .base import Pass, PassContext, PassResult
 from .choose_format import check_pattern, choose
 from .detect import detect_block_shape
@@ -283,11 +283,9 @@ class ChooseConvFormat(Pass):
         mod = make_conv(ctx.target, cand, w, bias, stride=site.stride, padding=site.padding, name=site.name)
         x = torch.randn(x_shape)
         xcl = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            t_sparse = measure_ms(mod, xcl, repeat=self.repeat)
-            t_dense = measure_ms(lambda t: torch.nn.functional.conv2d(t, w, bias, site.stride, site.padding), x,
-                                 repeat=self.repeat)
-        return t_sparse, t_dense
+        dense = lambda: torch.nn.functional.conv2d(x, w, bias, site.stride, site.padding)  # noqa: E731
+        t = interleaved_ms({"sparse": lambda: mod(xcl), "dense": dense}, runs=self.repeat, warmup=3)
+        return t["sparse"], t["dense"]
 
 
 _ADD = (torch.ops.aten.add.Tensor,)

@@ -98,3 +98,32 @@ def test_dump_dir_and_print_after(mlp, tmp_path, capsys):
     assert "fc1" in (tmp_path / "01_choose_format.txt").read_text()
     out = capsys.readouterr().out
     assert "# after choose_format" in out and "unstructured" in out and "fc2" in out
+
+
+def test_choose_times_the_runner_up_and_compares_ratios_to_dense():
+    from sparsecc.passes.choose_format import MEASURE_WITHIN, choose
+
+    calls = []
+
+    def measure(cand, table):
+        calls.append(cand.key)
+        return table[cand.key]
+
+    est = {"dense": 10.0, "xcsr": 5.0, "nm_2:4": 6.0, "bsr_16x1": 9.0}
+    # the runner-up (6.0 <= 1.5 * 5.0) is timed; it is faster against its own dense time (0.5 vs 0.8), though its
+    # absolute time is larger (the machine slowed down between the two measurements)
+    cand, ms, dense_ms, reason = choose(est, "M=128", 0.5, "auto",
+                                        lambda c: measure(c, {"xcsr": (8.0, 10.0), "nm_2:4": (9.0, 18.0)}))
+    assert calls == ["xcsr", "nm_2:4"] and cand.key == "nm_2:4" and (ms, dense_ms) == (9.0, 18.0)
+    assert "2.00x faster" in reason and "xcsr 1.25x" in reason
+    # both slower than dense: dense, with the dense time of the best ratio
+    cand, ms, dense_ms, reason = choose(est, "M=128", 0.5, "auto",
+                                        lambda c: {"xcsr": (12.0, 10.0), "nm_2:4": (13.0, 10.0)}[c.key])
+    assert cand.is_dense and ms == dense_ms == 10.0 and "≥ dense" in reason
+    # a runner-up estimated beyond MEASURE_WITHIN of the best is not timed
+    calls.clear()
+    far = {"dense": 10.0, "xcsr": 2.0, "nm_2:4": 2.0 * MEASURE_WITHIN + 0.1}
+    cand, *_ = choose(far, "M=128", 0.5, "auto", lambda c: measure(c, {"xcsr": (1.0, 10.0)}))
+    assert calls == ["xcsr"] and cand.key == "xcsr"
+    # no measurement: the lowest estimate
+    assert choose(est, "M=128", 0.5, "auto")[0].key == "xcsr"
