@@ -21,6 +21,10 @@ Sections (``--section``, repeatable; default: all):
   call on the (B, S, K) tensor (sparsecc folds it into M = B·S rows) against
   B calls of one sequence each (what a per-sequence batched kernel would do
   with the weight re-streamed per sequence), and torch dense on (B, S, K).
+* ``attention``: MiniLM's attention (12 heads, head dim 32, a boolean padding mask) at batch 1 and 8, seq 128:
+  torch's ``F.scaled_dot_product_attention``, the two-matmul form and the fused TVM kernel
+  (:mod:`sparsecc.runtime.attention`), q, k, v laid out as the projections leave them, in the same
+  interleaved rounds, as ratios to torch's op.
 * ``conv``: ``benchmarks/conv.py``'s ``run(args)`` (sparse convolutions), if present.
 * ``tune``: ``benchmarks/tune.py``'s ``run(args)`` (MetaSchedule), if present.
 
@@ -303,7 +307,34 @@ def section_tune(args) -> dict:
     return _external("tune", args)
 
 
-SECTIONS = {"linear": section_linear, "unstructured": section_unstructured, "batched": section_batched, "conv": section_conv, "tune": section_tune}
+def section_attention(args) -> dict:
+    from sparsecc.runtime.attention import attention_bmm, attention_fused
+
+    heads, dim, seq = 12, 32, 128
+    print(f"\n## attention: time / torch scaled_dot_product_attention time, {args.threads} threads, {args.clock} "
+          f"clock, medians of {args.runs} interleaved rounds; {heads} heads, head dim {dim}, seq {seq}, bool mask")
+    rows = []
+    for b in (1, 8):
+        g = torch.Generator().manual_seed(b)
+        # as the projections leave them: (B, S, H·D) viewed (B, S, H, D), transposed to (B, H, S, D)
+        q, k, v = (torch.randn(b, seq, heads * dim, generator=g).view(b, seq, heads, dim).transpose(1, 2)
+                   for _ in range(3))
+        mask = torch.ones(b, 1, seq, seq, dtype=torch.bool)
+        mask[..., 100:] = False  # padded keys
+        fns = {"torch": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+               "bmm": lambda: attention_bmm(q, k, v, mask), "fused": lambda: attention_fused(q, k, v, mask)}
+        ref = fns["torch"]()
+        diff = {name: float((fn() - ref).abs().max()) for name, fn in fns.items() if name != "torch"}
+        t = interleaved_ms(fns, runs=args.runs, clock=_clock(args))
+        r = {name: ms / t["torch"] for name, ms in t.items()}
+        print(f"  batch {b}: torch {t['torch']:.3f} ms, two matmuls {r['bmm']:.2f}, fused {r['fused']:.2f} "
+              f"(max diff {max(diff.values()):.1e})", flush=True)
+        rows.append({"batch": b, "ms": t, "ratio": r, "max_diff": diff})
+    return {"rows": rows}
+
+
+SECTIONS = {"linear": section_linear, "unstructured": section_unstructured, "batched": section_batched,
+            "attention": section_attention, "conv": section_conv, "tune": section_tune}
 
 
 def parse_args(argv=None):

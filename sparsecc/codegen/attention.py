@@ -92,13 +92,17 @@ def fused_attention(seq_q: int, seq_k: int, heads: int, head_dim: int, *, scale:
         return T.Select(j < L, s + M[mb, i, jj], neg_inf)
 
     @T.macro
+    def zero_tile(acc, rows, width):
+        for r in T.unroll(rows):
+            for t in T.vectorized(width):
+                acc[r * width + t] = T.float32(0)
+
+    @T.macro
     def query_block(Q, KT, V, O, M, P, b, h, i0, rows):
         # scores: one key chunk at a time, `rows` accumulators over d
         for c in range(lc):
             acc = T.decl_buffer((qb * lanes,), "float32", data=stack_floats(qb * lanes), scope="local")
-            for r in T.unroll(rows):
-                for t in T.vectorized(lanes):
-                    acc[r * lanes + t] = T.float32(0)
+            zero_tile(acc, rows, lanes)
             for d in range(D):
                 for r in T.unroll(rows):
                     for t in T.vectorized(lanes):
@@ -134,9 +138,7 @@ def fused_attention(seq_q: int, seq_k: int, heads: int, head_dim: int, *, scale:
                     P[r * lp + c * lanes + t] = P[r * lp + c * lanes + t] * mx[1]
         # O = P V: rows x D accumulators, one row of V per key
         oacc = T.decl_buffer((qb * D,), "float32", data=stack_floats(qb * D), scope="local")
-        for r in T.unroll(rows):
-            for t in T.vectorized(D):
-                oacc[r * D + t] = T.float32(0)
+        zero_tile(oacc, rows, D)
         for j in range(L):
             for r in T.unroll(rows):
                 for t in T.vectorized(D):
