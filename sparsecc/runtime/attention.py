@@ -74,7 +74,13 @@ def _fused_mask(attn_mask: torch.Tensor | None, b: int, s: int, l_: int):
         m.view(torch.uint8) if m.dtype == torch.bool else m)
 
 
+def _q_block(d: int) -> int:
+    """Queries per register tile of the fused kernel: 8, fewer where 8 x D accumulators would not fit in 16 zmm."""
+    return max(1, min(8, 256 // d))
+
+
 def _fused_kernel(s: int, l_: int, h: int, d: int, scale: float, kind, batched: bool):
+    """The built fused kernel for these static sizes (in memory, then the disk cache, else built now)."""
     from sparsecc.cache import KERNELS
     from sparsecc.codegen.attention import fused_attention
     from sparsecc.runtime.kernels import load_or_build, target_key
@@ -84,7 +90,7 @@ def _fused_kernel(s: int, l_: int, h: int, d: int, scale: float, kind, batched: 
 
     target = x86.host_target()
     lanes = x86.host_vector_file()[0]
-    qb = max(1, min(8, 256 // d))
+    qb = _q_block(d)
     key = ("attention", s, l_, h, d, float(scale), kind, batched, lanes, qb, target_key(target))
 
     def make():
@@ -110,7 +116,7 @@ def fused_supported(shape_q: tuple, shape_k: tuple, lanes: int) -> bool:
     if min(b, h, s, d, l_) < 1 or d % lanes or tuple(shape_k[:2]) != (b, h) or shape_k[3] != d:
         return False
     lp = -(-l_ // lanes) * lanes
-    return (d + max(1, min(8, 256 // d))) * lp <= MAX_STACK_FLOATS
+    return (d + _q_block(d)) * lp <= MAX_STACK_FLOATS
 
 
 def attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
