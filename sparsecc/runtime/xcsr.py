@@ -21,7 +21,7 @@ from sparsecc.runtime.kernels import (aligned, aligned_empty, check_activation, 
                                       target_key)
 from sparsecc.targets import x86, x86_xcsr
 
-__all__ = ["XCSRLinear", "block_pointers", "cpu_xcsr_linear", "export_xcsr_linear", "get_xcsr_kernel", "host_params", "kernel_name",
+__all__ = ["XCSRLinear", "block_pointers", "cpu_xcsr_linear", "export_xcsr_linear", "get_xcsr_kernel", "kernel_name",
            "pack_xt", "params_for"]
 
 
@@ -30,7 +30,7 @@ def get_xcsr_kernel(regime: str, activation: str | None, index_dtype: str, targe
     """The compiled kernel (packed function) for ``regime``; arguments as :mod:`sparsecc.codegen.xcsr` lists."""
     check_activation(activation)
     target = target or x86.host_target()
-    params = params or host_params(regime)
+    params = params or x86_xcsr.host_xcsr_params(regime)
     key = ("xcsr", regime, activation, index_dtype, target_key(target), params, panels_out)
 
     def make():
@@ -42,11 +42,6 @@ def get_xcsr_kernel(regime: str, activation: str | None, index_dtype: str, targe
 
 
 kernel_name = x86_xcsr.xcsr_kernel_name
-
-
-def host_params(regime: str):
-    """:func:`~sparsecc.targets.x86_xcsr.default_xcsr_params` for this host's L1 and L2 sizes."""
-    return x86_xcsr.default_xcsr_params(regime, l1d_bytes=x86.host_l1d_bytes(), l2_bytes=x86.host_l2_bytes())
 
 
 def params_for(params: dict, m: int):
@@ -192,7 +187,7 @@ class XCSRLinear(torch.nn.Module):
         self.density = matrix.density
         self.activation = activation
         self.target = target or x86.host_target()
-        self.params = dict(params) if params else {r: host_params(r) for r in ("gemv", "gemm")}
+        self.params = dict(params) if params else {r: x86_xcsr.host_xcsr_params(r) for r in ("gemv", "gemm")}
         blocks = {p.k_block for p in self.params.values()}
         if len(blocks) != 1:
             raise InvalidSparsityError(f"both regimes must share k_block (one storage layout), got {sorted(blocks)}")

@@ -128,7 +128,7 @@ class ScheduleParams:
     parallel: bool = True
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=None)
 def _sysfs_cache_bytes(level: str, kinds: tuple) -> int | None:
     """Bytes of cpu0's cache of ``level`` and one of ``kinds`` from ``/sys/devices/system/cpu/cpu0/cache``
     (Linux); None where the kernel does not say."""
@@ -503,7 +503,7 @@ class X86Target(Target):
         if family == "conv":
             return x86_conv.default_conv_params(tuple(shape["block"]), shape.get("layout", "nhwc"))
         if family == "xcsr":
-            return x86_xcsr.default_xcsr_params(regime, l1d_bytes=host_l1d_bytes(), l2_bytes=host_l2_bytes())
+            return x86_xcsr.host_xcsr_params(regime)
         return super().kernel_params(family, regime, **shape)
 
     def build(self, mod):

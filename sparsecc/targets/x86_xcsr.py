@@ -16,7 +16,7 @@ import tvm.s_tir
 from sparsecc.codegen.xcsr import xcsr_linear
 from sparsecc.targets.base import apply_rules
 
-__all__ = ["XCSR_RULES", "XCSRParams", "column_block", "default_xcsr_params", "rule_xcsr", "schedule_xcsr", "xcsr_kernel_name"]
+__all__ = ["XCSR_RULES", "XCSRParams", "column_block", "default_xcsr_params", "host_xcsr_params", "rule_xcsr", "schedule_xcsr", "xcsr_kernel_name"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,13 @@ def default_xcsr_params(regime: str, l1d_bytes: int | None = None, l2_bytes: int
         # at 384x384, density 0.3, kernel call alone; 3072x768 within noise)
         return XCSRParams(m_tile=1, row_group=32, k_block=k_block)
     return XCSRParams(m_tile=64, row_group=128, k_block=k_block)
+
+
+def host_xcsr_params(regime: str) -> XCSRParams:
+    """:func:`default_xcsr_params` for this host's L1 data and L2 cache sizes."""
+    from sparsecc.targets.x86 import host_l1d_bytes, host_l2_bytes
+
+    return default_xcsr_params(regime, l1d_bytes=host_l1d_bytes(), l2_bytes=host_l2_bytes())
 
 
 def rule_xcsr(func, target=None, params: XCSRParams = XCSRParams()):

@@ -1,5 +1,7 @@
 """The unstructured kernel family vectorized along M (``xcsr``) against torch, on random and edge shapes."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,6 +172,11 @@ def test_column_block_fills_three_quarters_of_l1():
     assert 4 * 1024 <= l1 <= 4 * 1024 * 1024 and l1 < l2
     gemv, gemm = default_xcsr_params("gemv", l1, l2), default_xcsr_params("gemm", l1, l2)
     assert gemv.k_block == gemm.k_block == column_block(64, l1, l2)  # one storage layout for both regimes
+    from sparsecc.targets.x86_xcsr import host_xcsr_params
+
+    assert (host_xcsr_params("gemv"), host_xcsr_params("gemm")) == (gemv, gemm)
+    assert XCSRLinear(RowSparseMatrix.from_dense(torch.eye(8)), None).params == {
+        "gemv": replace(gemv, row_group=8), "gemm": replace(gemm, row_group=8)}  # N = 8: the largest power of two dividing N
     assert default_xcsr_params("gemm").k_block == 128
 
 
